@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian machine (run as root):
+# the upstream registry, the container clients, nginx for benchmarks, and nox.
+set -euo pipefail
+need=()
+for pkg in docker-registry skopeo podman nginx-light curl; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The packaged registry service (with auth) is not used: tests start their own.
+  (systemctl stop docker-registry 2>/dev/null || service docker-registry stop 2>/dev/null) || true
+fi
+python3 -m pip install -q --disable-pip-version-check nox

@@ -1,0 +1,59 @@
+"""One entry point for the checks: ``nox -s tests lint typecheck``, and ``nox -s bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+PYTHON = "3.11"
+DISTRIBUTIONS = [
+    "./pyrsia_core[testing]",
+    "./plugins/pyrsia-storage-fs",
+    "./plugins/pyrsia-storage-leveldb",
+    "./plugins/pyrsia-pkg-docker",
+    "./pyrsia_registry",
+    "./pyrsia_cli",
+]
+TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis>=6", "anyio>=4", "httpx>=0.27",
+             "pyyaml"]
+
+
+def _install(session: nox.Session) -> None:
+    editable: list[str] = []
+    for dist in DISTRIBUTIONS:
+        editable += ["-e", dist]
+    session.install(*editable, *TEST_DEPS)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Every test: the core, the plugins' conformance, and real processes."""
+    _install(session)
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the pure core."""
+    session.install("mypy", "-e", "./pyrsia_core[testing]")
+    session.run("mypy", "--strict", "pyrsia_core/src/pyrsia_core")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks; each prints ratios against a baseline measured in the same run."""
+    _install(session)
+    session.install("uvicorn")
+    args = session.posargs or []
+    session.run("python", "bench/bench_log.py", *args)
+    session.run("python", "bench/bench_serve.py")
+    session.run("python", "bench/bench_pull.py")

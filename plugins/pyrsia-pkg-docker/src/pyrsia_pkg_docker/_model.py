@@ -1,0 +1,234 @@
+"""Docker/OCI references, media types and manifest parsing (pure)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Final
+
+import attrs
+from pyrsia_core import Digest
+from pyrsia_core.errors import DigestError, PyrsiaError
+from pyrsia_core.interfaces import PackageType
+
+__all__ = [
+    "ALL_MANIFEST_TYPES",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "INDEX_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "Descriptor",
+    "DockerPackageType",
+    "ImageRef",
+    "Manifest",
+    "ManifestError",
+    "ReferenceError_",
+    "choose_platform",
+    "validate_repository",
+    "validate_tag",
+]
+
+DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+INDEX_TYPES: Final = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+IMAGE_TYPES: Final = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+ALL_MANIFEST_TYPES: Final = (OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+MAX_MANIFEST_BYTES: Final = 4 * 1024 * 1024
+MAX_NAME_LENGTH: Final = 255
+
+_COMPONENT: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_REPOSITORY: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+_DOCKER_HUB: Final = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
+
+
+class ReferenceError_(PyrsiaError, ValueError):
+    """A repository name, tag or image reference is invalid."""
+
+
+class ManifestError(PyrsiaError, ValueError):
+    """Manifest bytes are not a manifest we understand."""
+
+
+def validate_repository(name: str) -> str:
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise ReferenceError_(f"repository name must be 1 to {MAX_NAME_LENGTH} characters")
+    if not _REPOSITORY.fullmatch(name):
+        raise ReferenceError_(f"invalid repository name {name[:80]!r}")
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    if not _TAG.fullmatch(tag):
+        raise ReferenceError_(f"invalid tag {tag[:80]!r}")
+    return tag
+
+
+@attrs.frozen
+class ImageRef:
+    """``repository`` (``library/alpine``) and a tag or a digest."""
+
+    repository: str
+    tag: str | None = None
+    digest: Digest | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ImageRef:
+        """Parse ``alpine:3.16.2``, ``docker.io/library/alpine@sha256:…``, ``some/repo:v1``."""
+        if not isinstance(text, str) or not text or len(text) > 512:
+            raise ReferenceError_("an image reference is a non-empty string")
+        rest = text
+        for prefix in _DOCKER_HUB:
+            if rest.startswith(prefix):
+                rest = rest[len(prefix) :]
+                break
+        digest: Digest | None = None
+        if "@" in rest:
+            rest, _, d = rest.partition("@")
+            try:
+                digest = Digest.parse(d)
+            except DigestError as exc:
+                raise ReferenceError_(str(exc)) from None
+        tag: str | None = None
+        name, sep, maybe_tag = rest.rpartition(":")
+        if sep and "/" not in maybe_tag:
+            rest, tag = name, validate_tag(maybe_tag)
+        if tag is None and digest is None:
+            tag = "latest"
+        if "/" not in rest:
+            rest = f"library/{rest}"
+        return cls(validate_repository(rest), tag, digest)
+
+    @property
+    def reference(self) -> str:
+        """The manifest reference: the digest if given, else the tag."""
+        return str(self.digest) if self.digest else str(self.tag)
+
+    @property
+    def short_name(self) -> str:
+        """The repository as users write it (``alpine`` for ``library/alpine``)."""
+        return self.repository.removeprefix("library/")
+
+    @property
+    def package_id(self) -> str:
+        """``package_specific_id`` in log records: ``alpine:3.16.2`` (or ``alpine@sha256:…``)."""
+        if self.tag is not None:
+            return f"{self.short_name}:{self.tag}"
+        return f"{self.short_name}@{self.digest}"
+
+    def artifact_id(self, digest: Digest) -> str:
+        """``package_specific_artifact_id`` of an artifact found by digest."""
+        return f"{self.short_name}@{digest}"
+
+
+@attrs.frozen
+class Descriptor:
+    media_type: str
+    digest: Digest
+    size: int
+    platform: Mapping[str, str] | None = None
+
+
+@attrs.frozen
+class Manifest:
+    """What we need of a manifest: its type and the descriptors it points to."""
+
+    media_type: str
+    config: Descriptor | None
+    layers: tuple[Descriptor, ...]
+    manifests: tuple[Descriptor, ...]
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def children(self) -> tuple[Descriptor, ...]:
+        if self.is_index:
+            return self.manifests
+        return ((self.config,) if self.config else ()) + self.layers
+
+    @classmethod
+    def parse(cls, data: bytes, content_type: str | None = None) -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError("manifest is larger than 4 MiB")
+        try:
+            doc: Any = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ManifestError("manifest is not a JSON object")
+        if doc.get("schemaVersion") != 2:
+            raise ManifestError("only schemaVersion 2 manifests are supported")
+        media_type = doc.get("mediaType") or content_type
+        if media_type not in ALL_MANIFEST_TYPES:
+            if "manifests" in doc:
+                media_type = OCI_INDEX
+            elif "config" in doc:
+                media_type = OCI_MANIFEST
+            else:
+                raise ManifestError(f"unknown manifest media type {media_type!r:.80}")
+        if media_type in INDEX_TYPES:
+            manifests = tuple(_descriptor(d) for d in _list(doc, "manifests"))
+            return cls(media_type, None, (), manifests)
+        config = _descriptor(doc.get("config"))
+        layers = tuple(_descriptor(d) for d in _list(doc, "layers"))
+        return cls(media_type, config, layers, ())
+
+
+def _list(doc: Mapping[str, Any], key: str) -> Sequence[Any]:
+    value = doc.get(key)
+    if not isinstance(value, list):
+        raise ManifestError(f"manifest field {key!r} must be a list")
+    if len(value) > 10_000:
+        raise ManifestError(f"manifest field {key!r} is too long")
+    return value
+
+
+def _descriptor(d: Any) -> Descriptor:
+    if not isinstance(d, dict):
+        raise ManifestError("manifest descriptor must be an object")
+    media_type, digest, size = d.get("mediaType"), d.get("digest"), d.get("size")
+    if not isinstance(media_type, str) or type(size) is not int or size < 0:
+        raise ManifestError("manifest descriptor needs mediaType and a non-negative size")
+    try:
+        parsed = Digest.parse(digest)
+    except DigestError as exc:
+        raise ManifestError(f"manifest descriptor digest: {exc}") from None
+    platform = d.get("platform")
+    plat: dict[str, str] | None = None
+    if isinstance(platform, dict):
+        plat = {k: v for k, v in platform.items() if isinstance(v, str)}
+    return Descriptor(media_type, parsed, size, plat)
+
+
+def choose_platform(
+    manifest: Manifest, *, os: str = "linux", architecture: str = "amd64"
+) -> Descriptor | None:
+    for d in manifest.manifests:
+        p = d.platform or {}
+        if p.get("os") == os and p.get("architecture") == architecture:
+            return d
+    return None
+
+
+class DockerPackageType(PackageType):
+    """Docker/OCI images: ``package_type`` "Docker" in log records."""
+
+    name: ClassVar[str] = "docker"
+    record_type: ClassVar[str] = "Docker"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str] | None = None) -> DockerPackageType:
+        return cls()
+
+    def parse_package_id(self, text: str) -> str:
+        return ImageRef.parse(text).package_id
+
+    def references(self, content: bytes, media_type: str) -> list[tuple[Digest, str]]:
+        m = Manifest.parse(content, media_type)
+        return [(d.digest, d.media_type) for d in m.children]

@@ -1,0 +1,162 @@
+"""An OCI/Docker registry as the upstream a build node fetches from.
+
+Speaks the pull side of the OCI Distribution API with httpx, including Docker
+Hub's anonymous bearer-token flow: a ``401`` with ``WWW-Authenticate: Bearer
+realm=…,service=…,scope=…`` is answered by fetching a token from ``realm`` and
+retrying; tokens are cached per scope until they expire.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+from pyrsia_core import Digest
+from pyrsia_core.errors import DigestError, PyrsiaError, UsageError
+from pyrsia_core.interfaces import Upstream, UpstreamResponse
+
+__all__ = ["DEFAULT_UPSTREAM", "RegistryUpstream", "UpstreamError", "UpstreamNotFound"]
+
+log = logging.getLogger("pyrsia.upstream")
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+_LOCATOR = re.compile(r"(?P<repo>[a-z0-9._/-]+)/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:-]+)")
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+CHUNK = 1024 * 1024
+
+
+class UpstreamError(PyrsiaError):
+    """The upstream registry failed or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamNotFound(UpstreamError, LookupError):
+    """The upstream has no such manifest or blob."""
+
+
+def parse_bearer_challenge(header: str) -> dict[str, str] | None:
+    scheme, _, params = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return dict(_CHALLENGE_PARAM.findall(params))
+
+
+class RegistryUpstream(Upstream):
+    name: ClassVar[str] = "registry"
+
+    def __init__(
+        self,
+        url: str = DEFAULT_UPSTREAM,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            follow_redirects=True,
+            transport=transport,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        )
+        self._tokens: dict[str, tuple[str, float]] = {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str]) -> RegistryUpstream:
+        url = config.get("url", DEFAULT_UPSTREAM)
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"upstream URL must start with http:// or https://, got {url!r}")
+        return cls(url, timeout=float(config.get("timeout", "60")))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await super().aclose()
+
+    async def _token(self, challenge: Mapping[str, str], scope: str) -> str:
+        cached = self._tokens.get(scope)
+        if cached and cached[1] > time.monotonic():
+            return cached[0]
+        realm = challenge.get("realm")
+        if not realm:
+            raise UpstreamError("upstream asked for a bearer token without a realm")
+        params = {"service": challenge.get("service", ""), "scope": challenge.get("scope", scope)}
+        try:
+            resp = await self._client.get(realm, params=params)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"token request to {realm} failed: {exc!r}") from None
+        if resp.status_code != 200:
+            raise UpstreamError(f"token request to {realm} answered {resp.status_code}",
+                                status=resp.status_code)
+        try:
+            data: Any = resp.json()
+            token = data.get("token") or data.get("access_token")
+            expires = float(data.get("expires_in", 60))
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamError(f"token response from {realm} is not JSON") from None
+        if not isinstance(token, str) or not token:
+            raise UpstreamError(f"token response from {realm} has no token")
+        self._tokens[scope] = (token, time.monotonic() + max(expires - 10, 5))
+        return token
+
+    async def _send(self, method: str, url: str, scope: str, headers: dict[str, str]) -> httpx.Response:
+        for attempt in range(2):
+            cached = self._tokens.get(scope)
+            hdrs = dict(headers)
+            if cached and cached[1] > time.monotonic():
+                hdrs["Authorization"] = f"Bearer {cached[0]}"
+            request = self._client.build_request(method, url, headers=hdrs)
+            try:
+                resp = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"upstream {self.url} unreachable: {exc!r}") from None
+            if resp.status_code != 401 or attempt:
+                return resp
+            challenge = parse_bearer_challenge(resp.headers.get("www-authenticate", ""))
+            await resp.aclose()
+            if challenge is None:
+                raise UpstreamError("upstream requires authentication we cannot do", status=401)
+            await self._token(challenge, scope)
+        raise AssertionError("unreachable")
+
+    async def open(self, locator: str, *, accept: Sequence[str] = ()) -> UpstreamResponse:
+        m = _LOCATOR.fullmatch(locator)
+        if not m:
+            raise UsageError(f"bad upstream locator {locator!r}")
+        repo, kind, ref = m["repo"], m["kind"], m["ref"]
+        url = f"{self.url}/v2/{repo}/{kind}/{ref}"
+        headers = {"Accept": ", ".join(accept)} if accept else {}
+        resp = await self._send("GET", url, f"repository:{repo}:pull", headers)
+        if resp.status_code != 200:
+            await resp.aclose()
+            if resp.status_code == 404:
+                raise UpstreamNotFound(f"upstream has no {kind[:-1]} {repo}:{ref}", status=404)
+            raise UpstreamError(
+                f"upstream answered {resp.status_code} for {kind[:-1]} {repo}:{ref}",
+                status=resp.status_code,
+            )
+        digest: Digest | None = None
+        header_digest = resp.headers.get("docker-content-digest")
+        if header_digest:
+            try:
+                digest = Digest.parse(header_digest)
+            except DigestError:
+                digest = None
+        size_header = resp.headers.get("content-length")
+        size = int(size_header) if size_header and size_header.isdigit() else None
+        media_type = resp.headers.get("content-type", "application/octet-stream").split(";")[0]
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw(CHUNK):
+                    yield chunk
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"upstream transfer of {repo}:{ref} failed: {exc!r}") from None
+            finally:
+                await resp.aclose()
+
+        return UpstreamResponse(media_type=media_type, size=size, digest=digest, body=body())

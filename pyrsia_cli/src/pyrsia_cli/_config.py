@@ -1,0 +1,103 @@
+"""The CLI's own configuration: where the node is, and the disk space to allocate."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+from pyrsia_registry import parse_size
+
+__all__ = ["CliConfig", "ConfigError", "config_path", "validate_host", "validate_port"]
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def config_path() -> Path:
+    explicit = os.environ.get("PYRSIA_CLI_CONFIG")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
+    return base / "pyrsia" / "cli.json"
+
+
+def validate_host(text: str) -> str:
+    text = text.strip()
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(text):
+        raise ConfigError(f"invalid host {text!r}: enter a hostname or an IP address")
+    return text
+
+
+def validate_port(text: str | int) -> int:
+    try:
+        port = int(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"invalid port {text!r}: enter a number from 1 to 65535") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"invalid port {port}: enter a number from 1 to 65535")
+    return port
+
+
+def validate_disk_space(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # UsageError from the registry
+        raise ConfigError(str(exc)) from None
+    return " ".join(text.split())
+
+
+@attrs.define
+class CliConfig:
+    host: str = "localhost"
+    port: int = 7888
+    disk_allocated: str = "10 GB"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> CliConfig:
+        path = path or config_path()
+        try:
+            data: Any = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read CLI configuration {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"CLI configuration {path} is not a JSON object")
+        cfg = cls()
+        if "host" in data:
+            cfg.host = validate_host(str(data["host"]))
+        if "port" in data:
+            cfg.port = validate_port(data["port"])
+        if "disk_allocated" in data:
+            cfg.disk_allocated = validate_disk_space(str(data["disk_allocated"]))
+        return cfg
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or config_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(attrs.asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path

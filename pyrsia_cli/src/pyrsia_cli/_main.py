@@ -1,0 +1,327 @@
+"""``pyrsia``: run a node, configure the CLI, ask the node about its log and builds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+
+from ._config import CliConfig, ConfigError, config_path, validate_disk_space, validate_host
+from ._config import validate_port
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    raise CliError(message, code)
+
+
+# --------------------------------------------------------------------------- node API client
+
+
+def _client(cfg: CliConfig) -> httpx.Client:
+    return httpx.Client(base_url=cfg.url, timeout=httpx.Timeout(30.0, connect=5.0))
+
+
+def _request(cfg: CliConfig, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    try:
+        with _client(cfg) as client:
+            return client.request(method, path, **kwargs)
+    except httpx.ConnectError:
+        _fail(
+            f"cannot reach the pyrsia node at {cfg.url}: is it running? Start it with "
+            "'pyrsia node start', or point the CLI at it with 'pyrsia config -e'."
+        )
+    except httpx.HTTPError as exc:
+        _fail(f"request to the pyrsia node at {cfg.url} failed: {exc}")
+
+
+def _json_or_fail(resp: httpx.Response, what: str) -> Any:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        message = data.get("error") if isinstance(data, dict) else resp.text[:200]
+        _fail(f"{what} failed: {message}")
+    return data
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_node_start(args: argparse.Namespace) -> int:
+    import anyio
+    from pyrsia_registry import NodeConfig, parse_size, run_node
+    from pyrsia_registry._config import default_data_dir
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-5s %(name)s > %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = NodeConfig(
+            host=args.host,
+            port=args.port,
+            data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+            upstream=None if args.no_upstream else args.upstream,
+            disk_space=parse_size(args.disk_space),
+        )
+    except Exception as exc:
+        _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
+    try:
+        anyio.run(run_node, config)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        _fail(f"cannot start the node on {config.host}:{config.port}: {exc.strerror or exc}")
+    except Exception as exc:
+        from pyrsia_core.errors import PyrsiaError
+
+        if isinstance(exc, PyrsiaError):
+            _fail(f"cannot start the node: {exc}")
+        raise
+    return 0
+
+
+def _prompt(label: str, default: str, validate: Any) -> Any:
+    while True:
+        try:
+            answer = input(f"Enter {label}: [{default}]\n")
+        except EOFError:
+            answer = ""
+        print()
+        try:
+            return validate(answer.strip() or default)
+        except ConfigError as exc:
+            print(f"Invalid value: {exc}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path = config_path()
+    cfg = CliConfig.load(path)
+    if args.edit:
+        cfg.host = _prompt("host", cfg.host, validate_host)
+        cfg.port = _prompt("port", str(cfg.port), validate_port)
+        cfg.disk_allocated = _prompt(
+            "disk space to be allocated to pyrsia(Please enter with units ex: 10 GB)",
+            cfg.disk_allocated,
+            validate_disk_space,
+        )
+        cfg.save(path)
+        print("Node configuration Saved !!")
+        return 0
+    changed = False
+    if args.host is not None:
+        cfg.host, changed = validate_host(args.host), True
+    if args.port is not None:
+        cfg.port, changed = validate_port(args.port), True
+    if args.disk_space is not None:
+        cfg.disk_allocated, changed = validate_disk_space(args.disk_space), True
+    if changed:
+        cfg.save(path)
+        print("Node configuration Saved !!")
+    if args.show or not changed:
+        print(json.dumps({"host": cfg.host, "port": cfg.port,
+                          "disk_allocated": cfg.disk_allocated}, indent=2))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    resp = _request(cfg, "GET", "/api/ping")
+    data = _json_or_fail(resp, "ping")
+    print(f"Connection Successful !! node {data.get('node_id', '?')} at {cfg.url}")
+    return 0
+
+
+def _size(n: int) -> str:
+    from pyrsia_registry import format_size
+
+    return format_size(n)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    data = _json_or_fail(_request(cfg, "GET", "/api/status"), "status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    quota = int(data["disk_allocated"])
+    used = int(data["disk_usage"])
+    pct = 100.0 * used / quota if quota else 0.0
+    print(f"Node id:                    {data['node_id']}")
+    print(f"Connected peers count:      {data['peers_count']}")
+    print(f"Artifacts count:            {data['artifact_count']}")
+    print(f"Total disk space allocated: {_size(quota)}")
+    print(f"Disk space used:            {_size(used)} ({pct:.4f}%)")
+    print(f"Ledger height:              {data['ledger_height']} "
+          f"({data['log_records']} log records)")
+    print(f"Authorized build nodes:     {len(data['authorized_build_nodes'])}"
+          f"{' (this node is one)' if data.get('is_build_node') else ''}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    peers = _json_or_fail(_request(cfg, "GET", "/api/peers"), "list peers")
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    if not peers:
+        print("No peers connected.")
+        return 0
+    print(f"{'NODE ID':<66} {'ADDRESS':<30} LAST SEEN")
+    for p in peers:
+        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {p.get('last_seen', '')}")
+    return 0
+
+
+def cmd_inspect_log(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    params: dict[str, str] = {"image": args.image, "format": args.format}
+    if args.fields:
+        params["fields"] = args.fields
+    if args.latest:
+        params["latest"] = "true"
+    if args.proof:
+        params["proof"] = "true"
+    resp = _request(cfg, "GET", f"/api/inspect-log/{args.package_type}", params=params)
+    if resp.status_code >= 400:
+        _json_or_fail(resp, "inspect-log")
+    sys.stdout.write(resp.text)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    if args.package_type == "status":
+        if not args.id:
+            _fail("pyrsia build status needs --id <build id>", EXIT_USAGE)
+        data = _json_or_fail(_request(cfg, "GET", f"/api/builds/{args.id}"), "build status")
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            reason = f": {data['reason']}" if data.get("reason") else ""
+            print(f"Build {data['build_id']} of {data['package_specific_id']}: "
+                  f"{data['status']}{reason}")
+        return 0 if data["status"] != "FAILED" else EXIT_ERROR
+    if not args.image:
+        _fail(f"pyrsia build {args.package_type} needs --image, e.g. --image alpine:3.16.2",
+              EXIT_USAGE)
+    resp = _request(cfg, "POST", f"/api/build/{args.package_type}", json={"image": args.image})
+    data = _json_or_fail(resp, "Build request")
+    print(f"Build request successfully handled. Build with ID {data['build_id']} has been "
+          "requested.")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pyrsia",
+        description="Pyrsia: a decentralized, verifiable package network. Run a node, configure "
+        "the CLI, and inspect the transparency log.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"pyrsia {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    node = sub.add_parser("node", help="run a pyrsia node")
+    node_sub = node.add_subparsers(dest="node_command", metavar="ACTION")
+    start = node_sub.add_parser("start", help="start a node (default 127.0.0.1:7888)")
+    start.add_argument("-H", "--host", default=os.environ.get("PYRSIA_HOST", "127.0.0.1"),
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    start.add_argument("-p", "--port", type=int, default=int(os.environ.get("PYRSIA_PORT", 7888)),
+                       help="port to listen on (default 7888)")
+    start.add_argument("--data-dir", help="data directory (default $PYRSIA_HOME or "
+                       "~/.local/share/pyrsia)")
+    start.add_argument("--upstream", default="https://registry-1.docker.io",
+                       help="registry to build images from (default Docker Hub)")
+    start.add_argument("--no-upstream", action="store_true", help="never contact an upstream")
+    start.add_argument("--disk-space", default="10 GB",
+                       help="disk space the node may use for artifacts (default '10 GB')")
+    start.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    start.set_defaults(func=cmd_node_start)
+
+    cfg = sub.add_parser("config", help="configure the CLI (node address, disk space)")
+    cfg.add_argument("-e", "--edit", action="store_true", help="edit interactively")
+    cfg.add_argument("-s", "--show", action="store_true", help="show the configuration")
+    cfg.add_argument("--host")
+    cfg.add_argument("--port")
+    cfg.add_argument("--disk-space")
+    cfg.set_defaults(func=cmd_config)
+
+    ping = sub.add_parser("ping", help="check that the node answers")
+    ping.set_defaults(func=cmd_ping)
+
+    status = sub.add_parser("status", help="node status: id, peers, artifacts, disk, ledger")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    lst = sub.add_parser("list", help="list the node's peers")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+    inspect = sub.add_parser("inspect-log", help="show the transparency log of a package")
+    inspect.add_argument("package_type", choices=["docker"])
+    inspect.add_argument("--image", required=True, help="e.g. alpine:3.16.2")
+    inspect.add_argument("--format", choices=["json", "csv"], default="json")
+    inspect.add_argument("--fields", help="comma-separated record fields to show")
+    inspect.add_argument("--latest", action="store_true", help="only the latest build's records")
+    inspect.add_argument("--proof", action="store_true",
+                         help="add Merkle inclusion proofs and the signed checkpoint")
+    inspect.set_defaults(func=cmd_inspect_log)
+
+    build = sub.add_parser("build", help="request a build, or follow one ('build status')")
+    build.add_argument("package_type", choices=["docker", "status"])
+    build.add_argument("--image", help="image to build, e.g. alpine:3.16.3")
+    build.add_argument("--id", help="build id (for 'build status')")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(func=cmd_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        if args.command == "node":
+            parser.parse_args(["node", "--help"])
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""RFC 8785 JSON Canonicalization Scheme (JCS), restricted to I-JSON integers.
+
+Everything pyrsia hashes or signs goes through :func:`canonical_json`. The
+values are JSON objects, arrays, strings, booleans, null and integers in the
+I-JSON safe range; floats are refused (RFC 8785 would render them, but no pyrsia
+format needs them, and refusing them removes a whole class of ambiguity).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from .errors import EncodingError
+
+__all__ = ["MAX_SAFE_INTEGER", "canonical_json", "canonical_loads", "JSONValue"]
+
+JSONValue = Any
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+_MAX_DEPTH: Final = 64
+
+_ESCAPES: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+
+
+def _string(s: str, out: list[str]) -> None:
+    out.append('"')
+    for ch in s:
+        esc = _ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
+        elif ch < " ":
+            out.append(f"\\u{ord(ch):04x}")
+        elif "\ud800" <= ch <= "\udfff":
+            raise EncodingError("lone surrogate in string cannot be encoded as UTF-8")
+        else:
+            out.append(ch)
+    out.append('"')
+
+
+def _utf16_key(s: str) -> bytes:
+    return s.encode("utf-16-be", "surrogatepass")
+
+
+def _encode(value: Any, out: list[str], depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise EncodingError("value is nested too deeply")
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise EncodingError(f"integer {value} is outside the I-JSON safe range")
+        out.append(str(int(value)))
+    elif isinstance(value, float):
+        raise EncodingError("floats are not allowed in canonical pyrsia JSON")
+    elif isinstance(value, str):
+        _string(value, out)
+    elif isinstance(value, Mapping):
+        keys = list(value.keys())
+        for k in keys:
+            if not isinstance(k, str):
+                raise EncodingError(f"object keys must be strings, got {type(k).__name__}")
+        out.append("{")
+        for i, k in enumerate(sorted(keys, key=_utf16_key)):
+            if i:
+                out.append(",")
+            _string(k, out)
+            out.append(":")
+            _encode(value[k], out, depth + 1)
+        out.append("}")
+    elif isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _encode(item, out, depth + 1)
+        out.append("]")
+    else:
+        raise EncodingError(f"cannot canonically encode a {type(value).__name__}")
+
+
+def canonical_json(value: JSONValue) -> bytes:
+    """Return the RFC 8785 canonical UTF-8 bytes of ``value``."""
+    out: list[str] = []
+    _encode(value, out, 0)
+    return "".join(out).encode("utf-8")
+
+
+def _no_float(text: str) -> Any:
+    raise EncodingError(f"floats are not allowed in canonical pyrsia JSON: {text!r:.40}")
+
+
+def _no_constant(text: str) -> Any:
+    raise EncodingError(f"{text} is not valid JSON")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise EncodingError(f"duplicate key {k!r:.40} in JSON object")
+        out[k] = v
+    return out
+
+
+def canonical_loads(data: bytes | str, *, require_canonical: bool = False) -> JSONValue:
+    """Parse JSON strictly: no floats, no duplicate keys, no NaN/Infinity.
+
+    With ``require_canonical`` the input must also be byte-for-byte canonical,
+    so that what was signed and what is read are the same value.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        value = json.loads(
+            text,
+            parse_float=_no_float,
+            parse_constant=_no_constant,
+            object_pairs_hook=_pairs,
+        )
+    except EncodingError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise EncodingError(f"malformed JSON: {exc}") from None
+    if require_canonical:
+        raw = data if isinstance(data, (bytes, bytearray)) else data.encode("utf-8")
+        if canonical_json(value) != bytes(raw):
+            raise EncodingError("JSON is not in canonical (RFC 8785) form")
+    return value

@@ -1,0 +1,134 @@
+"""The error hierarchy of pyrsia_core.
+
+Every error raised on purpose by the core derives from :class:`PyrsiaError`.
+Two branches matter to callers:
+
+* :class:`VerificationError` -- the *data* (or the peer that sent it) is wrong:
+  a digest that does not match, a bad signature, a tampered proof, a block that
+  breaks a ledger rule. Callers drop the data and may blame the sender.
+* :class:`UsageError` -- *we* misused something: an unknown plugin name, two
+  plugins claiming one name, a store that is locked or closed.
+
+Storage errors (:class:`StoreError`) are raised by stores for I/O failures.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobNotFound",
+    "BlockError",
+    "CheckpointError",
+    "DigestError",
+    "DigestMismatch",
+    "EncodingError",
+    "KeyError_",
+    "NoteError",
+    "PluginConflict",
+    "PluginError",
+    "PluginNotFound",
+    "ProofError",
+    "PyrsiaError",
+    "QuotaExceeded",
+    "RecordError",
+    "SignatureError",
+    "StoreClosed",
+    "StoreError",
+    "StoreLocked",
+    "UsageError",
+    "VerificationError",
+]
+
+
+class PyrsiaError(Exception):
+    """Root of every error pyrsia raises on purpose."""
+
+
+class VerificationError(PyrsiaError):
+    """Data failed verification: it must not be stored, served or trusted."""
+
+
+class UsageError(PyrsiaError):
+    """The caller misused an API or a configuration is wrong."""
+
+
+class DigestError(VerificationError, ValueError):
+    """A digest string is malformed or names an unsupported algorithm."""
+
+
+class DigestMismatch(VerificationError):
+    """Content does not hash to the digest it was expected to have."""
+
+    def __init__(self, expected: str, actual: str, *, size: int | None = None) -> None:
+        self.expected = expected
+        self.actual = actual
+        self.size = size
+        super().__init__(f"content digest mismatch: expected {expected}, got {actual}")
+
+
+class EncodingError(VerificationError, ValueError):
+    """A value cannot be canonically encoded, or bytes do not decode."""
+
+
+class SignatureError(VerificationError):
+    """A signature does not verify, or a key is malformed."""
+
+
+class KeyError_(VerificationError, ValueError):
+    """Key material is malformed (named with a trailing underscore to avoid the builtin)."""
+
+
+class RecordError(VerificationError, ValueError):
+    """A transparency-log record has missing, extra or mistyped fields."""
+
+
+class ProofError(VerificationError):
+    """A Merkle inclusion or consistency proof does not verify."""
+
+
+class NoteError(VerificationError, ValueError):
+    """A signed note is malformed, or does not carry enough valid signatures."""
+
+
+class CheckpointError(VerificationError, ValueError):
+    """A checkpoint body is malformed or does not match what was expected."""
+
+
+class BlockError(VerificationError):
+    """A candidate block breaks a ledger rule; ``rule`` names which one."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        self.rule = rule
+        self.detail = detail
+        super().__init__(f"block rejected ({rule}): {detail}")
+
+
+class PluginError(UsageError):
+    """Plugin discovery or loading failed."""
+
+
+class PluginNotFound(PluginError, LookupError):
+    """No installed plugin has the requested name."""
+
+
+class PluginConflict(PluginError):
+    """Two distributions register the same plugin name in one group."""
+
+
+class StoreError(PyrsiaError):
+    """A storage backend failed."""
+
+
+class StoreLocked(StoreError, UsageError):
+    """The store is in use by another process (for example, another node)."""
+
+
+class StoreClosed(StoreError, UsageError):
+    """The store was used after ``aclose()``."""
+
+
+class BlobNotFound(StoreError, LookupError):
+    """No blob with that digest is stored."""
+
+
+class QuotaExceeded(StoreError):
+    """Storing the blob would exceed the configured quota."""

@@ -1,0 +1,898 @@
+"""Conformance suites for storage plugins (STYLE P12).
+
+A plugin author subclasses a suite in a test module and overrides the ``store``
+fixture, as with fsspec's abstract tests; see the class docstrings for the exact
+code. The tests are ``@pytest.mark.anyio`` coroutines, so anyio's pytest plugin
+runs them on each backend of the ``anyio_backend`` fixture (override that
+fixture, e.g. ``return "asyncio"``, to pick one).
+
+This module imports pytest and hypothesis (the ``pyrsia-core[testing]`` extra);
+the rest of :mod:`pyrsia_core.testing` does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, ClassVar, Final
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from .._digest import Digest
+from ..errors import BlobNotFound, DigestMismatch, QuotaExceeded, StoreClosed, UsageError
+from ..interfaces import BlobInfo, BlobStore, KeyValueStore
+
+__all__ = ["BlobStoreConformance", "KeyValueStoreConformance"]
+
+MiB: Final = 1 << 20
+
+#: Largest chunk a store's ``open()`` may yield: reads must stream.
+MAX_READ_CHUNK: Final = 16 * MiB
+
+
+class _SourceError(Exception):
+    """Raised by a chunk source in the middle of a put."""
+
+
+async def _stream(data: bytes, chunk_size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for pos in range(0, len(data), chunk_size):
+        yield data[pos : pos + chunk_size]
+    if not data:
+        yield b""
+
+
+async def _read(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+def _blob(size: int, seed: int = 0) -> bytes:
+    """Deterministic, incompressible-looking bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+async def _digests(store: BlobStore) -> list[Digest]:
+    return [d async for d in store.iter_digests()]
+
+
+async def _assert_absent(store: BlobStore, digest: Digest, usage_before: int) -> None:
+    """Nothing of a failed put is visible."""
+    assert await store.stat(digest) is None
+    assert digest not in await _digests(store)
+    assert await store.usage() == usage_before
+    with pytest.raises(BlobNotFound):
+        await _read(store.open(digest))
+
+
+# --------------------------------------------------------------------------- blob stores
+
+
+class BlobStoreConformance:
+    """The contract of :class:`~pyrsia_core.interfaces.BlobStore`, as pytest tests.
+
+    Subclass it in a test module and override the ``store`` fixture::
+
+        class TestMyBlobStore(BlobStoreConformance):
+            @pytest.fixture
+            async def store(self, tmp_path):
+                async with MyBlobStore(tmp_path / "blobs") as store:
+                    yield store
+
+    Each test gets a fresh, empty store. The quota tests set ``store.quota`` on
+    the instance, so read the attribute at every ``put``.
+    """
+
+    pytestmark: ClassVar[Any] = [pytest.mark.anyio]
+
+    @pytest.fixture
+    def store(self) -> BlobStore:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'store' fixture")
+
+    # -- put, stat, open
+
+    async def test_round_trip(self, store: BlobStore) -> None:
+        data = _blob(300_000)
+        info = await store.put(_stream(data))
+        assert isinstance(info, BlobInfo)
+        assert info.digest == Digest.of(data)
+        assert info.size == len(data)
+        stat = await store.stat(info.digest)
+        assert stat is not None
+        assert (stat.digest, stat.size) == (info.digest, len(data))
+        assert await _read(store.open(info.digest)) == data
+        assert await store.read_bytes(info.digest) == data
+
+    async def test_put_bytes(self, store: BlobStore) -> None:
+        info = await store.put_bytes(b"hello", expected=Digest.of(b"hello"))
+        assert (info.digest, info.size) == (Digest.of(b"hello"), 5)
+        assert await store.read_bytes(info.digest) == b"hello"
+
+    async def test_empty_blob(self, store: BlobStore) -> None:
+        info = await store.put(_stream(b""), expected=Digest.of(b""), expected_size=0)
+        assert (info.digest, info.size) == (Digest.of(b""), 0)
+        assert await store.read_bytes(info.digest) == b""
+        stat = await store.stat(info.digest)
+        assert stat is not None
+        assert stat.size == 0
+        assert await store.usage() == 0
+        assert info.digest in await _digests(store)
+
+    async def test_empty_source(self, store: BlobStore) -> None:
+        async def nothing() -> AsyncIterator[bytes]:
+            return
+            yield b""  # pragma: no cover
+
+        info = await store.put(nothing())
+        assert (info.digest, info.size) == (Digest.of(b""), 0)
+
+    async def test_put_with_expected_digest_and_size(self, store: BlobStore) -> None:
+        data = _blob(70_000, seed=1)
+        info = await store.put(_stream(data), expected=Digest.of(data), expected_size=len(data))
+        assert (info.digest, info.size) == (Digest.of(data), len(data))
+        assert await store.read_bytes(info.digest) == data
+
+    async def test_digest_mismatch_stores_nothing(self, store: BlobStore) -> None:
+        data = _blob(200_000, seed=2)
+        claimed = Digest.of(b"something else")
+        before = await store.usage()
+        with pytest.raises(DigestMismatch):
+            await store.put(_stream(data), expected=claimed)
+        await _assert_absent(store, claimed, before)
+        await _assert_absent(store, Digest.of(data), before)
+        assert await _digests(store) == []
+
+    @pytest.mark.parametrize("delta", [-1, 1, -100_000])
+    async def test_expected_size_mismatch_stores_nothing(
+        self, store: BlobStore, delta: int
+    ) -> None:
+        data = _blob(150_000, seed=3)
+        before = await store.usage()
+        with pytest.raises(DigestMismatch):
+            await store.put(_stream(data), expected_size=len(data) + delta)
+        with pytest.raises(DigestMismatch):
+            await store.put(
+                _stream(data), expected=Digest.of(data), expected_size=len(data) + delta
+            )
+        await _assert_absent(store, Digest.of(data), before)
+
+    async def test_failing_source_stores_nothing(self, store: BlobStore) -> None:
+        data = _blob(100_000, seed=4)
+
+        async def broken() -> AsyncIterator[bytes]:
+            yield data[:50_000]
+            raise _SourceError("connection reset")
+
+        before = await store.usage()
+        with pytest.raises(_SourceError):
+            await store.put(broken(), expected=Digest.of(data))
+        await _assert_absent(store, Digest.of(data), before)
+        assert await _digests(store) == []
+
+    async def test_put_existing_is_idempotent(self, store: BlobStore) -> None:
+        data = _blob(120_000, seed=5)
+        first = await store.put(_stream(data))
+        usage = await store.usage()
+        second = await store.put(_stream(data, 7_000), expected=first.digest)
+        third = await store.put_bytes(data)
+        assert (second.digest, second.size) == (first.digest, first.size)
+        assert (third.digest, third.size) == (first.digest, first.size)
+        assert await store.usage() == usage
+        assert await _digests(store) == [first.digest]
+        assert await store.read_bytes(first.digest) == data
+
+    async def test_put_existing_still_verifies(self, store: BlobStore) -> None:
+        data = _blob(10_000, seed=6)
+        info = await store.put_bytes(data)
+        with pytest.raises(DigestMismatch):
+            await store.put(_stream(data[:-1]), expected=info.digest)
+        assert await store.read_bytes(info.digest) == data
+
+    # -- ranges
+
+    @pytest.mark.parametrize(
+        ("offset", "length", "start", "stop"),
+        [
+            (0, None, 0, 5000),
+            (1, None, 1, 5000),
+            (4999, None, 4999, 5000),
+            (5000, None, 5000, 5000),  # offset at the end: empty
+            (0, 0, 0, 0),
+            (10, 100, 10, 110),
+            (4990, 100, 4990, 5000),  # length past the end is cut short
+            (5000, 10, 5000, 5000),
+        ],
+    )
+    async def test_range(
+        self, store: BlobStore, offset: int, length: int | None, start: int, stop: int
+    ) -> None:
+        data = _blob(5000, seed=7)
+        info = await store.put_bytes(data)
+        got = await _read(store.open(info.digest, offset=offset, length=length))
+        assert got == data[start:stop]
+
+    async def test_range_across_chunks(self, store: BlobStore) -> None:
+        data = _blob(3 * MiB + 123, seed=8)
+        info = await store.put(_stream(data, MiB))
+        for offset, length in [(MiB - 1, 2), (MiB + 5, 2 * MiB), (123, None), (3 * MiB, 1000)]:
+            end = len(data) if length is None else offset + length
+            got = await _read(store.open(info.digest, offset=offset, length=length))
+            assert got == data[offset:end]
+
+    @given(offset=st.integers(0, 2100), length=st.none() | st.integers(0, 2100))
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    async def test_range_matches_slicing(
+        self, store: BlobStore, offset: int, length: int | None
+    ) -> None:
+        data = _blob(2000, seed=9)
+        info = await store.put_bytes(data)  # idempotent across examples
+        if offset > len(data):
+            with pytest.raises(ValueError):
+                await _read(store.open(info.digest, offset=offset, length=length))
+            return
+        end = len(data) if length is None else offset + length
+        assert await _read(store.open(info.digest, offset=offset, length=length)) == data[offset:end]
+
+    @pytest.mark.parametrize(("offset", "length"), [(5001, None), (10**9, 1), (-1, None), (0, -1)])
+    async def test_bad_range_is_value_error(
+        self, store: BlobStore, offset: int, length: int | None
+    ) -> None:
+        info = await store.put_bytes(_blob(5000))
+        with pytest.raises(ValueError):
+            await _read(store.open(info.digest, offset=offset, length=length))
+
+    # -- unknown blobs, delete, listing, usage
+
+    async def test_unknown_blob(self, store: BlobStore) -> None:
+        unknown = Digest.of(b"never stored")
+        assert await store.stat(unknown) is None
+        assert await store.delete(unknown) is False
+        with pytest.raises(BlobNotFound):
+            await _read(store.open(unknown))
+        with pytest.raises(BlobNotFound):
+            await _read(store.open(unknown, offset=1, length=1))
+        with pytest.raises(BlobNotFound):
+            await store.read_bytes(unknown)
+
+    async def test_delete(self, store: BlobStore) -> None:
+        a = await store.put_bytes(b"a" * 1000)
+        b = await store.put_bytes(b"b" * 10)
+        assert await store.usage() == 1010
+        assert await store.delete(a.digest) is True
+        assert await store.stat(a.digest) is None
+        with pytest.raises(BlobNotFound):
+            await store.read_bytes(a.digest)
+        assert await store.delete(a.digest) is False
+        assert await _digests(store) == [b.digest]
+        assert await store.usage() == 10
+        # A deleted blob can be stored again.
+        again = await store.put_bytes(b"a" * 1000)
+        assert again.digest == a.digest
+        assert await store.read_bytes(a.digest) == b"a" * 1000
+        assert await store.usage() == 1010
+
+    async def test_iter_digests(self, store: BlobStore) -> None:
+        assert await _digests(store) == []
+        infos = [await store.put_bytes(_blob(n, seed=n)) for n in range(1, 40)]
+        assert sorted(await _digests(store)) == sorted(i.digest for i in infos)
+
+    async def test_usage(self, store: BlobStore) -> None:
+        assert await store.usage() == 0
+        sizes = [0, 1, 1000, 65536, 300_001]
+        for n, size in enumerate(sizes):
+            await store.put_bytes(_blob(size, seed=100 + n))
+        assert await store.usage() == sum(sizes)
+
+    # -- quota
+
+    async def test_quota_refuses_and_stores_nothing(self, store: BlobStore) -> None:
+        await store.put_bytes(_blob(1000, seed=10))
+        store.quota = 1500
+        big = _blob(501, seed=11)
+        # Known size and digest: refused up front; unknown: refused once streamed.
+        with pytest.raises(QuotaExceeded):
+            await store.put(_stream(big), expected=Digest.of(big), expected_size=len(big))
+        with pytest.raises(QuotaExceeded):
+            await store.put(_stream(big, 100))
+        await _assert_absent(store, Digest.of(big), 1000)
+        huge = _blob(5000, seed=12)  # larger than the whole quota
+        with pytest.raises(QuotaExceeded):
+            await store.put(_stream(huge, 100))
+        await _assert_absent(store, Digest.of(huge), 1000)
+
+    async def test_quota_exact_fit(self, store: BlobStore) -> None:
+        store.quota = 1500
+        await store.put_bytes(_blob(1000, seed=13))
+        info = await store.put(_stream(_blob(500, seed=14)))
+        assert await store.usage() == 1500
+        # Full, yet storing a blob that is already there costs nothing.
+        again = await store.put(_stream(_blob(500, seed=14)), expected=info.digest)
+        assert again.digest == info.digest
+        with pytest.raises(QuotaExceeded):
+            await store.put_bytes(b"x")
+        # Deleting makes room.
+        await store.delete(info.digest)
+        await store.put_bytes(b"x")
+        assert await store.usage() == 1001
+
+    async def test_quota_none_is_unlimited(self, store: BlobStore) -> None:
+        store.quota = None
+        await store.put_bytes(_blob(MiB))
+        assert await store.usage() == MiB
+
+    # -- concurrency and streaming
+
+    async def test_concurrent_puts_of_one_blob(self, store: BlobStore) -> None:
+        # anyio is there: its pytest plugin runs this suite. Imported here so
+        # that importing the module stays free of an async library.
+        import anyio
+
+        data = _blob(256 * 1024, seed=15)
+        digest = Digest.of(data)
+        results: list[BlobInfo] = []
+
+        async def slow() -> AsyncIterator[bytes]:
+            for pos in range(0, len(data), 16 * 1024):
+                await anyio.sleep(0)
+                yield data[pos : pos + 16 * 1024]
+
+        async def one() -> None:
+            results.append(await store.put(slow(), expected=digest))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+        assert [(r.digest, r.size) for r in results] == [(digest, len(data))] * 8
+        assert await store.usage() == len(data)
+        assert await _digests(store) == [digest]
+        assert await store.read_bytes(digest) == data
+
+    async def test_concurrent_puts_respect_quota(self, store: BlobStore) -> None:
+        import anyio
+
+        blobs = [_blob(10_000, seed=20 + n) for n in range(4)]
+        store.quota = 25_000  # room for two of the four
+        stored: list[Digest] = []
+        refused = 0
+
+        async def one(data: bytes) -> None:
+            nonlocal refused
+
+            async def slow() -> AsyncIterator[bytes]:
+                for pos in range(0, len(data), 1000):
+                    await anyio.sleep(0)
+                    yield data[pos : pos + 1000]
+
+            try:
+                stored.append((await store.put(slow())).digest)
+            except QuotaExceeded:
+                refused += 1
+
+        async with anyio.create_task_group() as tg:
+            for data in blobs:
+                tg.start_soon(one, data)
+        assert (len(stored), refused) == (2, 2)
+        assert await store.usage() == 20_000
+        assert sorted(await _digests(store)) == sorted(stored)
+
+    async def test_many_small_chunks(self, store: BlobStore) -> None:
+        data = _blob(200_000, seed=30)
+        sizes = [1 + (n * 37) % 61 for n in range(20_000)]
+
+        async def tiny() -> AsyncIterator[bytes]:
+            pos = 0
+            for size in sizes:
+                if pos >= len(data):
+                    return
+                yield data[pos : pos + size]
+                pos += size
+
+        info = await store.put(tiny(), expected=Digest.of(data), expected_size=len(data))
+        assert info.size == len(data)
+        assert await store.read_bytes(info.digest) == data
+
+    async def test_large_streamed_blob(self, store: BlobStore) -> None:
+        size = 64 * MiB
+        expected = hashlib.sha256()
+        for n in range(64):
+            expected.update(n.to_bytes(4, "big") * (MiB // 4))
+        digest = Digest(expected.hexdigest())
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for n in range(64):
+                yield n.to_bytes(4, "big") * (MiB // 4)
+
+        info = await store.put(chunks(), expected=digest, expected_size=size)
+        assert (info.digest, info.size) == (digest, size)
+        got = hashlib.sha256()
+        total = 0
+        async for chunk in store.open(digest):
+            assert len(chunk) <= MAX_READ_CHUNK, "open() must stream, not read the whole blob"
+            got.update(chunk)
+            total += len(chunk)
+        assert (total, got.hexdigest()) == (size, digest.hex)
+        tail = await _read(store.open(digest, offset=size - 10))
+        assert tail == ((63).to_bytes(4, "big") * 3)[2:]
+
+    # -- lifecycle
+
+    async def test_closed_store_raises(self, store: BlobStore) -> None:
+        info = await store.put_bytes(b"kept")
+        await store.aclose()
+        assert store.closed
+        with pytest.raises(StoreClosed):
+            await store.put_bytes(b"more")
+        with pytest.raises(StoreClosed):
+            await store.stat(info.digest)
+        with pytest.raises(StoreClosed):
+            await _read(store.open(info.digest))
+        with pytest.raises(StoreClosed):
+            await store.delete(info.digest)
+        with pytest.raises(StoreClosed):
+            await _digests(store)
+        with pytest.raises(StoreClosed):
+            await store.usage()
+        await store.aclose()  # idempotent
+
+
+# --------------------------------------------------------------------------- key/value stores
+
+#: Keys chosen to sit on the edges of prefix arithmetic.
+_EDGE_KEYS: Final = [
+    b"",
+    b"\x00",
+    b"a",
+    b"a\x00",
+    b"a\xfe\xff",
+    b"a\xff",
+    b"a\xff\x00",
+    b"a\xff\xff",
+    b"a\xff\xff\xff",
+    b"ab",
+    b"b",
+    b"b\x00",
+    b"\xfe",
+    b"\xff",
+    b"\xff\x00",
+    b"\xff\xff",
+]
+
+_PERSISTENCE_TESTS: Final = (
+    "test_reopen_keeps_writes",
+    "test_reopen_keeps_nothing_of_a_failed_batch",
+)
+
+
+async def _scan(
+    store: KeyValueStore,
+    prefix: bytes = b"",
+    *,
+    start: bytes | None = None,
+    reverse: bool = False,
+    limit: int | None = None,
+) -> list[tuple[bytes, bytes]]:
+    return [kv async for kv in store.scan(prefix, start=start, reverse=reverse, limit=limit)]
+
+
+async def _keys(store: KeyValueStore, prefix: bytes = b"", **kwargs: Any) -> list[bytes]:
+    return [k for k, _ in await _scan(store, prefix, **kwargs)]
+
+
+async def _fill(store: KeyValueStore, keys: Iterable[bytes]) -> None:
+    async with store.batch() as batch:
+        for key in keys:
+            batch.put(key, b"v:" + key)
+
+
+def _model_scan(
+    model: dict[bytes, bytes],
+    prefix: bytes,
+    start: bytes | None,
+    reverse: bool,
+    limit: int | None,
+) -> list[tuple[bytes, bytes]]:
+    keys = sorted(k for k in model if k.startswith(prefix))
+    if start is not None:
+        keys = [k for k in keys if (k <= start if reverse else k >= start)]
+    if reverse:
+        keys.reverse()
+    if limit is not None:
+        keys = keys[:limit]
+    return [(k, model[k]) for k in keys]
+
+
+_key_strategy = st.sampled_from(_EDGE_KEYS) | st.binary(max_size=3)
+_prefix_strategy = st.sampled_from([b"", b"a", b"a\xff", b"a\xff\xff", b"b", b"\xff", b"\x00"]) | (
+    st.binary(max_size=2)
+)
+_batches_strategy = st.lists(
+    st.lists(st.tuples(_key_strategy, st.none() | st.binary(max_size=6)), max_size=12),
+    max_size=4,
+)
+
+
+class KeyValueStoreConformance:
+    """The contract of :class:`~pyrsia_core.interfaces.KeyValueStore`, as pytest tests.
+
+    Subclass it in a test module and override the ``store`` fixture; a store that
+    keeps its data also sets ``persistent = True`` and overrides ``reopen``::
+
+        class TestMyStore(KeyValueStoreConformance):
+            persistent = True  # adds the reopen tests
+
+            @pytest.fixture
+            async def store(self, tmp_path):
+                async with MyStore(tmp_path / "db") as store:
+                    yield store
+
+            @pytest.fixture
+            def reopen(self, tmp_path):
+                return lambda: MyStore.open(tmp_path / "db")  # async -> a new store
+
+    Each test gets a fresh, empty store. The reopen tests close ``store`` first.
+    """
+
+    pytestmark: ClassVar[Any] = [pytest.mark.anyio]
+
+    #: Whether the store keeps its data across close and ``reopen``. When false,
+    #: the reopen tests are not part of the subclass at all (not skipped).
+    persistent: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _PERSISTENCE_TESTS:
+            test = KeyValueStoreConformance.__dict__[name] if cls.persistent else None
+            setattr(cls, name, test)
+
+    @pytest.fixture
+    def store(self) -> KeyValueStore:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'store' fixture")
+
+    @pytest.fixture
+    def reopen(self) -> Callable[[], Awaitable[KeyValueStore]]:
+        raise NotImplementedError(
+            f"{type(self).__name__} sets persistent = True, so it must override the 'reopen' "
+            "fixture (a callable returning an awaitable new store over the same data)"
+        )
+
+    # -- get, put, delete
+
+    async def test_missing_key_is_none(self, store: KeyValueStore) -> None:
+        assert await store.get(b"nope") is None
+        assert await store.get(b"") is None
+        assert await _scan(store) == []
+
+    async def test_put_get_delete(self, store: KeyValueStore) -> None:
+        await store.put(b"k", b"v")
+        assert await store.get(b"k") == b"v"
+        await store.delete(b"k")
+        assert await store.get(b"k") is None
+        await store.delete(b"k")  # deleting a missing key is not an error
+        assert await _scan(store) == []
+
+    async def test_overwrite(self, store: KeyValueStore) -> None:
+        await store.put(b"k", b"one")
+        await store.put(b"k", b"two")
+        assert await store.get(b"k") == b"two"
+        assert await _scan(store) == [(b"k", b"two")]
+
+    async def test_empty_key_and_value(self, store: KeyValueStore) -> None:
+        await store.put(b"", b"")
+        await store.put(b"x", b"")
+        assert await store.get(b"") == b""
+        assert await store.get(b"x") == b""
+        assert await _scan(store) == [(b"", b""), (b"x", b"")]
+
+    async def test_binary_keys_and_values(self, store: KeyValueStore) -> None:
+        pairs = {bytes([i, 255 - i, 0]): bytes((i + j) % 256 for j in range(20)) for i in range(0, 256, 5)}
+        async with store.batch() as batch:
+            for key, value in pairs.items():
+                batch.put(key, value)
+        for key, value in pairs.items():
+            assert await store.get(key) == value
+        assert await _scan(store) == sorted(pairs.items())
+
+    async def test_large_value(self, store: KeyValueStore) -> None:
+        value = _blob(MiB, seed=40)
+        await store.put(b"big", value)
+        await store.put(b"big2", value[::-1])
+        assert await store.get(b"big") == value
+        assert await _scan(store, b"big") == [(b"big", value), (b"big2", value[::-1])]
+
+    async def test_non_bytes_is_usage_error(self, store: KeyValueStore) -> None:
+        with pytest.raises(UsageError):
+            await store.put("key", b"v")  # type: ignore[arg-type]
+        with pytest.raises(UsageError):
+            await store.put(b"key", "v")  # type: ignore[arg-type]
+        with pytest.raises(UsageError):
+            await store.delete(1)  # type: ignore[arg-type]
+        assert await _scan(store) == []
+
+    # -- scans
+
+    async def test_scan_prefix_in_key_order(self, store: KeyValueStore) -> None:
+        keys = [b"p/3", b"p/1", b"q/0", b"p/10", b"o/9", b"p/2", b"p", b"p/"]
+        await _fill(store, keys)
+        assert await _scan(store, b"p/") == [
+            (b"p/", b"v:p/"),
+            (b"p/1", b"v:p/1"),
+            (b"p/10", b"v:p/10"),
+            (b"p/2", b"v:p/2"),
+            (b"p/3", b"v:p/3"),
+        ]
+        assert await _keys(store, b"p") == [b"p", b"p/", b"p/1", b"p/10", b"p/2", b"p/3"]
+        assert await _keys(store, b"r") == []
+        assert await _keys(store, b"p/10/") == []
+
+    async def test_scan_empty_prefix_returns_everything(self, store: KeyValueStore) -> None:
+        await _fill(store, _EDGE_KEYS)
+        assert await _keys(store) == sorted(_EDGE_KEYS)
+        assert await _keys(store, reverse=True) == sorted(_EDGE_KEYS, reverse=True)
+
+    async def test_scan_reverse(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"a", b"b/1", b"b/2", b"b/3", b"c"])
+        assert await _keys(store, b"b/", reverse=True) == [b"b/3", b"b/2", b"b/1"]
+        assert await _keys(store, b"c", reverse=True) == [b"c"]
+        assert await _keys(store, b"d", reverse=True) == []
+
+    async def test_scan_start_forward(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"k/1", b"k/3", b"k/5", b"l"])
+        assert await _keys(store, b"k/", start=b"k/3") == [b"k/3", b"k/5"]  # present: included
+        assert await _keys(store, b"k/", start=b"k/2") == [b"k/3", b"k/5"]  # absent: next one
+        assert await _keys(store, b"k/", start=b"k/") == [b"k/1", b"k/3", b"k/5"]
+        assert await _keys(store, b"k/", start=b"k/6") == []
+        assert await _keys(store, start=b"k/4") == [b"k/5", b"l"]
+
+    async def test_scan_start_reverse(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"j", b"k/1", b"k/3", b"k/5", b"l"])
+        assert await _keys(store, b"k/", start=b"k/3", reverse=True) == [b"k/3", b"k/1"]
+        assert await _keys(store, b"k/", start=b"k/4", reverse=True) == [b"k/3", b"k/1"]
+        assert await _keys(store, b"k/", start=b"k/9", reverse=True) == [b"k/5", b"k/3", b"k/1"]
+        assert await _keys(store, b"k/", start=b"k/", reverse=True) == []
+        assert await _keys(store, b"k/", start=b"k/0", reverse=True) == []
+        assert await _keys(store, start=b"k/2", reverse=True) == [b"k/1", b"j"]
+        assert await _keys(store, b"k", start=b"k", reverse=True) == []
+
+    async def test_scan_limit(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"n/%d" % i for i in range(10)])
+        assert await _keys(store, b"n/", limit=0) == []
+        assert await _keys(store, b"n/", limit=1) == [b"n/0"]
+        assert await _keys(store, b"n/", limit=3) == [b"n/0", b"n/1", b"n/2"]
+        assert await _keys(store, b"n/", limit=100) == [b"n/%d" % i for i in range(10)]
+        assert await _keys(store, b"n/", limit=2, reverse=True) == [b"n/9", b"n/8"]
+        assert await _keys(store, b"n/", start=b"n/5", limit=2) == [b"n/5", b"n/6"]
+        assert await _keys(store, b"n/", start=b"n/5", limit=2, reverse=True) == [b"n/5", b"n/4"]
+        assert await _keys(store, b"n/", start=b"n/8", limit=5) == [b"n/8", b"n/9"]
+
+    async def test_scan_0xff_prefixes(self, store: KeyValueStore) -> None:
+        await _fill(store, _EDGE_KEYS)
+        assert await _keys(store, b"a\xff") == [b"a\xff", b"a\xff\x00", b"a\xff\xff", b"a\xff\xff\xff"]
+        assert await _keys(store, b"a\xff", reverse=True) == [
+            b"a\xff\xff\xff",
+            b"a\xff\xff",
+            b"a\xff\x00",
+            b"a\xff",
+        ]
+        assert await _keys(store, b"a\xff\xff") == [b"a\xff\xff", b"a\xff\xff\xff"]
+        assert await _keys(store, b"a\xff", start=b"a\xff\x00") == [
+            b"a\xff\x00",
+            b"a\xff\xff",
+            b"a\xff\xff\xff",
+        ]
+        assert await _keys(store, b"a\xff", start=b"a\xff\x00", reverse=True) == [
+            b"a\xff\x00",
+            b"a\xff",
+        ]
+        assert await _keys(store, b"\xff") == [b"\xff", b"\xff\x00", b"\xff\xff"]
+        assert await _keys(store, b"\xff", reverse=True) == [b"\xff\xff", b"\xff\x00", b"\xff"]
+        assert await _keys(store, b"\xff\xff", reverse=True) == [b"\xff\xff"]
+        assert await _keys(store, b"a", reverse=True, limit=2) == [b"a\xff\xff\xff", b"a\xff\xff"]
+        assert await _keys(store, b"\x00") == [b"\x00"]
+        assert await _keys(store, b"", start=b"", limit=2) == [b"", b"\x00"]
+        assert await _keys(store, b"", start=b"", reverse=True) == [b""]
+
+    async def test_scan_arguments_are_checked(self, store: KeyValueStore) -> None:
+        with pytest.raises(UsageError):
+            store.scan(b"a/", start=b"b/")
+        with pytest.raises(UsageError):
+            store.scan(b"a/", limit=-1)
+
+    async def test_scan_many_keys(self, store: KeyValueStore) -> None:
+        keys = [b"m/%05d" % i for i in range(3000)]
+        async with store.batch() as batch:
+            batch.put(b"l", b"before")
+            batch.put(b"n", b"after")
+            for key in reversed(keys):
+                batch.put(key, key[2:])
+        assert await _keys(store, b"m/") == keys
+        assert await _keys(store, b"m/", reverse=True) == keys[::-1]
+        assert await _keys(store, b"m/", start=b"m/01234", limit=1500) == keys[1234:2734]
+        assert await _keys(store, b"m/", start=b"m/02000", reverse=True, limit=1500) == (
+            keys[501:2001][::-1]
+        )
+        assert len(await _scan(store)) == 3002
+
+    async def test_scan_survives_concurrent_writes(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"w/%03d" % i for i in range(100)])
+        for reverse in (False, True):
+            seen: list[bytes] = []
+            async for key, _ in store.scan(b"w/", reverse=reverse):
+                seen.append(key)
+                if len(seen) == 10:
+                    async with store.batch() as batch:
+                        batch.delete(b"w/050")
+                        batch.put(b"w/0505", b"new")
+                        batch.put(b"w/000", b"changed")
+            assert seen == sorted(set(seen), reverse=reverse)  # ordered, no repeats
+            await _fill(store, [b"w/050"])
+            await store.delete(b"w/0505")
+
+    async def test_abandoned_scan(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"s/%04d" % i for i in range(2000)])
+        scan = store.scan(b"s/")
+        first = await scan.__anext__()
+        assert first[0] == b"s/0000"
+        aclose = getattr(scan, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await store.put(b"s/x", b"1")
+        assert await store.get(b"s/x") == b"1"
+
+    # -- batches
+
+    async def test_batch_is_atomic(self, store: KeyValueStore) -> None:
+        await store.put(b"keep", b"old")
+
+        class Boom(Exception):
+            pass
+
+        with pytest.raises(Boom):
+            async with store.batch() as batch:
+                batch.put(b"keep", b"new")
+                batch.put(b"other", b"x")
+                batch.delete(b"keep")
+                raise Boom
+        assert await store.get(b"keep") == b"old"
+        assert await store.get(b"other") is None
+        assert await _scan(store) == [(b"keep", b"old")]
+
+    async def test_batch_applies_in_order(self, store: KeyValueStore) -> None:
+        await store.put(b"existing", b"1")
+        async with store.batch() as batch:
+            batch.put(b"a", b"1")
+            batch.delete(b"a")  # put then delete: gone
+            batch.delete(b"existing")
+            batch.put(b"existing", b"2")  # delete then put: there
+            batch.put(b"c", b"1")
+            batch.put(b"c", b"2")  # the last put wins
+        assert await store.get(b"a") is None
+        assert await store.get(b"existing") == b"2"
+        assert await store.get(b"c") == b"2"
+        assert await _scan(store) == [(b"c", b"2"), (b"existing", b"2")]
+
+    async def test_empty_batch(self, store: KeyValueStore) -> None:
+        async with store.batch():
+            pass
+        assert await _scan(store) == []
+
+    async def test_batch_is_invisible_until_it_ends(self, store: KeyValueStore) -> None:
+        async with store.batch() as batch:
+            batch.put(b"later", b"1")
+            assert await store.get(b"later") is None
+        assert await store.get(b"later") == b"1"
+
+    @given(
+        batches=_batches_strategy,
+        prefix=_prefix_strategy,
+        start_suffix=st.none() | st.binary(max_size=2),
+        reverse=st.booleans(),
+        limit=st.none() | st.integers(0, 6),
+    )
+    @settings(
+        max_examples=60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    async def test_matches_model(
+        self,
+        store: KeyValueStore,
+        batches: list[list[tuple[bytes, bytes | None]]],
+        prefix: bytes,
+        start_suffix: bytes | None,
+        reverse: bool,
+        limit: int | None,
+    ) -> None:
+        # The store fixture is shared by the examples: empty it first.
+        async with store.batch() as wipe:
+            async for key, _ in store.scan():
+                wipe.delete(key)
+        model: dict[bytes, bytes] = {}
+        for ops in batches:
+            async with store.batch() as batch:
+                for key, value in ops:
+                    if value is None:
+                        batch.delete(key)
+                        model.pop(key, None)
+                    else:
+                        batch.put(key, value)
+                        model[key] = value
+        for key in _EDGE_KEYS:
+            assert await store.get(key) == model.get(key)
+        start = None if start_suffix is None else prefix + start_suffix
+        got = await _scan(store, prefix, start=start, reverse=reverse, limit=limit)
+        assert got == _model_scan(model, prefix, start, reverse, limit)
+
+    # -- lifecycle
+
+    async def test_closed_store_raises(self, store: KeyValueStore) -> None:
+        await _fill(store, [b"c/%04d" % i for i in range(1200)])
+        ongoing = store.scan(b"c/")
+        await ongoing.__anext__()
+        await store.aclose()
+        assert store.closed
+        with pytest.raises(StoreClosed):
+            await store.get(b"c/0001")
+        with pytest.raises(StoreClosed):
+            await store.put(b"k", b"v")
+        with pytest.raises(StoreClosed):
+            await store.delete(b"k")
+        with pytest.raises(StoreClosed):
+            await _scan(store)
+        with pytest.raises(StoreClosed):
+            async with store.batch():
+                pass
+        with pytest.raises(StoreClosed):
+            async for _ in ongoing:
+                pass
+        await store.aclose()  # idempotent
+
+    # -- persistence (only in subclasses with persistent = True)
+
+    async def test_reopen_keeps_writes(
+        self, store: KeyValueStore, reopen: Callable[[], Awaitable[KeyValueStore]]
+    ) -> None:
+        big = _blob(MiB, seed=41)
+        await _fill(store, _EDGE_KEYS)
+        await store.put(b"big", big)
+        await store.put(b"a", b"overwritten")
+        await store.delete(b"b")
+        await store.aclose()
+        async with await reopen() as again:
+            expected = {k: b"v:" + k for k in _EDGE_KEYS if k != b"b"}
+            expected[b"a"] = b"overwritten"
+            expected[b"big"] = big
+            assert await _scan(again) == sorted(expected.items())
+            assert await _keys(again, b"a\xff", reverse=True) == [
+                b"a\xff\xff\xff",
+                b"a\xff\xff",
+                b"a\xff\x00",
+                b"a\xff",
+            ]
+            await again.put(b"after", b"reopen")
+        async with await reopen() as third:
+            assert await third.get(b"after") == b"reopen"
+            assert await third.get(b"big") == big
+
+    async def test_reopen_keeps_nothing_of_a_failed_batch(
+        self, store: KeyValueStore, reopen: Callable[[], Awaitable[KeyValueStore]]
+    ) -> None:
+        await store.put(b"k", b"v")
+        with pytest.raises(_SourceError):
+            async with store.batch() as batch:
+                batch.put(b"x", b"1")
+                batch.delete(b"k")
+                raise _SourceError
+        await store.aclose()
+        async with await reopen() as again:
+            assert await _scan(again) == [(b"k", b"v")]

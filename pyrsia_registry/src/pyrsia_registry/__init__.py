@@ -1,0 +1,35 @@
+"""pyrsia_registry: the pyrsia node, its OCI Distribution API and node API (ASGI).
+
+``start_node(NodeConfig(...))`` runs a node inside your anyio program;
+``NodeApp``/``OciApp``/``NodeApi`` are ASGI apps you can mount in another server.
+"""
+
+from ._api import NodeApi, format_records
+from ._app import NodeApp
+from ._config import NodeConfig, default_data_dir, format_size, parse_size
+from ._docker import DockerService
+from ._node import Build, BuildError, Node, NotInLog
+from ._oci import OciApp
+from ._runtime import RunningNode, run_node, start_node
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Build",
+    "BuildError",
+    "DockerService",
+    "Node",
+    "NodeApi",
+    "NodeApp",
+    "NodeConfig",
+    "NotInLog",
+    "OciApp",
+    "RunningNode",
+    "__version__",
+    "default_data_dir",
+    "format_records",
+    "format_size",
+    "parse_size",
+    "run_node",
+    "start_node",
+]

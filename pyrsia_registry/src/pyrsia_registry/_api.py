@@ -1,0 +1,195 @@
+"""The node API under ``/api/`` (JSON), used by the ``pyrsia`` CLI."""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import logging
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import attrs
+from pyrsia_core import RECORD_FIELDS, StoredRecord, canonical_loads
+from pyrsia_core.errors import EncodingError, PyrsiaError
+from pyrsia_pkg_docker import ImageRef, ReferenceError_
+
+from ._asgi import Receive, Scope, Send, header_values, read_body, route_path, send_bytes, send_json
+from ._docker import RECORD_TYPE, DockerService
+
+__all__ = ["NodeApi", "format_records"]
+
+log = logging.getLogger("pyrsia.api")
+FIELD_NAMES: Final = [name for name, _ in RECORD_FIELDS]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+
+
+def _flag(query: dict[str, str], name: str) -> bool:
+    return query.get(name, "false").lower() in ("1", "true", "yes", "")  if name in query else False
+
+
+def format_records(
+    records: list[dict[str, Any]], *, fields: list[str] | None, fmt: str
+) -> tuple[str, str]:
+    """Render records as JSON (the seed's array) or CSV; returns (content type, text)."""
+    if fields:
+        records = [{k: r[k] for k in fields if k in r} for r in records]
+    if fmt == "csv":
+        out = io.StringIO()
+        names = fields or FIELD_NAMES
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(names)
+        for r in records:
+            writer.writerow([r.get(k, "") for k in names])
+        return "text/csv", out.getvalue()
+    import json
+
+    return "application/json", json.dumps(records, indent=2) + "\n"
+
+
+@attrs.define(eq=False)
+class NodeApi:
+    """``/api/ping``, ``/api/status``, ``/api/peers``, builds and inspect-log."""
+
+    service: DockerService
+
+    @property
+    def node(self) -> Any:
+        return self.service.node
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await self._dispatch(scope, receive, send)
+        except ApiError as exc:
+            await send_json(send, exc.status, {"error": str(exc)})
+        except PyrsiaError as exc:
+            log.error("node API %s failed: %s", scope.get("path"), exc)
+            await send_json(send, 500, {"error": str(exc)})
+
+    def _authorized(self, scope: Scope) -> bool:
+        for value in header_values(scope, "authorization"):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), self.node.admin_token.encode()
+            ):
+                return True
+        return False
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope).rstrip("/")
+        method = scope["method"]
+        parts = path.split("/")[1:]  # ["api", ...]
+        if parts[:1] != ["api"]:
+            raise ApiError(404, f"no route for {path[:200]}")
+        route = parts[1:]
+        if route == ["ping"] and method in ("GET", "HEAD"):
+            await send_json(send, 200, {"status": "ok", "node_id": self.node.node_id})
+        elif route == ["status"] and method == "GET":
+            await send_json(send, 200, await self.node.status())
+        elif route == ["peers"] and method == "GET":
+            await send_json(send, 200, [])
+        elif len(route) == 2 and route[0] == "build" and method == "POST":
+            await self._build(scope, receive, send, route[1])
+        elif len(route) == 2 and route[0] == "builds" and method == "GET":
+            build = self.node.builds.get(route[1])
+            if build is None:
+                raise ApiError(404, f"no build with id {route[1][:64]!r}")
+            await send_json(send, 200, build.to_json())
+        elif len(route) == 2 and route[0] == "inspect-log" and method == "GET":
+            await self._inspect(scope, send, route[1])
+        elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log"):
+            raise ApiError(405, f"{method} is not allowed on {path}")
+        else:
+            raise ApiError(404, f"no route for {path[:200]}")
+
+    def _image(self, package_type: str, text: str | None) -> ImageRef:
+        if package_type != "docker":
+            raise ApiError(400, f"unknown package type {package_type!r} (known: docker)")
+        if not text:
+            raise ApiError(400, "an image is required, e.g. alpine:3.16.2")
+        try:
+            return ImageRef.parse(text)
+        except ReferenceError_ as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def _build(self, scope: Scope, receive: Receive, send: Send, package_type: str) -> None:
+        try:
+            body: Any = canonical_loads(await read_body(receive, 64 * 1024) or b"{}")
+        except (EncodingError, ValueError) as exc:
+            raise ApiError(400, f"request body must be a JSON object: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        ref = self._image(package_type, body.get("image"))
+        if await self.service.tag_digest(ref) is not None or (
+            ref.digest is not None and await self.service.in_log(ref, ref.digest)
+        ):
+            raise ApiError(409, f"Artifact already exists: {ref.package_id} is in the "
+                           "transparency log")
+        if not self.node.is_build_node:
+            raise ApiError(503, "this node is not a build node")
+        build = self.service.request_build(ref)
+        await send_json(send, 202, build.to_json())
+
+    async def _inspect(self, scope: Scope, send: Send, package_type: str) -> None:
+        query = _query(scope)
+        ref = self._image(package_type, query.get("image"))
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise ApiError(400, "format must be json or csv")
+        fields = [f.strip() for f in query["fields"].split(",") if f.strip()] if query.get(
+            "fields") else None
+        if fields:
+            unknown = [f for f in fields if f not in FIELD_NAMES]
+            if unknown:
+                raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; fields are "
+                               f"{', '.join(FIELD_NAMES)}")
+        stored: list[StoredRecord] = await self.node.records_for_package(RECORD_TYPE,
+                                                                         ref.package_id)
+        if not stored:
+            raise ApiError(404, f"no transparency log records for {ref.package_id}")
+        if _flag(query, "latest"):
+            top = max(r.height for r in stored)
+            stored = [r for r in stored if r.height == top]
+        out: list[dict[str, Any]] = []
+        proof = _flag(query, "proof")
+        ledger = self.node.log_store.ledger
+        certificate = None
+        if proof:
+            certificate = await self.node.log_store.certificate(ledger.height)
+        for r in stored:
+            item = r.signed.record.to_json()
+            if proof and certificate is not None:
+                item = dict(item)
+                if fields:
+                    item = {k: item[k] for k in fields}
+                item["proof"] = {
+                    "leaf_index": r.index,
+                    "tree_size": ledger.tree.size,
+                    "block_height": r.height,
+                    "inclusion_proof": [h.hex() for h in self.node.log_store.inclusion_proof(
+                        r.index, ledger.tree.size)],
+                    "record_signature": r.signed.signature.hex(),
+                    "checkpoint": certificate.to_text(),
+                }
+            out.append(item)
+        if proof:
+            if fmt == "csv":
+                raise ApiError(400, "--proof is available with the JSON format only")
+            import json
+
+            await send_bytes(send, 200, (json.dumps(out, indent=2) + "\n").encode(),
+                             content_type="application/json")
+            return
+        content_type, text = format_records(out, fields=fields, fmt=fmt)
+        await send_bytes(send, 200, text.encode(), content_type=content_type)

@@ -1,0 +1,32 @@
+"""The node's HTTP surface: the OCI API at ``/v2/`` and the node API at ``/api/``."""
+
+from __future__ import annotations
+
+import attrs
+
+from ._api import NodeApi
+from ._asgi import Receive, Scope, Send, route_path, send_json
+from ._oci import OciApp, _lifespan
+
+__all__ = ["NodeApp"]
+
+
+@attrs.define(eq=False)
+class NodeApp:
+    oci: OciApp
+    api: NodeApi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path = route_path(scope)
+        if path == "/v2" or path.startswith("/v2/"):
+            await self.oci(scope, receive, send)
+        elif path == "/api" or path.startswith("/api/"):
+            await self.api(scope, receive, send)
+        else:
+            await send_json(send, 404, {"errors": [{"code": "NOT_FOUND",
+                                                    "message": f"no route for {path[:200]}"}]})

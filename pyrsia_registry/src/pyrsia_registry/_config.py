@@ -1,0 +1,77 @@
+"""Node configuration: defaults, parsing of sizes, the data directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import attrs
+from pyrsia_core.errors import UsageError
+
+__all__ = ["NodeConfig", "default_data_dir", "format_size", "parse_size"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7888
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+DEFAULT_DISK_SPACE = "10 GB"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"10 GB"`` -> bytes. Units are required (as the seed's prompt says)."""
+    m = _SIZE.fullmatch(text or "")
+    if not m:
+        raise UsageError(
+            f"invalid size {text!r}: enter a number with units, e.g. '10 GB' (units: B, KB, MB, GB, TB)"
+        )
+    value = float(m[1]) * _UNITS[m[2].upper()]
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be greater than zero")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    for unit in ("TB", "GB", "MB", "KB"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.2f} {unit}"
+    return f"{n} B"
+
+
+def default_data_dir() -> Path:
+    home = os.environ.get("PYRSIA_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "pyrsia"
+
+
+@attrs.define
+class NodeConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = attrs.field(factory=default_data_dir, converter=Path)
+    upstream: str | None = DEFAULT_UPSTREAM
+    disk_space: int = attrs.field(factory=lambda: parse_size(DEFAULT_DISK_SPACE))
+    kv_store: str = "leveldb"
+    blob_store: str = "fs"
+    peers: tuple[str, ...] = ()
+    build_node: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"port {self.port} is not in 0..65535")
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise UsageError(f"upstream {self.upstream!r} must be an http:// or https:// URL")

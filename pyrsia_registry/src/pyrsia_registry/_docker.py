@@ -1,0 +1,278 @@
+"""Docker images on a node: resolve tags through the log, build on a miss, verify blobs.
+
+Every manifest and blob the node serves is vouched for by a log record: a tag
+resolves to the manifest digest its latest record names, and a blob is served
+only if a record of that repository names its digest. Stored bytes were
+verified when stored; manifests are re-hashed before each response.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import attrs
+from pyrsia_core import Digest, Operation, Record, StoredRecord
+from pyrsia_core.errors import DigestMismatch, PyrsiaError
+from pyrsia_core.interfaces import BlobInfo
+from pyrsia_pkg_docker import (
+    ALL_MANIFEST_TYPES,
+    Descriptor,
+    ImageRef,
+    Manifest,
+    ManifestError,
+)
+from pyrsia_pkg_docker._upstream import UpstreamError, UpstreamNotFound
+
+from ._node import Build, BuildError, Node, NotInLog
+
+__all__ = ["DockerService", "ResolvedManifest"]
+
+log = logging.getLogger("pyrsia.docker")
+RECORD_TYPE = "Docker"
+MAX_PARALLEL_BLOBS = 4
+
+
+@attrs.frozen
+class ResolvedManifest:
+    digest: Digest
+    content: bytes
+    media_type: str
+    source: str  # "cache", "build"
+
+
+@attrs.define(eq=False)
+class DockerService:
+    node: Node
+    task_group: anyio.abc.TaskGroup | None = None
+
+    # -- log lookups ---------------------------------------------------------------
+
+    async def _artifact_records(self, ref: ImageRef, digest: Digest) -> list[StoredRecord]:
+        out = []
+        for rec in await self.node.records_for_artifact(digest):
+            r = rec.signed.record
+            if r.package_type != RECORD_TYPE or r.operation != Operation.ADD_ARTIFACT:
+                continue
+            if r.package_specific_artifact_id.partition("@")[0] == ref.short_name or (
+                r.package_specific_id.partition(":")[0].partition("@")[0] == ref.short_name
+            ):
+                out.append(rec)
+        return out
+
+    async def tag_digest(self, ref: ImageRef) -> Digest | None:
+        """The manifest digest the log's latest record for ``ref``'s tag names."""
+        records = await self.node.records_for_package(RECORD_TYPE, ref.package_id)
+        for rec in reversed(records):
+            r = rec.signed.record
+            if r.package_specific_artifact_id == ref.package_id:
+                return Digest(r.artifact_hash)
+        return None
+
+    async def in_log(self, ref: ImageRef, digest: Digest) -> bool:
+        return bool(await self._artifact_records(ref, digest))
+
+    async def tags(self, short_name: str) -> list[str]:
+        prefix = b"p/" + RECORD_TYPE.encode() + b"\0" + short_name.encode() + b":"
+        tags: set[str] = set()
+        async for key, _ in self.node.kv.scan(prefix):
+            tags.add(key[len(prefix) :].split(b"\0", 1)[0].decode())
+        return sorted(tags)
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def resolve_manifest(self, ref: ImageRef, *, build: bool = True) -> ResolvedManifest:
+        """Find a manifest through the log; build it from the upstream on a miss."""
+        source = "cache"
+        digest = ref.digest or await self.tag_digest(ref)
+        if digest is None or not await self.in_log(ref, digest):
+            if not build:
+                raise NotInLog(f"{ref.package_id} is not in the transparency log")
+            await self.build_and_wait(ref)
+            source = "build"
+            digest = ref.digest or await self.tag_digest(ref)
+            if digest is None:
+                raise NotInLog(f"{ref.package_id} is not in the transparency log after its build")
+        content = await self.verified_bytes(ref, digest)
+        manifest = Manifest.parse(content)
+        return ResolvedManifest(digest, content, manifest.media_type, source)
+
+    async def verified_bytes(self, ref: ImageRef, digest: Digest) -> bytes:
+        """A small artifact's bytes (manifest, config), fetched if missing, re-hashed."""
+        info = await self.ensure_blob(ref, digest)
+        data = await self.node.blobs.read_bytes(info.digest)
+        if Digest.of(data) != digest:
+            # The store itself is corrupt: drop the blob, never serve it.
+            await self.node.blobs.delete(digest)
+            raise DigestMismatch(str(digest), str(Digest.of(data)))
+        return data
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def ensure_blob(self, ref: ImageRef, digest: Digest) -> BlobInfo:
+        """A logged artifact's local copy, fetched (and verified) when missing."""
+        info = await self.node.local_blob(digest)
+        if info is not None:
+            await self.node.touch(digest)
+            return info
+        if not await self.in_log(ref, digest):
+            raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
+        async with self.node.fetch_lock(digest):
+            info = await self.node.local_blob(digest)
+            if info is not None:
+                return info
+            return await self._fetch_from_upstream(ref, digest, None, "re-fetch")
+
+    async def _fetch_from_upstream(
+        self, ref: ImageRef, digest: Digest, size: int | None, why: str
+    ) -> BlobInfo:
+        upstream = self.node.upstream
+        if upstream is None:
+            raise BuildError(f"{digest} is not stored locally and this node has no upstream")
+        resp = await upstream.open(f"{ref.repository}/blobs/{digest}")
+        try:
+            info = await self.node.store_stream(resp.body, digest, size)
+        finally:
+            await resp.body.aclose()  # type: ignore[attr-defined]
+        log.info("Blob %s of %s pulled from upstream (%s, %d bytes)", digest, ref.repository, why,
+                 info.size)
+        return info
+
+    # -- builds ----------------------------------------------------------------------
+
+    async def build_and_wait(self, ref: ImageRef) -> Build:
+        build = self.request_build(ref)
+        await build.done.wait()
+        if build.status != "SUCCESS":
+            raise BuildError(f"build of {ref.package_id} failed: {build.reason}")
+        return build
+
+    def request_build(self, ref: ImageRef) -> Build:
+        if self.task_group is None:
+            raise BuildError("the node is not running")
+
+        async def run(build: Build) -> int:
+            return await self._build(ref, build)
+
+        return self.node.start_build(RECORD_TYPE, ref.package_id, run, self.task_group)
+
+    async def _fetch_manifest(self, ref: ImageRef, reference: str) -> tuple[Digest, bytes, str]:
+        upstream = self.node.upstream
+        if upstream is None:
+            raise BuildError("this node has no upstream to build from")
+        log.info("Fetching manifest for %s:%s from upstream", ref.repository, reference)
+        resp = await upstream.open(
+            f"{ref.repository}/manifests/{reference}", accept=ALL_MANIFEST_TYPES
+        )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.body:
+            size += len(chunk)
+            if size > 4 * 1024 * 1024:
+                raise BuildError(f"upstream manifest {ref.repository}:{reference} is too large")
+            chunks.append(chunk)
+        content = b"".join(chunks)
+        digest = Digest.of(content)
+        if resp.digest is not None and resp.digest != digest:
+            raise DigestMismatch(str(resp.digest), str(digest))
+        if reference.startswith("sha256:") and str(digest) != reference:
+            raise DigestMismatch(reference, str(digest))
+        return digest, content, resp.media_type
+
+    async def _build(self, ref: ImageRef, build: Build) -> int:
+        """Fetch the image from upstream, verify and store everything, commit its records.
+
+        On any failure the blobs this build stored are removed again: nothing of a
+        failed build stays behind, and the log is unchanged.
+        """
+        created: list[Digest] = []
+        try:
+            return await self._build_inner(ref, build, created)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for digest in created:
+                    await self.node.blobs.delete(digest)
+            raise
+
+    async def _build_inner(self, ref: ImageRef, build: Build, created: list[Digest]) -> int:
+        try:
+            top_digest, top, media_type = await self._fetch_manifest(ref, ref.reference)
+            manifest = Manifest.parse(top, media_type)
+            artifacts: list[tuple[str, Digest]] = []  # (package_specific_artifact_id, digest)
+            if ref.tag is not None:
+                artifacts.append((ref.package_id, top_digest))
+            artifacts.append((ref.artifact_id(top_digest), top_digest))
+            manifests: list[tuple[Digest, bytes]] = [(top_digest, top)]
+            blobs: list[Descriptor] = []
+            if manifest.is_index:
+                for d in manifest.manifests:
+                    sub_digest, sub, sub_type = await self._fetch_manifest(ref, str(d.digest))
+                    if sub_digest != d.digest:
+                        raise DigestMismatch(str(d.digest), str(sub_digest))
+                    sub_manifest = Manifest.parse(sub, sub_type)
+                    if sub_manifest.is_index:
+                        raise ManifestError("nested indexes are not supported")
+                    manifests.append((sub_digest, sub))
+                    artifacts.append((ref.artifact_id(sub_digest), sub_digest))
+                    blobs.extend(sub_manifest.children)
+            else:
+                blobs.extend(manifest.children)
+            unique: dict[Digest, Descriptor] = {}
+            for d in blobs:
+                unique.setdefault(d.digest, d)
+            for d in unique.values():
+                artifacts.append((ref.artifact_id(d.digest), d.digest))
+            for digest, content in manifests:
+                if await self.node.local_blob(digest) is None:
+                    await self.node.blobs.put_bytes(content, expected=digest)
+                    created.append(digest)
+            await self._fetch_blobs(ref, list(unique.values()), created)
+        except UpstreamNotFound as exc:
+            raise BuildError(f"{ref.package_id} not found upstream: {exc}") from None
+        except UpstreamError as exc:
+            raise BuildError(f"upstream failed: {exc}") from None
+        except (ManifestError, DigestMismatch) as exc:
+            raise BuildError(f"upstream sent bad content: {exc}") from None
+        now = int(self.node.clock.now())
+        records = [
+            Record.new(
+                signer=self.node.signer,
+                package_type=RECORD_TYPE,
+                package_specific_id=ref.package_id,
+                package_specific_artifact_id=artifact_id,
+                artifact_hash=digest.hex,
+                num_artifacts=len(artifacts),
+                timestamp=now,
+            )
+            for artifact_id, digest in artifacts
+        ]
+        committed = await self.node.commit(records)
+        build.records = len(records)
+        log.info("Built %s: %d artifacts, block %d", ref.package_id, len(records),
+                 committed.block.height)
+        return committed.block.height
+
+    async def _fetch_blobs(
+        self, ref: ImageRef, descriptors: Sequence[Descriptor], created: list[Digest]
+    ) -> None:
+        limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+        errors: list[BaseException] = []
+
+        async def one(d: Descriptor) -> None:
+            async with limiter:
+                try:
+                    async with self.node.fetch_lock(d.digest):
+                        if await self.node.local_blob(d.digest) is not None:
+                            log.info("Blob %s already in the local cache", d.digest)
+                            return
+                        await self._fetch_from_upstream(ref, d.digest, d.size, "build")
+                        created.append(d.digest)
+                except PyrsiaError as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for d in descriptors:
+                tg.start_soon(one, d)
+        if errors:
+            raise errors[0]

@@ -1,0 +1,349 @@
+"""The node runtime: stores, identity, ledger, builds and verified artifact access.
+
+The node drives the pure core (:mod:`pyrsia_core`) with real I/O: it opens the
+plugins named in its configuration, keeps its key and admin token in the data
+directory, and -- as a build node -- fetches images from its upstream, verifies
+every digest, stores them and commits one block of log records per build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+from pyrsia_core import (
+    CommittedBlock,
+    Digest,
+    Ed25519Signer,
+    LogStore,
+    Record,
+    SignedRecord,
+    StoredRecord,
+    make_genesis,
+)
+from pyrsia_core import plugins as core_plugins
+from pyrsia_core.errors import (
+    BlobNotFound,
+    DigestMismatch,
+    PyrsiaError,
+    QuotaExceeded,
+    StoreError,
+    UsageError,
+    VerificationError,
+)
+from pyrsia_core.interfaces import BlobInfo, BlobStore, KeyValueStore, SystemClock, Upstream
+
+from ._config import NodeConfig
+
+__all__ = ["Build", "BuildError", "Node", "NotInLog"]
+
+log = logging.getLogger("pyrsia.node")
+
+
+class BuildError(PyrsiaError):
+    """A build failed; nothing of it was committed."""
+
+
+class NotInLog(PyrsiaError, LookupError):
+    """No log record vouches for the requested artifact."""
+
+
+@attrs.define
+class Build:
+    id: str
+    package_type: str
+    package_id: str
+    status: str = "RUNNING"  # RUNNING, SUCCESS, FAILED
+    reason: str = ""
+    started: float = attrs.Factory(time.time)
+    finished: float | None = None
+    records: int = 0
+    height: int | None = None
+    done: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "build_id": self.id,
+            "package_type": self.package_type,
+            "package_specific_id": self.package_id,
+            "status": self.status,
+            "reason": self.reason,
+            "started": int(self.started),
+            "finished": int(self.finished) if self.finished else None,
+            "records": self.records,
+            "ledger_height": self.height,
+        }
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@attrs.define(eq=False)
+class Node:
+    """A pyrsia node. ``async with Node.open(config)`` or ``await node.aclose()``."""
+
+    config: NodeConfig
+    signer: Ed25519Signer
+    admin_token: str
+    kv: KeyValueStore
+    blobs: BlobStore
+    log_store: LogStore
+    upstream: Upstream | None
+    clock: SystemClock = attrs.Factory(SystemClock)
+    builds: dict[str, Build] = attrs.Factory(dict)
+    _inflight: dict[tuple[str, str], Build] = attrs.Factory(dict)
+    _commit_lock: anyio.Lock = attrs.Factory(anyio.Lock)
+    _fetch_locks: dict[str, anyio.Lock] = attrs.Factory(dict)
+    package_types: dict[str, Any] = attrs.Factory(dict)
+    listen_urls: list[str] = attrs.Factory(list)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: NodeConfig) -> Node:
+        data = config.data_dir
+        await anyio.to_thread.run_sync(lambda: data.mkdir(parents=True, exist_ok=True))
+        signer = await anyio.to_thread.run_sync(cls._load_identity, data)
+        token = await anyio.to_thread.run_sync(cls._load_token, data)
+        kv: KeyValueStore = core_plugins.create(
+            "pyrsia.kv_store", config.kv_store, {"path": str(data / "ledger")}
+        )
+        try:
+            blobs: BlobStore = core_plugins.create(
+                "pyrsia.blob_store",
+                config.blob_store,
+                {"path": str(data / "blobs"), "quota_bytes": str(config.disk_space)},
+            )
+            if hasattr(blobs, "open_store"):
+                await blobs.open_store()
+            genesis = None
+            if await kv.get(b"h") is None:
+                genesis = make_genesis(
+                    origin=f"pyrsia/{signer.node_id[:16]}",
+                    validators=[signer],
+                    timestamp=int(time.time()),
+                )
+                log.info("Created a new network of one (genesis, build node %s)", signer.node_id)
+            log_store = await LogStore.open(kv, genesis)
+        except BaseException:
+            await kv.aclose()
+            raise
+        upstream: Upstream | None = None
+        if config.upstream:
+            upstream = core_plugins.create("pyrsia.upstream", "registry", {"url": config.upstream})
+        node = cls(
+            config=config,
+            signer=signer,
+            admin_token=token,
+            kv=kv,
+            blobs=blobs,
+            log_store=log_store,
+            upstream=upstream,
+        )
+        for name in core_plugins.available("pyrsia.package_type"):
+            try:
+                node.package_types[name] = core_plugins.create("pyrsia.package_type", name)
+            except PyrsiaError as exc:
+                log.error("package type plugin %r failed to load: %s", name, exc)
+        log.info(
+            "Node %s ready: ledger height %d, %d records, data in %s",
+            signer.node_id,
+            log_store.ledger.height,
+            log_store.ledger.tree.size,
+            data,
+        )
+        return node
+
+    @staticmethod
+    def _load_identity(data: Path) -> Ed25519Signer:
+        path = data / "node.key"
+        if path.exists():
+            return Ed25519Signer.from_pem(path.read_bytes())
+        signer = Ed25519Signer.generate()
+        _write_private(path, signer.to_pem())
+        return signer
+
+    @staticmethod
+    def _load_token(data: Path) -> str:
+        path = data / "admin.token"
+        if path.exists():
+            return path.read_text().strip()
+        token = secrets.token_urlsafe(32)
+        _write_private(path, token.encode() + b"\n")
+        return token
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self.upstream is not None:
+                await self.upstream.aclose()
+            await self.blobs.aclose()
+            await self.kv.aclose()
+
+    async def __aenter__(self) -> Node:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def node_id(self) -> str:
+        return self.signer.node_id
+
+    @property
+    def is_build_node(self) -> bool:
+        return self.node_id in self.log_store.ledger.validators
+
+    # -- the log -------------------------------------------------------------------
+
+    async def records_for_package(self, package_type: str, package_id: str) -> list[StoredRecord]:
+        return await self.log_store.records_for_package(package_type, package_id)
+
+    async def records_for_artifact(self, digest: Digest) -> list[StoredRecord]:
+        return await self.log_store.records_for_artifact(digest.hex)
+
+    async def commit(self, records: list[Record]) -> CommittedBlock:
+        """Sign records, propose a block and commit it (a network of one commits alone)."""
+        if not self.is_build_node:
+            raise BuildError("this node is not an authorized build node")
+        async with self._commit_lock:
+            ledger = self.log_store.ledger
+            if len(ledger.validators) != 1:
+                raise BuildError(
+                    "committing with more than one build node needs consensus, "
+                    "which this node does not run yet"
+                )
+            signed = [SignedRecord.sign(r, self.signer) for r in records]
+            block = ledger.propose(
+                proposer=self.signer, records=signed, timestamp=int(self.clock.now())
+            )
+            committed = CommittedBlock(block, ledger.sign_block(block, self.signer))
+            await self.log_store.append(committed, now=self.clock.now())
+            log.info(
+                "Committed block %d with %d record(s), log size %d",
+                block.height,
+                len(records),
+                block.tree_size,
+            )
+            return committed
+
+    # -- builds --------------------------------------------------------------------
+
+    def start_build(
+        self,
+        package_type: str,
+        package_id: str,
+        run: Callable[[Build], Any],
+        task_group: Any,
+    ) -> Build:
+        """Start (or join) the build of ``package_id``; ``run`` does the work."""
+        key = (package_type, package_id)
+        existing = self._inflight.get(key)
+        if existing is not None:
+            return existing
+        build = Build(id=str(uuid.uuid4()), package_type=package_type, package_id=package_id)
+        self.builds[build.id] = build
+        self._inflight[key] = build
+
+        async def runner() -> None:
+            try:
+                height = await run(build)
+                build.status, build.height = "SUCCESS", height
+            except Exception as exc:  # a build failure is reported, never crashes the node
+                build.status = "FAILED"
+                build.reason = str(exc) or type(exc).__name__
+                if not isinstance(exc, PyrsiaError):
+                    log.exception("build %s of %s crashed", build.id, package_id)
+                else:
+                    log.warning("Build of %s failed: %s", package_id, build.reason)
+            finally:
+                build.finished = time.time()
+                self._inflight.pop(key, None)
+                build.done.set()
+
+        task_group.start_soon(runner)
+        return build
+
+    # -- blobs ---------------------------------------------------------------------
+
+    async def store_stream(
+        self, chunks: AsyncIterator[bytes], expected: Digest, size: int | None
+    ) -> BlobInfo:
+        """Verify and store; evict least-recently-used blobs when the quota is reached."""
+        try:
+            return await self.blobs.put(chunks, expected=expected, expected_size=size)
+        except QuotaExceeded:
+            if size is None or not await self.evict(size):
+                raise
+            raise StoreError("quota reached; evicted old blobs, retry the request") from None
+
+    async def evict(self, needed: int) -> bool:
+        """Free ``needed`` bytes by removing least-recently-used blobs (re-fetchable)."""
+        lru = getattr(self.blobs, "lru_digests", None)
+        if lru is None or self.blobs.quota is None:
+            return False
+        freed = 0
+        target = needed - (self.blobs.quota - await self.blobs.usage())
+        async for digest in lru():
+            info = await self.blobs.stat(digest)
+            if info and await self.blobs.delete(digest):
+                freed += info.size
+                log.info("Evicted %s (%d bytes) to stay within the disk quota", digest, info.size)
+            if freed >= target:
+                return True
+        return freed >= target
+
+    async def touch(self, digest: Digest) -> None:
+        touch = getattr(self.blobs, "touch", None)
+        if touch is not None:
+            try:
+                await touch(digest)
+            except (StoreError, BlobNotFound):
+                pass
+
+    async def local_blob(self, digest: Digest) -> BlobInfo | None:
+        return await self.blobs.stat(digest)
+
+    def fetch_lock(self, digest: Digest) -> anyio.Lock:
+        lock = self._fetch_locks.get(digest.hex)
+        if lock is None:
+            lock = self._fetch_locks[digest.hex] = anyio.Lock()
+        return lock
+
+    async def status(self) -> dict[str, Any]:
+        ledger = self.log_store.ledger
+        usage = await self.blobs.usage()
+        artifacts = 0
+        async for _ in self.blobs.iter_digests():
+            artifacts += 1
+        return {
+            "node_id": self.node_id,
+            "node_public_key": self.signer.public_key.hex,
+            "peer_addresses": list(self.listen_urls),
+            "peers_count": 0,
+            "peers": [],
+            "artifact_count": artifacts,
+            "log_records": ledger.tree.size,
+            "disk_allocated": self.config.disk_space,
+            "disk_usage": usage,
+            "ledger_height": ledger.height,
+            "ledger_head": ledger.head_hash,
+            "network_origin": ledger.origin,
+            "authorized_build_nodes": list(ledger.validators.ordered()),
+            "is_build_node": self.is_build_node,
+            "upstream": self.config.upstream,
+        }
+

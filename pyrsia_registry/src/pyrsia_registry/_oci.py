@@ -1,0 +1,302 @@
+"""The OCI Distribution pull API as an ASGI app (any repository name).
+
+Mount it at the root of a server (``/v2/...``) or inside another ASGI app; it
+reads paths relative to ``root_path``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import attrs
+from pyrsia_core import Digest
+from pyrsia_core.errors import BlobNotFound, DigestError, PyrsiaError, StoreError
+from pyrsia_pkg_docker import (
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    OCI_MANIFEST,
+    ImageRef,
+    Manifest,
+    ManifestError,
+    ReferenceError_,
+    choose_platform,
+    validate_repository,
+    validate_tag,
+)
+
+from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
+from ._docker import DockerService
+from ._node import BuildError, NotInLog
+
+__all__ = ["OciApp"]
+
+log = logging.getLogger("pyrsia.oci")
+API_VERSION: Final = ("docker-distribution-api-version", "registry/2.0")
+_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
+MAX_ACCEPT: Final = 64
+_PULL: Final = frozenset({"GET", "HEAD"})
+_PUSH: Final = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+
+
+class OciError(Exception):
+    def __init__(self, status: int, code: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.detail = status, code, message, detail
+
+
+def _accepted(scope: Scope) -> list[str]:
+    types: list[str] = []
+    for line in header_values(scope, "accept"):
+        for part in line.split(","):
+            media = part.split(";", 1)[0].strip().lower()
+            if media:
+                types.append(media)
+            if len(types) >= MAX_ACCEPT:
+                return types
+    return types
+
+
+@attrs.define(eq=False)
+class OciApp:
+    """``GET|HEAD /v2/``, manifests, blobs (Range) and tags/list; pushes are refused."""
+
+    service: DockerService
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        head = scope["method"] == "HEAD"
+        try:
+            await self._dispatch(scope, send)
+        except OciError as exc:
+            await self._error(send, exc, head=head)
+        except BuildError as exc:
+            log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
+            status, code = (404, "MANIFEST_UNKNOWN") if "not found upstream" in str(exc) else (
+                503, "UNAVAILABLE")
+            await self._error(send, OciError(status, code, str(exc)), head=head)
+        except (StoreError, PyrsiaError) as exc:
+            log.error("%s %s failed: %s", scope["method"], scope.get("path"), exc)
+            await self._error(send, OciError(500, "UNKNOWN", f"internal error: {exc}"), head=head)
+
+    async def _error(self, send: Send, exc: OciError, *, head: bool) -> None:
+        body = {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]}
+        await send_json(send, exc.status, body, [API_VERSION], head=head)
+
+    async def _dispatch(self, scope: Scope, send: Send) -> None:
+        path = route_path(scope)
+        method = scope["method"]
+        head = method == "HEAD"
+        if path in ("/v2", "/v2/"):
+            if method not in _PULL:
+                raise OciError(405, "UNSUPPORTED", f"{method} is not supported")
+            await send_json(send, 200, {}, [API_VERSION], head=head)
+            return
+        if not path.startswith("/v2/"):
+            raise OciError(404, "NOT_FOUND", f"no route for {path[:200]}")
+        rest = path[4:]
+        name, kind, ref = _split(rest)
+        if kind == "uploads" or method in _PUSH:
+            raise OciError(405, "UNSUPPORTED", "this pyrsia node is a pull-only mirror; push is "
+                           "not supported")
+        if method not in _PULL:
+            raise OciError(405, "UNSUPPORTED", f"{method} is not supported")
+        try:
+            validate_repository(name)
+        except ReferenceError_ as exc:
+            raise OciError(400, "NAME_INVALID", str(exc), {"name": name[:256]}) from None
+        if kind == "tags":
+            await self._tags(scope, send, name)
+        elif kind == "manifests":
+            await self._manifest(scope, send, name, ref)
+        else:
+            await self._blob(scope, send, name, ref)
+
+    # -- tags ------------------------------------------------------------------------
+
+    async def _tags(self, scope: Scope, send: Send, name: str) -> None:
+        query = _query(scope)
+        short = name.removeprefix("library/")
+        tags = await self.service.tags(short)
+        if not tags:
+            raise OciError(404, "NAME_UNKNOWN", f"repository {name} is not known", {"name": name})
+        last = query.get("last")
+        if last:
+            tags = [t for t in tags if t > last]
+        headers = [API_VERSION]
+        n_text = query.get("n")
+        if n_text is not None:
+            if not n_text.isdigit():
+                raise OciError(400, "UNSUPPORTED", "n must be a non-negative integer")
+            n = int(n_text)
+            if len(tags) > n:
+                tags = tags[:n]
+                if tags:
+                    headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'))
+        await send_json(send, 200, {"name": name, "tags": tags}, headers,
+                        head=scope["method"] == "HEAD")
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def _manifest(self, scope: Scope, send: Send, name: str, reference: str) -> None:
+        if reference.startswith("sha256:") or ":" in reference:
+            try:
+                ref = ImageRef(name, None, Digest.parse(reference))
+            except DigestError as exc:
+                raise OciError(400, "DIGEST_INVALID", str(exc)) from None
+        else:
+            try:
+                ref = ImageRef(name, validate_tag(reference), None)
+            except ReferenceError_ as exc:
+                raise OciError(400, "MANIFEST_INVALID", str(exc)) from None
+        log.info("Fetching manifest for %s:%s", name, reference)
+        try:
+            resolved = await self.service.resolve_manifest(ref)
+        except NotInLog as exc:
+            raise OciError(404, "MANIFEST_UNKNOWN", str(exc)) from None
+        except ManifestError as exc:
+            raise OciError(404, "MANIFEST_UNKNOWN", f"stored manifest unusable: {exc}") from None
+        digest, content, media_type = resolved.digest, resolved.content, resolved.media_type
+        accepted = _accepted(scope)
+        if (
+            media_type in INDEX_TYPES
+            and accepted
+            and media_type not in accepted
+            and "*/*" not in accepted
+            and ({DOCKER_MANIFEST, OCI_MANIFEST} & set(accepted))
+        ):
+            # A client that cannot read indexes gets the linux/amd64 image, as registries do.
+            chosen = choose_platform(Manifest.parse(content, media_type))
+            if chosen is None:
+                raise OciError(404, "MANIFEST_UNKNOWN", "no linux/amd64 image in this index, and "
+                               "the client does not accept indexes")
+            digest = chosen.digest
+            content = await self.service.verified_bytes(ref, digest)
+            media_type = Manifest.parse(content).media_type
+        log.info("Manifest %s:%s (%s) served from %s", name, reference, digest, resolved.source)
+        await send_bytes(
+            send,
+            200,
+            content,
+            [API_VERSION, ("docker-content-digest", str(digest)), ("etag", f'"{digest}"')],
+            content_type=media_type,
+            head=scope["method"] == "HEAD",
+        )
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def _blob(self, scope: Scope, send: Send, name: str, reference: str) -> None:
+        try:
+            digest = Digest.parse(reference)
+        except DigestError as exc:
+            raise OciError(400, "DIGEST_INVALID", str(exc)) from None
+        ref = ImageRef(name, None, digest)
+        try:
+            info = await self.service.ensure_blob(ref, digest)
+        except NotInLog as exc:
+            raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
+        except BlobNotFound as exc:
+            raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
+        size = info.size
+        status, offset, count = 200, 0, size
+        headers: list[tuple[str, str]] = [
+            API_VERSION,
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", str(digest)),
+            ("etag", f'"{digest}"'),
+            ("accept-ranges", "bytes"),
+            ("cache-control", "max-age=31536000"),
+        ]
+        ranges = header_values(scope, "range")
+        if ranges:
+            parsed = _parse_range(ranges[0], size)
+            if parsed is None:
+                await send_bytes(
+                    send, 416, b"", [API_VERSION, ("content-range", f"bytes */{size}")],
+                )
+                return
+            if parsed != (0, size):
+                offset, end = parsed
+                count = end - offset
+                status = 206
+                headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
+        headers.append(("content-length", str(count)))
+        if scope["method"] == "HEAD":
+            await send_bytes_headers_only(send, status, headers)
+            return
+        log.info("Blob %s served from cache (%d bytes%s)", digest, count,
+                 f", range {offset}-{offset + count - 1}" if status == 206 else "")
+
+        def fallback() -> AsyncIterator[bytes]:
+            return self.service.node.blobs.open(digest, offset=offset, length=count)
+
+        if info.path is not None:
+            await send_file(scope, send, status, headers, path=info.path, offset=offset,
+                            count=count, size=size, fallback=fallback)
+        else:
+            from ._asgi import send_stream
+
+            await send_stream(send, status, fallback(), headers)
+
+
+async def send_bytes_headers_only(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """``(start, end_exclusive)`` for a single byte range; ``None`` when unsatisfiable.
+
+    Several ranges, or a malformed header, are ignored (the whole blob is sent).
+    """
+    m = _RANGE.fullmatch(value.strip())
+    if not m or (not m[1] and not m[2]):
+        return (0, size)
+    if m[1]:
+        start = int(m[1])
+        end = min(int(m[2]) + 1, size) if m[2] else size
+        if m[2] and int(m[2]) < start:
+            return (0, size)
+        if start >= size:
+            return None
+        return (start, end)
+    suffix = int(m[2])
+    if suffix == 0:
+        return None
+    return (max(0, size - suffix), size)
+
+
+def _split(rest: str) -> tuple[str, str, str]:
+    """``<name>/manifests/<ref>`` etc. -> (name, kind, ref)."""
+    if rest.endswith("/tags/list"):
+        return rest[: -len("/tags/list")], "tags", ""
+    for marker, kind in (("/manifests/", "manifests"), ("/blobs/uploads", "uploads"),
+                         ("/blobs/", "blobs")):
+        i = rest.rfind(marker)
+        if i > 0:
+            return rest[:i], kind, rest[i + len(marker):]
+    raise OciError(404, "NOT_FOUND", f"no route for /v2/{rest[:200]}")
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    raw = scope.get("query_string", b"").decode("latin-1")
+    return dict(parse_qsl(raw, keep_blank_values=True))
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
