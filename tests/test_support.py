@@ -9,13 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from support.clients import CLOSED_LOCAL_LOCATION, ToolError, podman, skopeo, write_registries_conf
-from support.fixtures import (
-    SeededUpstream,
-    podman_dir,
-    seeded_upstream,
-    token_upstream,
-    upstream_registry,
-)
+from support.fixtures import SeededUpstream
 from support.images import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -29,6 +23,7 @@ from support.images import (
     make_image_layout,
     make_multiarch_layout,
     put_manifest,
+    seed_images,
     sha256_digest,
     upload_blob,
 )
@@ -219,8 +214,6 @@ def test_skopeo_reads_seeded_images(seeded_upstream: SeededUpstream) -> None:
 def test_seeding_twice_gives_identical_digests(
     seeded_upstream: SeededUpstream, tmp_path: Path
 ) -> None:
-    from support.images import seed_images
-
     with UpstreamRegistry(tmp_path / "again") as again:
         images = seed_images(again, STANDARD_IMAGES[:2], workdir=tmp_path / "layouts")
     for ref, info in images.items():
@@ -289,6 +282,11 @@ def test_token_auth_by_hand(
             f"{hub.url}/v2/library/alpine/blobs/{alpine.layer_digests[0]}", headers=auth
         )
         assert resp.status_code == 200 and int(resp.headers["Content-Length"]) > 16 * 1024
+        expired = hub.issue_token("repository:library/alpine:pull", expires_in=-120)
+        resp = client.get(manifest_url, headers={"Authorization": f"Bearer {expired}"})
+        assert (
+            resp.status_code == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+        )
         # The token is scoped: another repository needs its own.
         resp = client.get(f"{hub.url}/v2/library/multi/manifests/1.0", headers=auth)
         assert (
@@ -298,7 +296,7 @@ def test_token_auth_by_hand(
 
     assert hub.token_server.request_count == tokens_before + 1
     assert hub.token_server.requests[-1].scopes == ("repository:library/alpine:pull",)
-    assert len(hub.unauthorized_since(mark)) == 4
+    assert len(hub.unauthorized_since(mark)) == 5
     assert httpx.get(hub.realm, params={"service": "other"}).status_code == 400
 
 

@@ -9,7 +9,7 @@ It shares no code with ``pyrsia_core._merkle``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -481,7 +481,7 @@ def test_malformed_consistency_inputs_raise_proof_error() -> None:
 
 def test_bad_arguments_raise_value_error() -> None:
     tree = MerkleTree.from_leaves(LEAVES[:10])
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: tree.inclusion_proof(10),
         lambda: tree.inclusion_proof(-1),
         lambda: tree.inclusion_proof(3, 3),
@@ -497,7 +497,7 @@ def test_bad_arguments_raise_value_error() -> None:
         lambda: tree.leaf(10),
         lambda: tree.leaf(-1),
         lambda: tree.append(b"\x00" * 31),
-        lambda: tree.append("x" * 32),
+        lambda: tree.append("x" * 32),  # type: ignore[arg-type]
         lambda: tree.extend([LEAVES[0], b"short"]),
         lambda: tree.page(0, 1),
         lambda: tree.page(4, 0),

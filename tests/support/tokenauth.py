@@ -9,7 +9,9 @@ Docker Hub). ``GET /token?service=registry.test&scope=repository:<name>:pull`` a
 ``{"token": ..., "access_token": ..., "expires_in": 300, "issued_at": ...}`` for anyone.
 
 Tokens are ES256 JWTs whose header carries the signing certificate (``x5c``); the registry trusts
-that self-signed certificate through ``rootcertbundle``. Only ``pull`` is granted unless
+that self-signed certificate through ``rootcertbundle``. The registry accepts a token until 60 s
+after its ``exp`` (distribution's leeway), so a short ``expires_in`` does not make tokens die
+sooner; mint a dead one with ``issue_token(..., expires_in=-120)``. Only ``pull`` is granted unless
 ``allow_push=True``, so by default content goes in through the unauthenticated ``backing``
 registry, whose storage directory this one shares::
 
@@ -219,8 +221,10 @@ class TokenServer:
 
             def _handle(self, params: dict[str, list[str]]) -> None:
                 path = urlsplit(self.path).path
-                service = (params.get("service") or [None])[0]
+                services = params.get("service") or []
+                service = services[0] if services else None
                 scopes = tuple(s for raw in params.get("scope", []) for s in raw.split(" ") if s)
+                body: dict[str, Any]
                 if path != "/token":
                     status, body = 404, {"details": "not found"}
                 elif service != server.service:
@@ -353,9 +357,13 @@ class TokenAuthRegistry(UpstreamRegistry):
     def __enter__(self) -> TokenAuthRegistry:
         return self.start()
 
-    def issue_token(self, *scopes: str) -> str:
-        """A valid token for ``scopes`` without going through HTTP (not counted)."""
-        return self.token_server.issue_token(scopes)
+    def issue_token(self, *scopes: str, expires_in: int | None = None) -> str:
+        """A token for ``scopes`` without going through HTTP (not counted).
+
+        distribution 2.8 accepts a token until 60 s (its leeway) after ``exp``; for an
+        already-rejected token use ``expires_in=-120``.
+        """
+        return self.token_server.issue_token(scopes, expires_in=expires_in)
 
     def challenge(self, repo: str | None = None, actions: str = "pull") -> str:
         """The ``WWW-Authenticate`` value this registry sends for ``repo`` (None: ``/v2/``)."""

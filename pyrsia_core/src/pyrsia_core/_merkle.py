@@ -148,10 +148,14 @@ class MerkleTree:
         a top level of at most one hash. Trailing empty levels are dropped.
         The restored tree has no dirty pages. Raises :class:`ValueError`.
         """
-        restored = [bytearray(level) for level in levels]
-        for k, level in enumerate(restored):
+        restored: list[bytearray] = []
+        for k, data in enumerate(levels):
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"level {k} is {type(data).__name__}, not bytes")
+            level = bytearray(data)
             if len(level) % HASH_SIZE:
                 raise ValueError(f"level {k} is {len(level)} bytes, not a multiple of {HASH_SIZE}")
+            restored.append(level)
         while len(restored) > 1 and not restored[-1]:
             restored.pop()
         if not restored:

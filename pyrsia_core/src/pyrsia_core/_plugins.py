@@ -75,20 +75,26 @@ def _check_group(group: str) -> None:
 
 
 def _discover(group: str) -> dict[str, list[PluginSpec]]:
-    from importlib.metadata import entry_points
+    # Walk the distributions ourselves: ``entry_points(group=...)`` keeps only one
+    # entry per name on some Python versions, which would hide a conflict.
+    from importlib.metadata import distributions
 
     found: dict[str, list[PluginSpec]] = {}
     seen: set[tuple[str, str, str]] = set()
-    for ep in entry_points(group=group):
-        dist = ep.dist
-        dist_name = f"{dist.name} {dist.version}" if dist is not None else "<unknown distribution>"
-        key = (ep.name, ep.value, dist.name if dist is not None else "")
-        # The same distribution can be seen twice (e.g. an editable install on two
-        # sys.path entries); that is one registration, not a conflict.
-        if key in seen:
-            continue
-        seen.add(key)
-        found.setdefault(ep.name, []).append(PluginSpec(group, ep.name, ep.value, dist_name))
+    for dist in distributions():
+        dist_name = dist.metadata["Name"] or "<unknown distribution>"
+        for ep in dist.entry_points:
+            if ep.group != group:
+                continue
+            # The same distribution can be seen twice (on two sys.path entries);
+            # that is one registration, not a conflict.
+            key = (ep.name, ep.value, dist_name.lower().replace("_", "-"))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.setdefault(ep.name, []).append(
+                PluginSpec(group, ep.name, ep.value, f"{dist_name} {dist.version}")
+            )
     return found
 
 
