@@ -274,9 +274,7 @@ async def test_kill_mid_put_leaves_no_partial_blob(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_kill_at_random_times_never_shows_a_partial_blob(
-    tmp_path: Path, seed: int
-) -> None:
+async def test_kill_at_random_times_never_shows_a_partial_blob(tmp_path: Path, seed: int) -> None:
     process = await _start(_PUT_FOREVER, str(tmp_path), str(seed))
     try:
         assert await _read_line(process) == "READY"
@@ -406,4 +404,6 @@ async def test_memory_stays_flat_for_a_256_mib_blob(tmp_path: Path) -> None:
             tracemalloc.stop()
         assert (info.size, check.hexdigest()) == (size, digest.hex)
         assert put_peak - base < 16 * MiB, f"put grew memory by {(put_peak - base) / MiB:.1f} MiB"
-        assert read_peak - base < 16 * MiB, f"read grew memory by {(read_peak - base) / MiB:.1f} MiB"
+        assert read_peak - base < 16 * MiB, (
+            f"read grew memory by {(read_peak - base) / MiB:.1f} MiB"
+        )

@@ -83,6 +83,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             upstream=None if args.no_upstream else args.upstream,
             disk_space=parse_size(args.disk_space),
+            kv_store=args.kv_store,
+            blob_store=args.blob_store,
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -261,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--no-upstream", action="store_true", help="never contact an upstream")
     start.add_argument("--disk-space", default="10 GB",
                        help="disk space the node may use for artifacts (default '10 GB')")
+    start.add_argument("--kv-store", default="leveldb",
+                       help="key-value store plugin for the ledger (default leveldb)")
+    start.add_argument("--blob-store", default="fs",
+                       help="blob store plugin for artifacts (default fs)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     start.set_defaults(func=cmd_node_start)

@@ -62,6 +62,12 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
 
 
 async def run_node(config: NodeConfig) -> None:
-    """Serve until cancelled (Ctrl-C)."""
-    async with start_node(config):
-        await anyio.sleep_forever()
+    """Serve until cancelled, SIGINT (Ctrl-C) or SIGTERM; then close the stores cleanly."""
+    import signal
+
+    async with start_node(config) as running:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("Received %s, stopping node %s", signal.Signals(signum).name,
+                         running.node.node_id)
+                return

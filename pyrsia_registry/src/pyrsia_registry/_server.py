@@ -359,7 +359,7 @@ class _Connection:
         self.closing = False  # answer the current request, then close
         self.broken = False  # the socket is unusable: no more reads or writes
         self.peer_eof = False
-        self.wrote_response = False  # this connection sent at least one response
+        self.linger = False  # we close with the client possibly still sending: see close()
         self.idle_scope: anyio.CancelScope | None = None
 
     def begin_shutdown(self) -> None:
@@ -382,6 +382,7 @@ class _Connection:
                 cycle = _Cycle(self, event)
                 await cycle.run()
                 if not self.keep_alive():
+                    self.linger = True
                     break
                 self.h11.start_next_cycle()
         except h11.RemoteProtocolError as exc:
@@ -489,6 +490,7 @@ class _Connection:
         status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
         logger.debug("bad request from %s: %s (answering %d)", self.client, exc, status)
         self.closing = True
+        self.linger = True
         if self.broken or self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
@@ -511,18 +513,17 @@ class _Connection:
         )
         data += self.h11.send(h11.Data(data=body))
         data += self.h11.send(h11.EndOfMessage())
-        self.wrote_response = True
         await self.write_pieces([data])
 
     async def close(self) -> None:
-        """Close the socket; after an answer we initiated, first let the client read it.
+        """Close the socket; if we end the connection, first let the client read our answer.
 
         Closing with unread request bytes in our receive buffer makes the kernel send a RST,
         which can destroy the response the client has not read yet (the TLS probe of the
         docker CLI reads our ``400`` that way). So we half-close and discard input briefly.
         """
         with anyio.CancelScope(shield=True):
-            if self.wrote_response and not self.broken and not self.peer_eof:
+            if self.linger and not self.broken and not self.peer_eof:
                 with anyio.move_on_after(_LINGER_SECONDS):
                     try:
                         await self.stream.send_eof()
@@ -544,7 +545,8 @@ class _Cycle:
         self.h11 = conn.h11
         self.request = request
         self.head = request.method == b"HEAD"
-        self.body_done = False
+        self.body_done = False  # h11 has seen the end of the request body
+        self.body_delivered = False  # ... and the app has received it
         self.pending: h11.Data | None = None
         self.start: Message | None = None
         self.response_sent = False  # h11 has produced (and we began writing) the head
@@ -573,7 +575,9 @@ class _Cycle:
                 )
                 await self.fail()
             else:
-                if not self.complete:
+                if not self.complete and conn.broken:
+                    logger.debug("client %s went away during the response", conn.client)
+                elif not self.complete:
                     if self.start is None:
                         logger.error("ASGI callable returned without starting a response")
                     else:
@@ -656,7 +660,7 @@ class _Cycle:
     async def receive(self) -> Message:
         if self.complete or self.finished.is_set():
             return {"type": "http.disconnect"}
-        if not self.body_done:
+        if not self.body_delivered:
             try:
                 return await self.receive_body()
             except (h11.RemoteProtocolError, TimeoutError) as exc:
@@ -669,9 +673,12 @@ class _Cycle:
 
     async def receive_body(self) -> Message:
         conn = self.conn
+        event: object
         if self.pending is not None:
-            event: object = self.pending
+            event = self.pending
             self.pending = None
+        elif self.body_done:
+            event = h11.EndOfMessage()
         else:
             if self.h11.they_are_waiting_for_100_continue and not self.response_sent:
                 info = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
@@ -682,10 +689,11 @@ class _Cycle:
             self.peek_body()
             more = not self.body_done
             if not more:
+                self.body_delivered = True
                 self.watch()
             return {"type": "http.request", "body": bytes(event.data), "more_body": more}
         if type(event) is h11.EndOfMessage:
-            self.body_done = True
+            self.body_done = self.body_delivered = True
             self.watch()
             return {"type": "http.request", "body": b"", "more_body": False}
         raise h11.RemoteProtocolError(f"unexpected event while reading a body: {event!r}")
@@ -786,7 +794,6 @@ class _Cycle:
         )
         pieces = self.h11.send_with_data_passthrough(response) or []
         self.response_sent = True
-        conn.wrote_response = True
         return pieces
 
     async def finish(self, pieces: list[Any], more: bool) -> None:

@@ -197,7 +197,9 @@ class FsBlobStore(BlobStore):
     def _lock(self) -> None:
         if sys.platform == "win32":
             return
-        fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fd = os.open(
+            self.root / "LOCK", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -255,9 +257,7 @@ class FsBlobStore(BlobStore):
                 self._check_open()
                 seen += len(chunk)
                 if quota is not None and not known and seen > quota:
-                    raise QuotaExceeded(
-                        f"blob is larger than the whole quota (over {quota} bytes)"
-                    )
+                    raise QuotaExceeded(f"blob is larger than the whole quota (over {quota} bytes)")
                 parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
                 buffered += len(chunk)
                 if buffered >= self._chunk_size or (
@@ -280,8 +280,7 @@ class FsBlobStore(BlobStore):
     def _check_quota(self, size: int, quota: int, *, freed: int = 0) -> None:
         if self._usage - freed + size > quota:
             raise QuotaExceeded(
-                f"storing {size} bytes would exceed the quota "
-                f"({self._usage} of {quota} bytes used)"
+                f"storing {size} bytes would exceed the quota ({self._usage} of {quota} bytes used)"
             )
 
     def _create_temp(self) -> _Temp:

@@ -110,8 +110,7 @@ class MemoryBlobStore(BlobStore):
     def _check_quota(self, size: int, quota: int) -> None:
         if self._usage + size > quota:
             raise QuotaExceeded(
-                f"storing {size} bytes would exceed the quota "
-                f"({self._usage} of {quota} bytes used)"
+                f"storing {size} bytes would exceed the quota ({self._usage} of {quota} bytes used)"
             )
 
     def open(

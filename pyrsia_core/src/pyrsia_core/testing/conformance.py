@@ -241,7 +241,9 @@ class BlobStoreConformance:
                 await _read(store.open(info.digest, offset=offset, length=length))
             return
         end = len(data) if length is None else offset + length
-        assert await _read(store.open(info.digest, offset=offset, length=length)) == data[offset:end]
+        assert (
+            await _read(store.open(info.digest, offset=offset, length=length)) == data[offset:end]
+        )
 
     @pytest.mark.parametrize(("offset", "length"), [(5001, None), (10**9, 1), (-1, None), (0, -1)])
     async def test_bad_range_is_value_error(
@@ -594,7 +596,10 @@ class KeyValueStoreConformance:
         assert await _scan(store) == [(b"", b""), (b"x", b"")]
 
     async def test_binary_keys_and_values(self, store: KeyValueStore) -> None:
-        pairs = {bytes([i, 255 - i, 0]): bytes((i + j) % 256 for j in range(20)) for i in range(0, 256, 5)}
+        pairs = {
+            bytes([i, 255 - i, 0]): bytes((i + j) % 256 for j in range(20))
+            for i in range(0, 256, 5)
+        }
         async with store.batch() as batch:
             for key, value in pairs.items():
                 batch.put(key, value)
@@ -676,7 +681,12 @@ class KeyValueStoreConformance:
 
     async def test_scan_0xff_prefixes(self, store: KeyValueStore) -> None:
         await _fill(store, _EDGE_KEYS)
-        assert await _keys(store, b"a\xff") == [b"a\xff", b"a\xff\x00", b"a\xff\xff", b"a\xff\xff\xff"]
+        assert await _keys(store, b"a\xff") == [
+            b"a\xff",
+            b"a\xff\x00",
+            b"a\xff\xff",
+            b"a\xff\xff\xff",
+        ]
         assert await _keys(store, b"a\xff", reverse=True) == [
             b"a\xff\xff\xff",
             b"a\xff\xff",
@@ -717,8 +727,9 @@ class KeyValueStoreConformance:
         assert await _keys(store, b"m/") == keys
         assert await _keys(store, b"m/", reverse=True) == keys[::-1]
         assert await _keys(store, b"m/", start=b"m/01234", limit=1500) == keys[1234:2734]
-        assert await _keys(store, b"m/", start=b"m/02000", reverse=True, limit=1500) == (
-            keys[501:2001][::-1]
+        assert (
+            await _keys(store, b"m/", start=b"m/02000", reverse=True, limit=1500)
+            == (keys[501:2001][::-1])
         )
         assert len(await _scan(store)) == 3002
 
