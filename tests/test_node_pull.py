@@ -14,8 +14,13 @@ from support.node import NodeProcess, run_cli
 
 pytestmark = pytest.mark.process
 
-IMAGES = ["library/alpine:3.16.2", "library/multi:1.0", "library/ocimulti:1.0",
-          "library/ociimage:1.0", "some/nested/repo:v1"]
+IMAGES = [
+    "library/alpine:3.16.2",
+    "library/multi:1.0",
+    "library/ocimulti:1.0",
+    "library/ociimage:1.0",
+    "some/nested/repo:v1",
+]
 
 
 @pytest.fixture
@@ -60,7 +65,8 @@ def test_second_pull_is_served_from_cache(
     assert seeded_upstream.registry.requests_since(mark) == []
     assert "served from cache" in node.log()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
-        p.name for p in (tmp_path / "b").iterdir())
+        p.name for p in (tmp_path / "b").iterdir()
+    )
 
 
 def test_podman_pulls_through_the_mirror(
@@ -68,19 +74,29 @@ def test_podman_pulls_through_the_mirror(
 ) -> None:
     conf = write_registries_conf(podman_dir / "registries.conf", [f"127.0.0.1:{node.port}"])
     podman(podman_dir, "pull", "docker.io/library/alpine:3.16.2", registries_conf=conf)
-    podman(podman_dir, "pull", "--arch", "arm64", "docker.io/library/multi:1.0",
-           registries_conf=conf)
-    podman(podman_dir, "pull", "--arch", "arm64", "docker.io/library/ocimulti:1.0",
-           registries_conf=conf)
+    podman(
+        podman_dir, "pull", "--arch", "arm64", "docker.io/library/multi:1.0", registries_conf=conf
+    )
+    podman(
+        podman_dir,
+        "pull",
+        "--arch",
+        "arm64",
+        "docker.io/library/ocimulti:1.0",
+        registries_conf=conf,
+    )
     fmt = "{{.Architecture}} {{.Digest}}"
-    arm = podman(podman_dir, "image", "inspect", "--format", fmt,
-                 "docker.io/library/multi:1.0").stdout.split()
+    arm = podman(
+        podman_dir, "image", "inspect", "--format", fmt, "docker.io/library/multi:1.0"
+    ).stdout.split()
     assert arm[0] == "arm64"
-    oci_arm = podman(podman_dir, "image", "inspect", "--format", fmt,
-                     "docker.io/library/ocimulti:1.0").stdout.split()
+    oci_arm = podman(
+        podman_dir, "image", "inspect", "--format", fmt, "docker.io/library/ocimulti:1.0"
+    ).stdout.split()
     assert oci_arm[0] == "arm64"
-    amd = podman(podman_dir, "image", "inspect", "--format", fmt,
-                 "docker.io/library/alpine:3.16.2").stdout.split()
+    amd = podman(
+        podman_dir, "image", "inspect", "--format", fmt, "docker.io/library/alpine:3.16.2"
+    ).stdout.split()
     assert amd[0] == "amd64"
     assert amd[1] == seeded_upstream.images["library/alpine:3.16.2"].manifest_digest
     assert "Fetching manifest for library/alpine:3.16.2" in node.log()
@@ -90,15 +106,30 @@ def test_inspect_log_prints_the_seed_records(
     node: NodeProcess, seeded_upstream: SeededUpstream, tmp_path: Path
 ) -> None:
     info = seeded_upstream.images["library/alpine:3.16.2"]
-    skopeo("copy", "--src-tls-verify=false", f"docker://127.0.0.1:{node.port}/library/alpine:3.16.2",
-           f"dir:{tmp_path / 'x'}")
+    skopeo(
+        "copy",
+        "--src-tls-verify=false",
+        f"docker://127.0.0.1:{node.port}/library/alpine:3.16.2",
+        f"dir:{tmp_path / 'x'}",
+    )
     out = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", port=node.port)
     assert out.returncode == 0, out.stderr
     records = json.loads(out.stdout)
-    seed_types = {"id": str, "package_type": str, "package_specific_id": str, "num_artifacts": int,
-                  "package_specific_artifact_id": str, "artifact_hash": str, "source_hash": str,
-                  "artifact_id": str, "source_id": str, "timestamp": int, "operation": str,
-                  "node_id": str, "node_public_key": str}
+    seed_types = {
+        "id": str,
+        "package_type": str,
+        "package_specific_id": str,
+        "num_artifacts": int,
+        "package_specific_artifact_id": str,
+        "artifact_hash": str,
+        "source_hash": str,
+        "artifact_id": str,
+        "source_id": str,
+        "timestamp": int,
+        "operation": str,
+        "node_id": str,
+        "node_public_key": str,
+    }
     assert len(records) == 4  # tag -> manifest, manifest by digest, config, layer (as the seed)
     for r in records:
         assert list(r) == list(seed_types)
@@ -111,30 +142,56 @@ def test_inspect_log_prints_the_seed_records(
     assert records[0]["artifact_hash"] == manifest_hex
     assert records[1]["package_specific_artifact_id"] == f"alpine@{info.manifest_digest}"
     assert {r["artifact_hash"] for r in records[2:]} == {
-        d.removeprefix("sha256:") for d in info.blob_digests}
+        d.removeprefix("sha256:") for d in info.blob_digests
+    }
     status = json.loads(run_cli(tmp_path, "status", "--json", port=node.port).stdout)
     assert {r["node_id"] for r in records} == {status["node_id"]}
     assert status["node_public_key"] == records[0]["node_public_key"]
 
-    csv_out = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", "--format",
-                      "csv", "--fields", "artifact_hash,package_specific_artifact_id",
-                      port=node.port).stdout.splitlines()
+    csv_out = run_cli(
+        tmp_path,
+        "inspect-log",
+        "docker",
+        "--image",
+        "alpine:3.16.2",
+        "--format",
+        "csv",
+        "--fields",
+        "artifact_hash,package_specific_artifact_id",
+        port=node.port,
+    ).stdout.splitlines()
     assert csv_out[0] == "artifact_hash,package_specific_artifact_id"
     assert csv_out[1] == f"{manifest_hex},alpine:3.16.2" and len(csv_out) == 5
 
-    fields = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
-                                "--fields", "artifact_hash", port=node.port).stdout)
+    fields = json.loads(
+        run_cli(
+            tmp_path,
+            "inspect-log",
+            "docker",
+            "--image",
+            "alpine:3.16.2",
+            "--fields",
+            "artifact_hash",
+            port=node.port,
+        ).stdout
+    )
     assert fields == [{"artifact_hash": r["artifact_hash"]} for r in records]
-    bad = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", "--fields",
-                  "nope", port=node.port)
+    bad = run_cli(
+        tmp_path,
+        "inspect-log",
+        "docker",
+        "--image",
+        "alpine:3.16.2",
+        "--fields",
+        "nope",
+        port=node.port,
+    )
     assert bad.returncode != 0 and "unknown field" in bad.stderr
     missing = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:9.9", port=node.port)
     assert missing.returncode != 0 and "no transparency log records" in missing.stderr
 
 
-def test_inspect_log_proof_verifies_offline(
-    node: NodeProcess, tmp_path: Path
-) -> None:
+def test_inspect_log_proof_verifies_offline(node: NodeProcess, tmp_path: Path) -> None:
     from pyrsia_core import (
         NoteVerifier,
         PublicKey,
@@ -147,10 +204,15 @@ def test_inspect_log_proof_verifies_offline(
     )
 
     for image in ("library/alpine:3.16.2", "library/ociimage:1.0"):
-        skopeo("copy", "--src-tls-verify=false", f"docker://127.0.0.1:{node.port}/{image}",
-               f"dir:{tmp_path / image.replace('/', '_')}")
-    out = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", "--proof",
-                  port=node.port)
+        skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://127.0.0.1:{node.port}/{image}",
+            f"dir:{tmp_path / image.replace('/', '_')}",
+        )
+    out = run_cli(
+        tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", "--proof", port=node.port
+    )
     records = json.loads(out.stdout)
     status = json.loads(run_cli(tmp_path, "status", "--json", port=node.port).stdout)
     key = PublicKey.from_hex(status["node_public_key"])
@@ -159,33 +221,54 @@ def test_inspect_log_proof_verifies_offline(
         proof = r.pop("proof")
         note = SignedNote.parse(proof["checkpoint"])
         checkpoint, signers = open_checkpoint(
-            proof["checkpoint"], [NoteVerifier(f"{origin}/{key.node_id}", key)], 1)
+            proof["checkpoint"], [NoteVerifier(f"{origin}/{key.node_id}", key)], 1
+        )
         assert signers == {f"{origin}/{key.node_id}"} and note.text
         assert checkpoint.size == proof["tree_size"]
         leaf = leaf_hash(canonical_json(Record.from_json(r).to_json()))
-        verify_inclusion(leaf, proof["leaf_index"], proof["tree_size"],
-                         [bytes.fromhex(h) for h in proof["inclusion_proof"]], checkpoint.root)
+        verify_inclusion(
+            leaf,
+            proof["leaf_index"],
+            proof["tree_size"],
+            [bytes.fromhex(h) for h in proof["inclusion_proof"]],
+            checkpoint.root,
+        )
         # A record changed after the fact no longer verifies.
         r2 = dict(r, artifact_hash="0" * 64)
         from pyrsia_core.errors import ProofError
 
         with pytest.raises(ProofError):
-            verify_inclusion(leaf_hash(canonical_json(r2)), proof["leaf_index"],
-                             proof["tree_size"],
-                             [bytes.fromhex(h) for h in proof["inclusion_proof"]],
-                             checkpoint.root)
-    latest = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
-                                "--latest", port=node.port).stdout)
+            verify_inclusion(
+                leaf_hash(canonical_json(r2)),
+                proof["leaf_index"],
+                proof["tree_size"],
+                [bytes.fromhex(h) for h in proof["inclusion_proof"]],
+                checkpoint.root,
+            )
+    latest = json.loads(
+        run_cli(
+            tmp_path,
+            "inspect-log",
+            "docker",
+            "--image",
+            "alpine:3.16.2",
+            "--latest",
+            port=node.port,
+        ).stdout
+    )
     assert len(latest) == 4
 
 
-def test_restart_keeps_ledger_and_cache(
-    tmp_path: Path, seeded_upstream: SeededUpstream
-) -> None:
+def test_restart_keeps_ledger_and_cache(tmp_path: Path, seeded_upstream: SeededUpstream) -> None:
     image = "library/ocimulti:1.0"
     with NodeProcess(tmp_path / "n", upstream=seeded_upstream.url) as n:
-        skopeo("copy", "--all", "--src-tls-verify=false", f"docker://127.0.0.1:{n.port}/{image}",
-               f"dir:{tmp_path / 'a'}")
+        skopeo(
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            f"docker://127.0.0.1:{n.port}/{image}",
+            f"dir:{tmp_path / 'a'}",
+        )
         before = json.loads(run_cli(tmp_path, "status", "--json", port=n.port).stdout)
         port = n.port
     # Same data dir, and no upstream at all now: everything comes from the node's own store.
@@ -194,8 +277,13 @@ def test_restart_keeps_ledger_and_cache(
         assert after["node_id"] == before["node_id"]
         assert after["ledger_height"] == before["ledger_height"]
         assert after["log_records"] == before["log_records"]
-        skopeo("copy", "--all", "--src-tls-verify=false", f"docker://127.0.0.1:{n.port}/{image}",
-               f"dir:{tmp_path / 'b'}")
+        skopeo(
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            f"docker://127.0.0.1:{n.port}/{image}",
+            f"dir:{tmp_path / 'b'}",
+        )
         out = run_cli(tmp_path, "inspect-log", "docker", "--image", "ocimulti:1.0", port=n.port)
         # index by tag, index by digest, 2 platform manifests, 2 configs, 2 layers
         assert len(json.loads(out.stdout)) == 8
@@ -205,8 +293,12 @@ def test_token_auth_upstream(tmp_path: Path, token_upstream) -> None:  # type: i
     before_tokens = token_upstream.token_server.request_count
     mark = token_upstream.mark()
     with NodeProcess(tmp_path / "n", upstream=token_upstream.url) as n:
-        skopeo("copy", "--src-tls-verify=false",
-               f"docker://127.0.0.1:{n.port}/library/alpine:3.16.2", f"dir:{tmp_path / 'a'}")
+        skopeo(
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://127.0.0.1:{n.port}/library/alpine:3.16.2",
+            f"dir:{tmp_path / 'a'}",
+        )
     assert token_upstream.token_server.request_count > before_tokens
     assert token_upstream.unauthorized_since(mark)  # the node met the 401 challenge first
     statuses = [s for _, path, s in token_upstream.requests_since(mark) if "/blobs/" in path]
@@ -215,8 +307,11 @@ def test_token_auth_upstream(tmp_path: Path, token_upstream) -> None:  # type: i
 
 def test_unknown_image_is_a_clean_error(node: NodeProcess, tmp_path: Path) -> None:
     with pytest.raises(ToolError) as info:
-        skopeo("inspect", "--tls-verify=false",
-               f"docker://127.0.0.1:{node.port}/library/doesnotexist:1.0")
+        skopeo(
+            "inspect",
+            "--tls-verify=false",
+            f"docker://127.0.0.1:{node.port}/library/doesnotexist:1.0",
+        )
     assert "manifest unknown" in str(info.value).lower() or "not found" in str(info.value).lower()
     r = node.get("/v2/library/doesnotexist/manifests/1.0")
     assert r.status_code == 404 and r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"

@@ -482,3 +482,20 @@ async def test_graceful_shutdown_finishes_the_response_in_flight(app: App) -> No
                 await done.wait()
     assert replies[0].text == "slow done"
     assert replies[0].headers["connection"] == "close"
+
+
+async def test_half_closed_client_still_gets_its_response(app: App, big_file: Path) -> None:
+    async with running(app) as server:
+        with anyio.fail_after(5):
+            async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+                await stream.send(b"GET /file/big HTTP/1.0\r\n\r\n")
+                await stream.send_eof()
+                reply = bytearray()
+                try:
+                    while True:
+                        reply += await stream.receive()
+                except anyio.EndOfStream:
+                    pass
+    head, _, body = bytes(reply).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == await anyio.Path(big_file).read_bytes()

@@ -31,9 +31,6 @@ from support.net import free_port, wait_for_http
 from support.registry import UpstreamRegistry, parse_access_line
 from support.tokenauth import TokenAuthRegistry
 
-# Fixtures used by name below (imported so this module works without a conftest plugin).
-__all__ = ["podman_dir", "seeded_upstream", "token_upstream", "upstream_registry"]
-
 ALPINE = "library/alpine:3.16.2"
 
 

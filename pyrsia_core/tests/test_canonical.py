@@ -7,17 +7,16 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pyrsia_core import canonical_json, canonical_loads
 from pyrsia_core._canonical import MAX_SAFE_INTEGER
 from pyrsia_core.errors import EncodingError
 
+from pyrsia_core import canonical_json, canonical_loads
+
 json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER)
-    | st.text(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    st.none() | st.booleans() | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -28,7 +27,7 @@ def test_rfc8785_vectors() -> None:
         '{"a":3,"\U0001f600":2,"\uffff":1}'.encode()
     )
     # RFC 8785 §3.2.2.2 string escaping: only the mandatory escapes, lowercase hex.
-    assert canonical_json("\u0007\n\"\\/\u00e9\u2028") == b'"\\u0007\\n\\"\\\\/\xc3\xa9\xe2\x80\xa8"'
+    assert canonical_json('\u0007\n"\\/\u00e9\u2028') == b'"\\u0007\\n\\"\\\\/\xc3\xa9\xe2\x80\xa8"'
     assert canonical_json([True, False, None, 0, -1]) == b"[true,false,null,0,-1]"
     assert canonical_json({"b": [], "a": {}}) == b'{"a":{},"b":[]}'
 

@@ -5,8 +5,9 @@ import hashlib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pyrsia_core import Digest, DigestVerifier
 from pyrsia_core.errors import DigestError, DigestMismatch, VerificationError
+
+from pyrsia_core import Digest, DigestVerifier
 
 
 def test_parse_and_render() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 from core_helpers import artifact_records, commit, genesis, signer
+from pyrsia_core.errors import BlockError
+
 from pyrsia_core import (
     Block,
     CommittedBlock,
@@ -14,7 +16,6 @@ from pyrsia_core import (
     ValidatorSet,
     quorum_threshold,
 )
-from pyrsia_core.errors import BlockError
 
 
 def four() -> list:
@@ -56,8 +57,9 @@ def test_signatures_of_outsiders_do_not_count() -> None:
     ledger = Ledger.start(genesis(vals))
     outsiders = [signer(i) for i in range(10, 14)]
     with pytest.raises(BlockError) as info:
-        ledger.append(commit(ledger, artifact_records(vals[0], 1), vals,
-                             signers=vals[:2] + outsiders))
+        ledger.append(
+            commit(ledger, artifact_records(vals[0], 1), vals, signers=vals[:2] + outsiders)
+        )
     assert info.value.rule == "quorum"
 
 
@@ -65,11 +67,13 @@ def _tampered(ledger: Ledger, vals: list, **changes: object) -> CommittedBlock:
     """A block with ``changes`` applied, then signed by every validator (so only the rule fails)."""
     from pyrsia_core import block_checkpoint, sign_checkpoint
 
-    good = ledger.propose(proposer=vals[0], records=artifact_records(vals[0], 2),
-                          timestamp=1_700_000_100)
+    good = ledger.propose(
+        proposer=vals[0], records=artifact_records(vals[0], 2), timestamp=1_700_000_100
+    )
     bad = attrs.evolve(good, **changes)
-    note = sign_checkpoint(block_checkpoint(ledger.origin, bad),
-                           [(f"{ledger.origin}/{s.node_id}", s) for s in vals])
+    note = sign_checkpoint(
+        block_checkpoint(ledger.origin, bad), [(f"{ledger.origin}/{s.node_id}", s) for s in vals]
+    )
     return CommittedBlock(bad, note)
 
 
@@ -131,14 +135,15 @@ def test_validator_set_changes_take_effect_next_height() -> None:
     # With 5 validators, 3 signatures are no longer a quorum (4 are needed).
     records = artifact_records(newcomer, 1)
     with pytest.raises(BlockError):
-        ledger.append(commit(ledger, records, vals + [newcomer], signers=vals[:3]))
-    ledger.append(commit(ledger, records, vals + [newcomer], signers=[newcomer] + vals[:3]))
+        ledger.append(commit(ledger, records, [*vals, newcomer], signers=vals[:3]))
+    ledger.append(commit(ledger, records, [*vals, newcomer], signers=[newcomer, *vals[:3]]))
     remove = SignedRecord.sign(
-        Record.node_change(signer=vals[0], subject=newcomer.public_key, timestamp=1_700_000_060,
-                           add=False),
+        Record.node_change(
+            signer=vals[0], subject=newcomer.public_key, timestamp=1_700_000_060, add=False
+        ),
         vals[0],
     )
-    ledger.append(commit(ledger, [remove], vals + [newcomer], signers=vals))
+    ledger.append(commit(ledger, [remove], [*vals, newcomer], signers=vals))
     assert newcomer.node_id not in ledger.validators
 
 
@@ -146,8 +151,9 @@ def test_removing_a_non_member_is_rejected() -> None:
     vals = four()
     ledger = Ledger.start(genesis(vals))
     remove = SignedRecord.sign(
-        Record.node_change(signer=vals[0], subject=signer(9).public_key, timestamp=1_700_000_060,
-                           add=False),
+        Record.node_change(
+            signer=vals[0], subject=signer(9).public_key, timestamp=1_700_000_060, add=False
+        ),
         vals[0],
     )
     with pytest.raises(BlockError) as info:
@@ -174,8 +180,13 @@ def test_block_json_with_bad_fields() -> None:
     ledger = Ledger.start(genesis(vals))
     block = commit(ledger, artifact_records(vals[0], 1), vals).block
     d = block.to_json()
-    for key, value in [("height", -1), ("parent", "xyz"), ("num_records", 5), ("extra", 1),
-                       ("records", [{"record": {}, "signature": "00"}])]:
+    for key, value in [
+        ("height", -1),
+        ("parent", "xyz"),
+        ("num_records", 5),
+        ("extra", 1),
+        ("records", [{"record": {}, "signature": "00"}]),
+    ]:
         bad = dict(d)
         bad[key] = value
         with pytest.raises(BlockError):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 from core_helpers import artifact_records, commit, genesis, signer
-from pyrsia_core import LogStore, leaf_hash, verify_inclusion
 from pyrsia_core.errors import BlockError, StoreError
 from pyrsia_core.testing import MemoryKeyValueStore
+
+from pyrsia_core import LogStore, leaf_hash, verify_inclusion
 
 pytestmark = pytest.mark.anyio
 
@@ -31,8 +32,9 @@ async def test_append_reload_and_query() -> None:
     by_hash = await again.records_for_artifact(found[0].signed.record.artifact_hash)
     assert len(by_hash) == 5  # the same artifact hash is in every image here
     proof = again.inclusion_proof(11)
-    verify_inclusion(leaf_hash(found[1].signed.record.canonical()), 11, 16, proof,
-                     again.ledger.tree.root())
+    verify_inclusion(
+        leaf_hash(found[1].signed.record.canonical()), 11, 16, proof, again.ledger.tree.root()
+    )
     blocks = await again.blocks(0, 100)
     assert [b.block.height for b in blocks] == list(range(6))
     assert blocks[3].block.hash == (await again.block(3)).block.hash  # type: ignore[union-attr]
@@ -66,8 +68,9 @@ async def test_reload_across_merkle_pages() -> None:
     kv = MemoryKeyValueStore()
     store = await LogStore.open(kv, genesis(vals))
     for i in range(3):
-        await store.append(commit(store.ledger, artifact_records(vals[0], 1500), vals,
-                                  timestamp=1_700_000_100 + i))
+        await store.append(
+            commit(store.ledger, artifact_records(vals[0], 1500), vals, timestamp=1_700_000_100 + i)
+        )
     again = await LogStore.open(kv)
     assert again.ledger.tree.size == 4501
     assert again.ledger.tree.root() == store.ledger.tree.root()

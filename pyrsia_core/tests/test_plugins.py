@@ -8,9 +8,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from pyrsia_core import plugins
 from pyrsia_core.errors import PluginConflict, PluginError, PluginNotFound, UsageError
 from pyrsia_core.testing import MemoryKeyValueStore
+
+from pyrsia_core import plugins
 
 
 def test_core_registers_memory_stores() -> None:

@@ -12,9 +12,29 @@ import pyrsia_core
 
 SRC = Path(pyrsia_core.__file__).parent
 FORBIDDEN_IMPORTS = {
-    "anyio", "asyncio", "trio", "httpx", "httpcore", "h11", "plyvel", "socket", "ssl",
-    "os", "pathlib", "shutil", "tempfile", "io", "subprocess", "select", "selectors",
-    "threading", "multiprocessing", "urllib", "http", "sqlite3", "mmap",
+    "anyio",
+    "asyncio",
+    "trio",
+    "httpx",
+    "httpcore",
+    "h11",
+    "plyvel",
+    "socket",
+    "ssl",
+    "os",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "io",
+    "subprocess",
+    "select",
+    "selectors",
+    "threading",
+    "multiprocessing",
+    "urllib",
+    "http",
+    "sqlite3",
+    "mmap",
 }
 FORBIDDEN_CALLS = {"open", "input", "print", "exec", "eval", "__import__"}
 # The conformance suites are a test kit for plugin authors (the ``testing`` extra):
@@ -56,8 +76,11 @@ def test_no_io_imports_or_calls_in_source() -> None:
 
 
 def test_importing_the_core_loads_no_io_library() -> None:
-    modules = [m.name for m in pkgutil.walk_packages([str(SRC)], "pyrsia_core.")
-               if m.name != "pyrsia_core.testing.conformance"]
+    modules = [
+        m.name
+        for m in pkgutil.walk_packages([str(SRC)], "pyrsia_core.")
+        if m.name != "pyrsia_core.testing.conformance"
+    ]
     code = (
         "import sys, importlib\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
@@ -73,6 +96,10 @@ def test_importing_the_core_loads_no_io_library() -> None:
 def test_the_checker_catches_an_io_import(tmp_path: Path) -> None:
     # Guard against a vacuous test: the same walk flags a planted import.
     tree = ast.parse("import socket\nfrom anyio import sleep\nopen('x')\n")
-    hits = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-            and (getattr(n, "module", None) or n.names[0].name).split(".")[0] in FORBIDDEN_IMPORTS]
+    hits = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        and (getattr(n, "module", None) or n.names[0].name).split(".")[0] in FORBIDDEN_IMPORTS
+    ]
     assert len(hits) == 2

@@ -1,21 +1,31 @@
 from __future__ import annotations
 
 import pytest
+from core_helpers import artifact_records, signer
 from hypothesis import given
 from hypothesis import strategies as st
-from pyrsia_core import RECORD_FIELDS, Operation, Record, SignedRecord
 from pyrsia_core.errors import RecordError, SignatureError
 
-from core_helpers import artifact_records, signer
+from pyrsia_core import RECORD_FIELDS, Operation, Record, SignedRecord
 
 
 def test_record_has_exactly_the_seed_fields_and_types() -> None:
     sr = artifact_records(signer(1), 1)[0]
     data = sr.record.to_json()
     assert list(data) == [
-        "id", "package_type", "package_specific_id", "num_artifacts",
-        "package_specific_artifact_id", "artifact_hash", "source_hash", "artifact_id",
-        "source_id", "timestamp", "operation", "node_id", "node_public_key",
+        "id",
+        "package_type",
+        "package_specific_id",
+        "num_artifacts",
+        "package_specific_artifact_id",
+        "artifact_hash",
+        "source_hash",
+        "artifact_id",
+        "source_id",
+        "timestamp",
+        "operation",
+        "node_id",
+        "node_public_key",
     ]
     for name, typ in RECORD_FIELDS:
         assert type(data[name]) is typ

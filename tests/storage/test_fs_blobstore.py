@@ -15,8 +15,6 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio.abc import Process
-
-from pyrsia_core import Digest, plugins
 from pyrsia_core.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -26,6 +24,8 @@ from pyrsia_core.errors import (
 )
 from pyrsia_core.testing.conformance import BlobStoreConformance
 from pyrsia_storage_fs import FsBlobStore
+
+from pyrsia_core import Digest, plugins
 
 pytestmark = pytest.mark.anyio
 

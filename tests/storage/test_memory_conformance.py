@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import entry_points
 
 import pytest
-
-from pyrsia_core import Digest
 from pyrsia_core.errors import UsageError
 from pyrsia_core.interfaces import KeyValueStore
 from pyrsia_core.testing import FakeClock, MemoryBlobStore, MemoryKeyValueStore
 from pyrsia_core.testing.conformance import BlobStoreConformance, KeyValueStoreConformance
+
+from pyrsia_core import Digest
 
 
 class TestMemoryBlobStore(BlobStoreConformance):

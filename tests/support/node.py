@@ -30,16 +30,24 @@ def cli_env(home: Path, port: int | None = None) -> dict[str, str]:
 
 
 def run_cli(
-    home: Path, *args: str, port: int | None = None, input: str | None = None,
-    timeout: float = 60, env: dict[str, str] | None = None,
+    home: Path,
+    *args: str,
+    port: int | None = None,
+    input: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``pyrsia ARGS`` as a user would, with the CLI config under ``home``."""
     e = cli_env(home, port)
     if env:
         e.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "pyrsia_cli", *args], capture_output=True, text=True,
-        input=input, timeout=timeout, env=e,
+        [sys.executable, "-m", "pyrsia_cli", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        env=e,
     )
 
 
@@ -47,8 +55,14 @@ class NodeProcess:
     """``pyrsia node start`` in a subprocess; logs go to ``log_path``."""
 
     def __init__(
-        self, workdir: Path, *, upstream: str | None = None, port: int | None = None,
-        data_dir: Path | None = None, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+        self,
+        workdir: Path,
+        *,
+        upstream: str | None = None,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +79,19 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> NodeProcess:
-        args = [sys.executable, "-m", "pyrsia_cli", "node", "start", "-H", "127.0.0.1",
-                "-p", str(self.port), "--data-dir", str(self.data_dir)]
+        args = [
+            sys.executable,
+            "-m",
+            "pyrsia_cli",
+            "node",
+            "start",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+        ]
         if self.upstream:
             args += ["--upstream", self.upstream]
         else:
@@ -74,7 +99,7 @@ class NodeProcess:
         args += list(self.extra)
         env = dict(os.environ)
         env.update(self.env)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_http(f"{self.url}/api/ping", timeout, process=self.proc)

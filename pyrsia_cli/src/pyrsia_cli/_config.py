@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
 from pyrsia_registry import parse_size
 
 __all__ = ["CliConfig", "ConfigError", "config_path", "validate_host", "validate_port"]

@@ -12,8 +12,14 @@ from typing import Any, NoReturn
 
 import httpx
 
-from ._config import CliConfig, ConfigError, config_path, validate_disk_space, validate_host
-from ._config import validate_port
+from ._config import (
+    CliConfig,
+    ConfigError,
+    config_path,
+    validate_disk_space,
+    validate_host,
+    validate_port,
+)
 
 __all__ = ["main"]
 
@@ -67,8 +73,9 @@ def _json_or_fail(resp: httpx.Response, what: str) -> Any:
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     import anyio
-    from pyrsia_registry import NodeConfig, parse_size, run_node
     from pyrsia_registry._config import default_data_dir
+
+    from pyrsia_registry import NodeConfig, parse_size, run_node
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from .errors import EncodingError
 
-__all__ = ["MAX_SAFE_INTEGER", "canonical_json", "canonical_loads", "JSONValue"]
+__all__ = ["MAX_SAFE_INTEGER", "JSONValue", "canonical_json", "canonical_loads"]
 
 JSONValue = Any
 MAX_SAFE_INTEGER: Final = 2**53 - 1

@@ -40,7 +40,9 @@ class Digest:
             raise DigestError(f"digest is too long ({len(text)} characters)")
         algorithm, sep, encoded = text.partition(":")
         if not sep:
-            raise DigestError(f"digest {text!r:.80} has no algorithm prefix (expected 'sha256:<hex>')")
+            raise DigestError(
+                f"digest {text!r:.80} has no algorithm prefix (expected 'sha256:<hex>')"
+            )
         if not _ALGORITHM.fullmatch(algorithm):
             raise DigestError(f"digest {text!r:.80} has a malformed algorithm")
         if algorithm != "sha256":

@@ -65,11 +65,19 @@ def quorum_threshold(n: int) -> int:
     return (2 * n) // 3 + 1
 
 
+def _sorted_members(members: Mapping[str, PublicKey]) -> dict[str, PublicKey]:
+    return dict(sorted(members.items()))
+
+
+def _record_tuple(records: Iterable[SignedRecord]) -> tuple[SignedRecord, ...]:
+    return tuple(records)
+
+
 @attrs.frozen
 class ValidatorSet:
     """The authorized build nodes, by node id."""
 
-    members: Mapping[str, PublicKey] = attrs.field(converter=lambda m: dict(sorted(m.items())))
+    members: Mapping[str, PublicKey] = attrs.field(converter=_sorted_members)
 
     @classmethod
     def of(cls, keys: Iterable[PublicKey]) -> ValidatorSet:
@@ -107,13 +115,16 @@ class ValidatorSet:
 
 @attrs.frozen
 class Block:
-    """``{height, parent, timestamp, proposer, records[], tree_size, root}``; genesis adds ``origin``."""
+    """``{height, parent, timestamp, proposer, records[], tree_size, root}``.
+
+    The genesis block (height 0) also names the network's ``origin``.
+    """
 
     height: int
     parent: str
     timestamp: int
     proposer: str
-    records: tuple[SignedRecord, ...] = attrs.field(converter=tuple, repr=False)
+    records: tuple[SignedRecord, ...] = attrs.field(converter=_record_tuple, repr=False)
     tree_size: int
     root: str
     origin: str = ""
@@ -147,8 +158,16 @@ class Block:
         """Parse a block; shape errors raise :class:`BlockError` with rule ``format``."""
         if not isinstance(data, Mapping):
             raise BlockError("format", "a block is a JSON object")
-        keys = {"height", "parent", "timestamp", "proposer", "num_records", "tree_size", "root",
-                "records"}
+        keys = {
+            "height",
+            "parent",
+            "timestamp",
+            "proposer",
+            "num_records",
+            "tree_size",
+            "root",
+            "records",
+        }
         height = data.get("height")
         if height == 0:
             keys.add("origin")
@@ -162,9 +181,9 @@ class Block:
         for name in ("parent", "proposer", "root"):
             if not isinstance(data[name], str) or not _HEX64.fullmatch(data[name]):
                 raise BlockError("format", f"block field {name!r} must be 64 lowercase hex")
-        if height == 0 and (not isinstance(data["origin"], str) or not _ORIGIN.fullmatch(
-            data["origin"]
-        )):
+        if height == 0 and (
+            not isinstance(data["origin"], str) or not _ORIGIN.fullmatch(data["origin"])
+        ):
             raise BlockError("format", "genesis origin is malformed")
         if not isinstance(data["records"], list):
             raise BlockError("format", "block records must be a list")
@@ -253,7 +272,9 @@ def make_genesis(
     if not _ORIGIN.fullmatch(origin):
         raise ValueError(f"origin {origin!r} must match {_ORIGIN.pattern}")
     records = tuple(
-        SignedRecord.sign(Record.node_change(signer=s, subject=s.public_key, timestamp=timestamp), s)
+        SignedRecord.sign(
+            Record.node_change(signer=s, subject=s.public_key, timestamp=timestamp), s
+        )
         for s in validators
     )
     tree = MerkleTree.from_leaves(leaf_hash(r.record.canonical()) for r in records)
@@ -395,7 +416,8 @@ class Ledger:
                 raise BlockError("record-signature", f"record {i} ({r.id}): {exc}") from None
             if block.height > 0 and r.node_id not in validators:
                 raise BlockError(
-                    "record-author", f"record {i} ({r.id}) is by {r.node_id[:16]}…, not a build node"
+                    "record-author",
+                    f"record {i} ({r.id}) is by {r.node_id[:16]}…, not a build node",
                 )
             if r.operation in (Operation.ADD_NODE, Operation.REMOVE_NODE):
                 if r.package_type != NODE_PACKAGE_TYPE:
@@ -413,16 +435,15 @@ class Ledger:
         expected = block_checkpoint(self.origin, block).to_text()
         if certificate.text != expected:
             raise BlockError(
-                "quorum", "certificate does not sign this block's checkpoint (origin, size, root, hash)"
+                "quorum",
+                "certificate does not sign this block's checkpoint (origin, size, root, hash)",
             )
         try:
             return verify_note(certificate, validators.verifiers(self.origin), validators.threshold)
         except (NoteError, CheckpointError, SignatureError) as exc:
             raise BlockError("quorum", str(exc)) from None
 
-    def validate(
-        self, committed: CommittedBlock, *, now: float | None = None
-    ) -> list[bytes]:
+    def validate(self, committed: CommittedBlock, *, now: float | None = None) -> list[bytes]:
         """Check ``committed`` as the next block; return its leaf hashes (not yet adopted).
 
         Raises :class:`BlockError` naming the first rule broken.
@@ -440,7 +461,9 @@ class Ledger:
                 "height", f"expected height {self.head.height + 1}, got {block.height}"
             )
         if block.parent != self.head.hash:
-            raise BlockError("parent", f"parent {block.parent[:16]}… is not the head {self.head.hash[:16]}…")
+            raise BlockError(
+                "parent", f"parent {block.parent[:16]}… is not the head {self.head.hash[:16]}…"
+            )
         if block.timestamp < self.head.timestamp:
             raise BlockError("timestamp", "block is older than its parent")
         if now is not None and block.timestamp > now + self.max_skew:

@@ -138,7 +138,9 @@ class LogStore:
             self.ledger = await self._reload(self.kv)
             raise
 
-    async def _write_block(self, committed: CommittedBlock, *, first: int, leaves_from: int) -> None:
+    async def _write_block(
+        self, committed: CommittedBlock, *, first: int, leaves_from: int
+    ) -> None:
         block = committed.block
         tree = self.ledger.tree
         async with self.kv.batch() as batch:
@@ -146,7 +148,11 @@ class LogStore:
             batch.put(
                 _block_key(block.height),
                 canonical_json(
-                    {"header": header, "certificate": committed.certificate.to_text(), "first": first}
+                    {
+                        "header": header,
+                        "certificate": committed.certificate.to_text(),
+                        "first": first,
+                    }
                 ),
             )
             height = _u64(block.height)

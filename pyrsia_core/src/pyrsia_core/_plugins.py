@@ -125,8 +125,7 @@ def load(group: str, name: str) -> Callable[..., Any]:
     if spec is None:
         names = ", ".join(sorted(plugins)) or "none"
         raise PluginNotFound(
-            f"no {group} plugin named {name!r}: misspelled or not installed "
-            f"(installed: {names})"
+            f"no {group} plugin named {name!r}: misspelled or not installed (installed: {names})"
         )
     return spec.load()
 

@@ -121,7 +121,9 @@ class Record:
             raise RecordError("record node_id is not the SHA-256 of its node_public_key")
         if self.operation in (Operation.ADD_NODE, Operation.REMOVE_NODE):
             if self.package_type != NODE_PACKAGE_TYPE:
-                raise RecordError(f"{self.operation} records have package_type {NODE_PACKAGE_TYPE!r}")
+                raise RecordError(
+                    f"{self.operation} records have package_type {NODE_PACKAGE_TYPE!r}"
+                )
             _hex64(self.package_specific_id, "package_specific_id")
             _hex64(self.package_specific_artifact_id, "package_specific_artifact_id")
             if node_id_of(bytes.fromhex(self.package_specific_artifact_id)) != (

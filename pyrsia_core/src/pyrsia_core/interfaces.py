@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 
-class Resource(ABC):
+class Resource(ABC):  # noqa: B024 - a base with a concrete default lifecycle
     """An object holding resources: ``async with`` it, or call :meth:`aclose`."""
 
     _closed: bool = False

@@ -10,9 +10,10 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import attrs
-from pyrsia_core import RECORD_FIELDS, StoredRecord, canonical_loads
 from pyrsia_core.errors import EncodingError, PyrsiaError
 from pyrsia_pkg_docker import ImageRef, ReferenceError_
+
+from pyrsia_core import RECORD_FIELDS, StoredRecord, canonical_loads
 
 from ._asgi import Receive, Scope, Send, header_values, read_body, route_path, send_bytes, send_json
 from ._docker import RECORD_TYPE, DockerService

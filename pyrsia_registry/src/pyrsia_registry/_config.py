@@ -34,7 +34,8 @@ def parse_size(text: str) -> int:
     m = _SIZE.fullmatch(text or "")
     if not m:
         raise UsageError(
-            f"invalid size {text!r}: enter a number with units, e.g. '10 GB' (units: B, KB, MB, GB, TB)"
+            f"invalid size {text!r}: enter a number with units, e.g. '10 GB' "
+            "(units: B, KB, MB, GB, TB)"
         )
     value = float(m[1]) * _UNITS[m[2].upper()]
     if value <= 0:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import anyio
 import attrs
-from pyrsia_core import Digest, Operation, Record, StoredRecord
 from pyrsia_core.errors import DigestMismatch, PyrsiaError
 from pyrsia_core.interfaces import BlobInfo
 from pyrsia_pkg_docker import (
@@ -24,6 +23,8 @@ from pyrsia_pkg_docker import (
     ManifestError,
 )
 from pyrsia_pkg_docker._upstream import UpstreamError, UpstreamNotFound
+
+from pyrsia_core import Digest, Operation, Record, StoredRecord
 
 from ._node import Build, BuildError, Node, NotInLog
 
@@ -135,8 +136,13 @@ class DockerService:
             info = await self.node.store_stream(resp.body, digest, size)
         finally:
             await resp.body.aclose()  # type: ignore[attr-defined]
-        log.info("Blob %s of %s pulled from upstream (%s, %d bytes)", digest, ref.repository, why,
-                 info.size)
+        log.info(
+            "Blob %s of %s pulled from upstream (%s, %d bytes)",
+            digest,
+            ref.repository,
+            why,
+            info.size,
+        )
         return info
 
     # -- builds ----------------------------------------------------------------------
@@ -249,8 +255,9 @@ class DockerService:
         ]
         committed = await self.node.commit(records)
         build.records = len(records)
-        log.info("Built %s: %d artifacts, block %d", ref.package_id, len(records),
-                 committed.block.height)
+        log.info(
+            "Built %s: %d artifacts, block %d", ref.package_id, len(records), committed.block.height
+        )
         return committed.block.height
 
     async def _fetch_blobs(

@@ -19,6 +19,14 @@ from typing import Any
 
 import anyio
 import attrs
+from pyrsia_core.errors import (
+    BlobNotFound,
+    PyrsiaError,
+    QuotaExceeded,
+    StoreError,
+)
+from pyrsia_core.interfaces import BlobInfo, BlobStore, KeyValueStore, SystemClock, Upstream
+
 from pyrsia_core import (
     CommittedBlock,
     Digest,
@@ -30,16 +38,6 @@ from pyrsia_core import (
     make_genesis,
 )
 from pyrsia_core import plugins as core_plugins
-from pyrsia_core.errors import (
-    BlobNotFound,
-    DigestMismatch,
-    PyrsiaError,
-    QuotaExceeded,
-    StoreError,
-    UsageError,
-    VerificationError,
-)
-from pyrsia_core.interfaces import BlobInfo, BlobStore, KeyValueStore, SystemClock, Upstream
 
 from ._config import NodeConfig
 
@@ -346,4 +344,3 @@ class Node:
             "is_build_node": self.is_build_node,
             "upstream": self.config.upstream,
         }
-

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import attrs
-from pyrsia_core import Digest
 from pyrsia_core.errors import BlobNotFound, DigestError, PyrsiaError, StoreError
 from pyrsia_pkg_docker import (
     DOCKER_MANIFEST,
@@ -26,6 +25,8 @@ from pyrsia_pkg_docker import (
     validate_repository,
     validate_tag,
 )
+
+from pyrsia_core import Digest
 
 from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
 from ._docker import DockerService

@@ -68,6 +68,9 @@ async def run_node(config: NodeConfig) -> None:
     async with start_node(config) as running:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.info("Received %s, stopping node %s", signal.Signals(signum).name,
-                         running.node.node_id)
+                log.info(
+                    "Received %s, stopping node %s",
+                    signal.Signals(signum).name,
+                    running.node.node_id,
+                )
                 return

@@ -523,7 +523,7 @@ class _Connection:
         docker CLI reads our ``400`` that way). So we half-close and discard input briefly.
         """
         with anyio.CancelScope(shield=True):
-            if self.linger and not self.broken and not self.peer_eof:
+            if self.linger and not (self.broken or self.peer_eof or self.scope.cancel_called):
                 with anyio.move_on_after(_LINGER_SECONDS):
                     try:
                         await self.stream.send_eof()

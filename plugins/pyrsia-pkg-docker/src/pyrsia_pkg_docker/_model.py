@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 import attrs
-from pyrsia_core import Digest
 from pyrsia_core.errors import DigestError, PyrsiaError
 from pyrsia_core.interfaces import PackageType
+
+from pyrsia_core import Digest
 
 __all__ = [
     "ALL_MANIFEST_TYPES",

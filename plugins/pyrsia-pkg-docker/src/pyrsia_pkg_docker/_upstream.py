@@ -15,15 +15,18 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
-from pyrsia_core import Digest
 from pyrsia_core.errors import DigestError, PyrsiaError, UsageError
 from pyrsia_core.interfaces import Upstream, UpstreamResponse
+
+from pyrsia_core import Digest
 
 __all__ = ["DEFAULT_UPSTREAM", "RegistryUpstream", "UpstreamError", "UpstreamNotFound"]
 
 log = logging.getLogger("pyrsia.upstream")
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
-_LOCATOR = re.compile(r"(?P<repo>[a-z0-9._/-]+)/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:-]+)")
+_LOCATOR = re.compile(
+    r"(?P<repo>[a-z0-9._/-]+)/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:-]+)"
+)
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 CHUNK = 1024 * 1024
 
@@ -90,8 +93,9 @@ class RegistryUpstream(Upstream):
         except httpx.HTTPError as exc:
             raise UpstreamError(f"token request to {realm} failed: {exc!r}") from None
         if resp.status_code != 200:
-            raise UpstreamError(f"token request to {realm} answered {resp.status_code}",
-                                status=resp.status_code)
+            raise UpstreamError(
+                f"token request to {realm} answered {resp.status_code}", status=resp.status_code
+            )
         try:
             data: Any = resp.json()
             token = data.get("token") or data.get("access_token")
@@ -103,7 +107,9 @@ class RegistryUpstream(Upstream):
         self._tokens[scope] = (token, time.monotonic() + max(expires - 10, 5))
         return token
 
-    async def _send(self, method: str, url: str, scope: str, headers: dict[str, str]) -> httpx.Response:
+    async def _send(
+        self, method: str, url: str, scope: str, headers: dict[str, str]
+    ) -> httpx.Response:
         for attempt in range(2):
             cached = self._tokens.get(scope)
             hdrs = dict(headers)

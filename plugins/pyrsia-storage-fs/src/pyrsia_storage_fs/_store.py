@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import anyio
 import anyio.to_thread
 import attrs
-from pyrsia_core import Digest, DigestVerifier
 from pyrsia_core.errors import (
     BlobNotFound,
     QuotaExceeded,
@@ -39,6 +38,8 @@ from pyrsia_core.errors import (
     UsageError,
 )
 from pyrsia_core.interfaces import BlobInfo, BlobStore
+
+from pyrsia_core import Digest, DigestVerifier
 
 if sys.platform != "win32":
     import fcntl
@@ -271,7 +272,8 @@ class FsBlobStore(BlobStore):
             digest = await self._run(partial(self._finish, temp, verifier))
             with anyio.CancelScope(shield=True):
                 async with self._commit_lock:
-                    return await self._commit(temp, digest, verifier.size)
+                    info = await self._commit(temp, digest, verifier.size)
+            return info
         finally:
             if not temp.committed:  # failed, cancelled, or the blob was already there
                 with anyio.CancelScope(shield=True):
@@ -410,10 +412,9 @@ class FsBlobStore(BlobStore):
         with anyio.CancelScope(shield=True):
             async with self._commit_lock:
                 size = await self._run(partial(self._unlink, self._path(digest)))
-                if size is None:
-                    return False
-                self._usage -= size
-                return True
+                if size is not None:
+                    self._usage -= size
+        return size is not None
 
     @staticmethod
     def _unlink(path: Path) -> int | None:

@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from functools import partial
-from itertools import islice
+from itertools import islice, takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar, cast
 
@@ -106,15 +106,34 @@ def _read_range(
     reverse: bool,
     count: int,
 ) -> list[tuple[bytes, bytes]]:
-    iterator = db.iterator(
-        reverse=reverse,
-        start=low,
-        stop=high,
-        include_start=include_low,
-        include_stop=include_high,
-    )
+    """Up to ``count`` pairs of the range, from the low end (or the high end if ``reverse``)."""
+    if not reverse:
+        iterator = db.iterator(
+            reverse=False,
+            start=low,
+            stop=high,
+            include_start=include_low,
+            include_stop=include_high,
+        )
+        pairs: Iterator[tuple[bytes, bytes]] = iter(iterator)
+    else:
+        # plyvel 1.5.1 yields nothing in reverse when the first key it lands on
+        # equals ``start`` (it compares ``start >= key`` without honouring
+        # include_start), so the low bound is applied here instead.
+        iterator = db.iterator(
+            reverse=True,
+            start=None,
+            stop=high,
+            include_start=True,
+            include_stop=include_high,
+        )
+        pairs = iter(iterator)
+        if low is not None:
+            pairs = takewhile(
+                (lambda kv: kv[0] >= low) if include_low else (lambda kv: kv[0] > low), pairs
+            )
     try:
-        return list(islice(iterator, count))
+        return list(islice(pairs, count))
     finally:
         iterator.close()
 

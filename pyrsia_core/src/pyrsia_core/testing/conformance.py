@@ -345,7 +345,7 @@ class BlobStoreConformance:
 
         async def slow() -> AsyncIterator[bytes]:
             for pos in range(0, len(data), 16 * 1024):
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 yield data[pos : pos + 16 * 1024]
 
         async def one() -> None:
@@ -372,7 +372,7 @@ class BlobStoreConformance:
 
             async def slow() -> AsyncIterator[bytes]:
                 for pos in range(0, len(data), 1000):
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
                     yield data[pos : pos + 1000]
 
             try:
