@@ -499,3 +499,16 @@ async def test_half_closed_client_still_gets_its_response(app: App, big_file: Pa
     head, _, body = bytes(reply).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert body == await anyio.Path(big_file).read_bytes()
+
+
+async def test_app_without_lifespan_support(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="pyrsia.server")
+
+    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"  # raises for "lifespan", as many apps do
+        await text(send, b"plain")
+
+    async with running(plain) as server:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
+            assert (await client.get("/")).text == "plain"
+    assert not caplog.records

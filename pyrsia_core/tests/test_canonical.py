@@ -81,3 +81,24 @@ def test_deep_nesting_is_an_encoding_error() -> None:
         canonical_json(value)
     with pytest.raises(EncodingError):
         canonical_loads(b"[" * 100000 + b"]" * 100000)
+
+
+flat_objects = st.dictionaries(
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=12),
+    st.text() | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER),
+    max_size=15,
+)
+
+
+@given(flat_objects)
+@settings(max_examples=500, deadline=None)
+def test_fast_path_writes_the_same_bytes(value: dict[str, object]) -> None:
+    from pyrsia_core._canonical import canonical_flat_object
+
+    try:
+        expected = canonical_json(value)
+    except EncodingError:
+        with pytest.raises(EncodingError):
+            canonical_flat_object(value)  # type: ignore[arg-type]
+        return
+    assert canonical_flat_object(value) == expected  # type: ignore[arg-type]

@@ -126,3 +126,10 @@ def test_node_change_records() -> None:
 def test_arbitrary_objects_only_raise_record_error(d: dict[str, object]) -> None:
     with pytest.raises(RecordError):
         Record.from_json(d)
+
+
+def test_signed_record_bytes_are_canonical() -> None:
+    from pyrsia_core import canonical_json
+
+    for sr in artifact_records(signer(3), 5):
+        assert sr.to_bytes() == canonical_json(sr.to_json())

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -132,6 +132,11 @@ async def test_plyvel_errors_are_mapped(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as caught:
         await LevelDBStore.open(tmp_path / "file" / "db")
     assert not type(caught.value).__module__.startswith("plyvel")
+    # plyvel.IOError about the LOCK file that is not a lock conflict.
+    with pytest.raises(StoreError) as caught:
+        await LevelDBStore.open(tmp_path / "file")
+    assert not isinstance(caught.value, StoreLocked)
+    assert "plyvel" in type(caught.value.__cause__).__module__
     corrupt = tmp_path / "corrupt"
     async with LevelDBStore(corrupt) as store:
         await store.put(b"k", b"v")
@@ -182,7 +187,9 @@ async def test_scan_of_a_million_keys_streams(tmp_path: Path) -> None:
         tracemalloc.start()
         try:
             base_memory, _ = tracemalloc.get_traced_memory()
-            async with aclosing(store.scan(b"r/", reverse=True)) as scan:
+            scan = store.scan(b"r/", reverse=True)
+            assert isinstance(scan, AsyncGenerator)
+            async with aclosing(scan):
                 async for key, _ in scan:
                     seen -= 1
                     assert key == b"r/%08d" % seen

@@ -49,7 +49,7 @@ class TestReopenedMemoryKeyValueStore(KeyValueStoreConformance):
 
 
 def test_persistence_tests_follow_the_class_attribute() -> None:
-    assert TestMemoryKeyValueStore.test_reopen_keeps_writes is None  # type: ignore[comparison-overlap]
+    assert TestMemoryKeyValueStore.test_reopen_keeps_writes is None
     assert callable(TestReopenedMemoryKeyValueStore.test_reopen_keeps_writes)
 
     class Again(TestReopenedMemoryKeyValueStore):
@@ -58,7 +58,7 @@ def test_persistence_tests_follow_the_class_attribute() -> None:
     class AndBack(Again):
         persistent = True
 
-    assert Again.test_reopen_keeps_writes is None  # type: ignore[comparison-overlap]
+    assert Again.test_reopen_keeps_writes is None
     assert callable(AndBack.test_reopen_keeps_writes)
 
 

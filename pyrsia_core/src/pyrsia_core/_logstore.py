@@ -18,7 +18,7 @@ that the stored tree's root is the head's root.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final
 
 import attrs
@@ -77,11 +77,25 @@ class LogStore:
     ledger: Ledger
 
     @classmethod
-    async def open(cls, kv: KeyValueStore, genesis: CommittedBlock | None = None) -> LogStore:
+    async def open(
+        cls,
+        kv: KeyValueStore,
+        genesis: CommittedBlock | None = None,
+        *,
+        record_verifier: Callable[[Sequence[SignedRecord]], None] | None = None,
+    ) -> LogStore:
         """Reload the stored ledger, or start a new one from ``genesis``.
 
         A store holding another network's genesis raises :class:`BlockError`.
+        ``record_verifier`` replaces the ledger's sequential signature checks.
         """
+        store = await cls._open(kv, genesis)
+        if record_verifier is not None:
+            store.ledger.record_verifier = record_verifier
+        return store
+
+    @classmethod
+    async def _open(cls, kv: KeyValueStore, genesis: CommittedBlock | None) -> LogStore:
         head_raw = await kv.get(HEAD)
         if head_raw is None:
             if genesis is None:
@@ -135,7 +149,9 @@ class LogStore:
         try:
             await self._write_block(committed, first=first, leaves_from=first)
         except BaseException:
+            verifier = self.ledger.record_verifier
             self.ledger = await self._reload(self.kv)
+            self.ledger.record_verifier = verifier
             raise
 
     async def _write_block(
@@ -210,12 +226,12 @@ class LogStore:
         data: Any = canonical_loads(raw)
         header = dict(data["header"])
         first = int(data["first"])
+        count = int(header["num_records"])
         records = []
-        for index in range(first, first + int(header["num_records"])):
-            rec = await self.record(index)
-            if rec is None:
-                raise StoreError(f"stored block {height} is missing record {index}")
-            records.append(rec.signed.to_json())
+        async for key, raw_record in self.kv.scan(b"r/", start=_record_key(first), limit=count):
+            records.append(SignedRecord.from_bytes(raw_record[8:]).to_json())
+        if len(records) != count:
+            raise StoreError(f"stored block {height} is missing records")
         header["records"] = records
         return CommittedBlock(Block.from_json(header), SignedNote.parse(data["certificate"]))
 

@@ -37,7 +37,6 @@ __all__ = ["OciApp"]
 log = logging.getLogger("pyrsia.oci")
 API_VERSION: Final = ("docker-distribution-api-version", "registry/2.0")
 _RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
-MAX_ACCEPT: Final = 64
 _PULL: Final = frozenset({"GET", "HEAD"})
 _PUSH: Final = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 
@@ -48,16 +47,33 @@ class OciError(Exception):
         self.status, self.code, self.message, self.detail = status, code, message, detail
 
 
-def _accepted(scope: Scope) -> list[str]:
-    types: list[str] = []
+def _accepted(scope: Scope) -> set[str]:
+    """The media types every ``Accept`` line names (clients send one line per type).
+
+    Parameters are ignored except ``q=0``, which excludes a type. The server bounds the size of
+    a request head, so even a pathological header is a bounded amount of work.
+    """
+    types: set[str] = set()
     for line in header_values(scope, "accept"):
         for part in line.split(","):
-            media = part.split(";", 1)[0].strip().lower()
-            if media:
-                types.append(media)
-            if len(types) >= MAX_ACCEPT:
-                return types
+            media, _, params = part.partition(";")
+            media = media.strip().lower()
+            if not media or _refused(params):
+                continue
+            types.add(media)
     return types
+
+
+def _refused(params: str) -> bool:
+    """``True`` for ``q=0`` (or ``q=0.0``...) among ``;``-separated parameters."""
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value.strip()) <= 0
+            except ValueError:
+                return False
+    return False
 
 
 @attrs.define(eq=False)
@@ -134,7 +150,8 @@ class OciApp:
         n_text = query.get("n")
         if n_text is not None:
             if not n_text.isdigit():
-                raise OciError(400, "UNSUPPORTED", "n must be a non-negative integer")
+                raise OciError(400, "PAGINATION_NUMBER_INVALID",
+                               "n must be a non-negative integer")
             n = int(n_text)
             if len(tags) > n:
                 tags = tags[:n]
@@ -170,7 +187,7 @@ class OciApp:
             and accepted
             and media_type not in accepted
             and "*/*" not in accepted
-            and ({DOCKER_MANIFEST, OCI_MANIFEST} & set(accepted))
+            and ({DOCKER_MANIFEST, OCI_MANIFEST} & accepted)
         ):
             # A client that cannot read indexes gets the linux/amd64 image, as registries do.
             chosen = choose_platform(Manifest.parse(content, media_type))
@@ -198,6 +215,12 @@ class OciApp:
         except DigestError as exc:
             raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         ref = ImageRef(name, None, digest)
+        # Blobs are scoped to a repository, as in any registry: the node serves a blob under
+        # ``name`` only if a log record of that repository vouches for it (even if the node
+        # holds the bytes for another repository).
+        if not await self.service.in_log(ref, digest):
+            raise OciError(404, "BLOB_UNKNOWN", f"{digest} of {name} is not in the transparency "
+                           "log", {"digest": str(digest)})
         try:
             info = await self.service.ensure_blob(ref, digest)
         except NotInLog as exc:
@@ -281,7 +304,7 @@ def _split(rest: str) -> tuple[str, str, str]:
     for marker, kind in (("/manifests/", "manifests"), ("/blobs/uploads", "uploads"),
                          ("/blobs/", "blobs")):
         i = rest.rfind(marker)
-        if i > 0:
+        if i > 0 and (kind == "uploads" or i + len(marker) < len(rest)):
             return rest[:i], kind, rest[i + len(marker):]
     raise OciError(404, "NOT_FOUND", f"no route for /v2/{rest[:200]}")
 

@@ -163,45 +163,49 @@ class Server:
         ``ready`` once the lifespan startup is done and the sockets listen."""
         self._shutting_down = False
         self._all_closed = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            life = _Lifespan(self.app, self.lifespan, self.state)
-            if self.lifespan != "off":
-                await life.startup(tg)
-            try:
-                listener = await anyio.create_tcp_listener(
-                    local_host=self.host, local_port=self.port, backlog=self.backlog
-                )
+        life = _Lifespan(self.app, self.lifespan, self.state)
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.lifespan != "off":
+                    await life.startup(tg)
                 try:
-                    self.addresses = [
-                        cast(tuple[str, int], lis.extra(SocketAttribute.local_address)[:2])
-                        for lis in listener.listeners
-                    ]
-                    self.port = self.addresses[0][1]
-                    logger.info(
-                        "Listening on %s",
-                        ", ".join(f"http://{h}:{p}" for h, p in self.addresses),
-                    )
-                    async with anyio.create_task_group() as conns:
-                        try:
-                            for lis in listener.listeners:
-                                conns.start_soon(
-                                    self._accept_loop, cast(anyio.abc.SocketListener, lis), conns
-                                )
-                            task_status.started(self.port)
-                            if ready is not None:
-                                ready.set()
-                            await anyio.sleep_forever()
-                        finally:
-                            with anyio.CancelScope(shield=True):
-                                await listener.aclose()
-                                await self._drain(conns)
+                    await self._listen(task_status, ready)
                 finally:
                     with anyio.CancelScope(shield=True):
-                        await listener.aclose()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await life.shutdown()
-                tg.cancel_scope.cancel()
+                        await life.shutdown()
+                    tg.cancel_scope.cancel()
+        finally:
+            life.close()
+
+    async def _listen(
+        self, task_status: anyio.abc.TaskStatus[int], ready: anyio.Event | None
+    ) -> None:
+        listener = await anyio.create_tcp_listener(
+            local_host=self.host, local_port=self.port, backlog=self.backlog
+        )
+        try:
+            self.addresses = [
+                cast(tuple[str, int], lis.extra(SocketAttribute.local_address)[:2])
+                for lis in listener.listeners
+            ]
+            self.port = self.addresses[0][1]
+            logger.info("Listening on %s", ", ".join(f"http://{h}:{p}" for h, p in self.addresses))
+            async with anyio.create_task_group() as conns:
+                try:
+                    for lis in listener.listeners:
+                        sock_listener = cast(anyio.abc.SocketListener, lis)
+                        conns.start_soon(self._accept_loop, sock_listener, conns)
+                    task_status.started(self.port)
+                    if ready is not None:
+                        ready.set()
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await listener.aclose()  # stop accepting first
+                        await self._drain(conns)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
 
     async def _accept_loop(
         self, listener: anyio.abc.SocketListener, conns: anyio.abc.TaskGroup
@@ -306,6 +310,10 @@ class _Lifespan:
             await self._wait_reply()
             if self._reply is not None and self._reply["type"] == "lifespan.shutdown.failed":
                 logger.error("ASGI lifespan shutdown failed: %s", self._reply.get("message", ""))
+
+    def close(self) -> None:
+        self._to_app.close()
+        self._app_inbox.close()
 
     async def _wait_reply(self) -> None:
         async with anyio.create_task_group() as tg:

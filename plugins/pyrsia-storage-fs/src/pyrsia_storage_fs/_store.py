@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import anyio.to_thread
-import attrs
 from pyrsia_core.errors import (
     BlobNotFound,
     QuotaExceeded,
@@ -83,14 +82,16 @@ def _parse_quota(config: Mapping[str, str]) -> int | None:
     return quota
 
 
-@attrs.define(eq=False)
 class _Temp:
     """A file being written in ``tmp/``."""
 
-    path: Path
-    fd: int | None
-    #: Renamed into place: nothing is left to clean up.
-    committed: bool = False
+    __slots__ = ("committed", "fd", "path")
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd: int | None = fd
+        #: Renamed into place: nothing is left to clean up.
+        self.committed = False
 
     def close(self) -> None:
         if self.fd is not None:
@@ -269,7 +270,9 @@ class FsBlobStore(BlobStore):
             if parts:
                 await self._run(partial(self._write, temp, verifier, parts))
             del parts
-            digest = await self._run(partial(self._finish, temp, verifier))
+            digest, fresh = await self._run(partial(self._finish, temp, verifier))
+            if not fresh:  # already stored: no fsync, no rename; the temp file goes
+                return BlobInfo(digest, verifier.size, str(self._path(digest)))
             with anyio.CancelScope(shield=True):
                 async with self._commit_lock:
                     info = await self._commit(temp, digest, verifier.size)
@@ -303,13 +306,15 @@ class FsBlobStore(BlobStore):
             written = os.write(temp.fd, view)
             view = view[written:]
 
-    @staticmethod
-    def _finish(temp: _Temp, verifier: DigestVerifier) -> Digest:
+    def _finish(self, temp: _Temp, verifier: DigestVerifier) -> tuple[Digest, bool]:
+        """Verify, then fsync unless the blob is already stored; return (digest, fresh)."""
         digest = verifier.verify()  # before fsync: a bad blob is never made durable
+        if self._size_of(self._path(digest)) == verifier.size:
+            return digest, False
         assert temp.fd is not None
         os.fsync(temp.fd)
         temp.close()
-        return digest
+        return digest, True
 
     async def _commit(self, temp: _Temp, digest: Digest, size: int) -> BlobInfo:
         """Move a verified temp file into place. Runs under the commit lock, shielded."""

@@ -88,6 +88,13 @@ def _message(exc: BaseException) -> str:
     return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
 
 
+def _is_lock_error(message: str) -> bool:
+    """LevelDB's "IO error: lock <dir>/LOCK: Resource temporarily unavailable"."""
+    return "IO error: lock " in message and (
+        "temporarily unavailable" in message or "already held" in message
+    )
+
+
 def _parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -216,7 +223,7 @@ class LevelDBStore(KeyValueStore):
         except plyvel.IOError as exc:
             self._unregister(key)
             message = _message(exc)
-            if "lock" in message.lower():
+            if _is_lock_error(message):
                 raise StoreLocked(
                     f"LevelDB directory {self.path} is locked by another process: another "
                     f"pyrsia node is probably using it ({message})"
