@@ -64,3 +64,32 @@ def test_tampered_manifest_is_refused(tmp_path: Path, fresh_seeded_upstream: See
         assert "errors" in r.json()
         status = json.loads(run_cli(tmp_path, "status", "--json", port=node.port).stdout)
         assert status["artifact_count"] == 0 and status["ledger_height"] == 0
+
+
+def test_disk_quota_evicts_and_refetches_verified(
+    tmp_path: Path, seeded_upstream: SeededUpstream
+) -> None:
+    images = ["library/alpine:3.16.2", "library/ociimage:1.0", "some/nested/repo:v1",
+              "library/multi:1.0"]
+    with NodeProcess(tmp_path / "n", upstream=seeded_upstream.url,
+                     extra=("--disk-space", "60 KB")) as node:
+        for i, image in enumerate(images):
+            skopeo("copy", "--all", "--src-tls-verify=false",
+                   f"docker://127.0.0.1:{node.port}/{image}", f"dir:{tmp_path / str(i)}")
+        status = json.loads(run_cli(tmp_path, "status", "--json", port=node.port).stdout)
+        assert status["disk_usage"] <= 60_000 < status["disk_allocated"] + 1
+        assert "Evicted" in node.log()
+        # The first image's blobs were evicted; pulling it again re-fetches them, verified
+        # against the log, and the bytes are the upstream's.
+        mark = seeded_upstream.registry.mark()
+        skopeo("copy", "--src-tls-verify=false",
+               f"docker://127.0.0.1:{node.port}/{images[0]}", f"dir:{tmp_path / 'again'}")
+        assert any("/blobs/" in p for _, p, _ in seeded_upstream.registry.requests_since(mark))
+        info = seeded_upstream.images[images[0]]
+        import hashlib
+
+        got = {"sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in (tmp_path / "again").iterdir() if p.name != "version"}
+        assert set(info.artifact_digests) <= got
+        # The log holds every build exactly once: eviction never touches the log.
+        assert status["ledger_height"] == len(images)

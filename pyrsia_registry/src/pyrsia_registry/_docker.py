@@ -128,14 +128,33 @@ class DockerService:
     async def _fetch_from_upstream(
         self, ref: ImageRef, digest: Digest, size: int | None, why: str
     ) -> BlobInfo:
+        """Fetch one artifact by digest from the upstream, verify it and store it.
+
+        An evicted manifest is fetched again through the manifests endpoint (registries
+        serve manifests there, not as blobs); either way the digest is checked.
+        """
         upstream = self.node.upstream
         if upstream is None:
             raise BuildError(f"{digest} is not stored locally and this node has no upstream")
-        resp = await upstream.open(f"{ref.repository}/blobs/{digest}")
         try:
-            info = await self.node.store_stream(resp.body, digest, size)
-        finally:
-            await resp.body.aclose()  # type: ignore[attr-defined]
+            try:
+                resp = await upstream.open(f"{ref.repository}/blobs/{digest}")
+            except UpstreamNotFound:
+                if why == "build":
+                    raise
+                resp = await upstream.open(
+                    f"{ref.repository}/manifests/{digest}", accept=ALL_MANIFEST_TYPES
+                )
+            try:
+                if size is None and resp.size is not None:
+                    await self.node.make_room(resp.size)
+                info = await self.node.store_stream(resp.body, digest, size)
+            finally:
+                await resp.body.aclose()  # type: ignore[attr-defined]
+        except UpstreamNotFound as exc:
+            raise BuildError(f"{digest} not found upstream: {exc}") from None
+        except UpstreamError as exc:
+            raise BuildError(f"upstream failed: {exc}") from None
         log.info(
             "Blob %s of %s pulled from upstream (%s, %d bytes)",
             digest,

@@ -280,29 +280,35 @@ class Node:
     async def store_stream(
         self, chunks: AsyncIterator[bytes], expected: Digest, size: int | None
     ) -> BlobInfo:
-        """Verify and store; evict least-recently-used blobs when the quota is reached."""
-        try:
-            return await self.blobs.put(chunks, expected=expected, expected_size=size)
-        except QuotaExceeded:
-            if size is None or not await self.evict(size):
-                raise
-            raise StoreError("quota reached; evicted old blobs, retry the request") from None
+        """Verify and store a blob, first evicting least-recently-used blobs if needed."""
+        if size is not None:
+            await self.make_room(size)
+        return await self.blobs.put(chunks, expected=expected, expected_size=size)
 
-    async def evict(self, needed: int) -> bool:
-        """Free ``needed`` bytes by removing least-recently-used blobs (re-fetchable)."""
+    async def make_room(self, needed: int) -> None:
+        """Evict least-recently-used blobs until ``needed`` more bytes fit in the quota.
+
+        Every stored blob is in the log, so an evicted one can be fetched again.
+        Raises :class:`QuotaExceeded` if the blob is larger than the whole quota.
+        """
+        quota = self.blobs.quota
+        if quota is None:
+            return
+        if needed > quota:
+            raise QuotaExceeded(f"a blob of {needed} bytes is larger than the disk quota ({quota})")
+        free = quota - await self.blobs.usage()
+        if free >= needed:
+            return
         lru = getattr(self.blobs, "lru_digests", None)
-        if lru is None or self.blobs.quota is None:
-            return False
-        freed = 0
-        target = needed - (self.blobs.quota - await self.blobs.usage())
+        if lru is None:
+            return
         async for digest in lru():
             info = await self.blobs.stat(digest)
-            if info and await self.blobs.delete(digest):
-                freed += info.size
+            if info is not None and await self.blobs.delete(digest):
+                free += info.size
                 log.info("Evicted %s (%d bytes) to stay within the disk quota", digest, info.size)
-            if freed >= target:
-                return True
-        return freed >= target
+            if free >= needed:
+                return
 
     async def touch(self, digest: Digest) -> None:
         touch = getattr(self.blobs, "touch", None)

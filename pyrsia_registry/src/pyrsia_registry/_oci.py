@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 import attrs
-from pyrsia_core.errors import BlobNotFound, DigestError, PyrsiaError, StoreError
+from pyrsia_core.errors import BlobNotFound, DigestError, DigestMismatch, PyrsiaError, StoreError
 from pyrsia_pkg_docker import (
     DOCKER_MANIFEST,
     INDEX_TYPES,
@@ -25,6 +25,7 @@ from pyrsia_pkg_docker import (
     validate_repository,
     validate_tag,
 )
+from pyrsia_pkg_docker._upstream import UpstreamError
 
 from pyrsia_core import Digest
 
@@ -39,6 +40,7 @@ API_VERSION: Final = ("docker-distribution-api-version", "registry/2.0")
 _RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
 _PULL: Final = frozenset({"GET", "HEAD"})
 _PUSH: Final = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+T = TypeVar("T")
 
 
 class OciError(Exception):
@@ -98,6 +100,10 @@ class OciApp:
             status, code = (404, "MANIFEST_UNKNOWN") if "not found upstream" in str(exc) else (
                 503, "UNAVAILABLE")
             await self._error(send, OciError(status, code, str(exc)), head=head)
+        except UpstreamError as exc:
+            # Re-fetching a logged artifact the cache no longer holds failed upstream.
+            log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
+            await self._error(send, OciError(503, "UNAVAILABLE", str(exc)), head=head)
         except (StoreError, PyrsiaError) as exc:
             log.error("%s %s failed: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(500, "UNKNOWN", f"internal error: {exc}"), head=head)
@@ -156,7 +162,8 @@ class OciApp:
             if len(tags) > n:
                 tags = tags[:n]
                 if tags:
-                    headers.append(("link", f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'))
+                    link = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+                    headers.append(("link", link))
         await send_json(send, 200, {"name": name, "tags": tags}, headers,
                         head=scope["method"] == "HEAD")
 
@@ -175,7 +182,7 @@ class OciApp:
                 raise OciError(400, "MANIFEST_INVALID", str(exc)) from None
         log.info("Fetching manifest for %s:%s", name, reference)
         try:
-            resolved = await self.service.resolve_manifest(ref)
+            resolved = await _healing(lambda: self.service.resolve_manifest(ref), ref)
         except NotInLog as exc:
             raise OciError(404, "MANIFEST_UNKNOWN", str(exc)) from None
         except ManifestError as exc:
@@ -195,7 +202,7 @@ class OciApp:
                 raise OciError(404, "MANIFEST_UNKNOWN", "no linux/amd64 image in this index, and "
                                "the client does not accept indexes")
             digest = chosen.digest
-            content = await self.service.verified_bytes(ref, digest)
+            content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
         log.info("Manifest %s:%s (%s) served from %s", name, reference, digest, resolved.source)
         await send_bytes(
@@ -267,6 +274,23 @@ class OciApp:
             from ._asgi import send_stream
 
             await send_stream(send, status, fallback(), headers)
+
+
+async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:
+    """``call()``, once more if a stored manifest failed its re-hash.
+
+    The service drops a stored copy whose bytes no longer match their digest (disk corruption,
+    tampering), so the second attempt fetches a verified copy again; bad bytes are never served.
+    """
+    try:
+        return await call()
+    except DigestMismatch as exc:
+        log.warning("Stored copy of a manifest of %s was corrupt and was dropped (%s); "
+                    "fetching it again", ref.repository, exc)
+    try:
+        return await call()
+    except DigestMismatch as exc:
+        raise OciError(503, "UNAVAILABLE", f"no verified copy of the manifest: {exc}") from None
 
 
 async def send_bytes_headers_only(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
