@@ -11,8 +11,6 @@ from typing import Any
 
 import attrs
 
-from pyrsia_registry import parse_size
-
 __all__ = ["CliConfig", "ConfigError", "config_path", "validate_host", "validate_port"]
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -55,6 +53,8 @@ def validate_port(text: str | int) -> int:
 
 
 def validate_disk_space(text: str) -> str:
+    from pyrsia_registry._config import parse_size  # the node's own parser (imported lazily)
+
     try:
         parse_size(text)
     except ValueError as exc:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -63,8 +65,13 @@ def _json_or_fail(resp: httpx.Response, what: str) -> Any:
     except ValueError:
         data = None
     if resp.status_code >= 400:
-        message = data.get("error") if isinstance(data, dict) else resp.text[:200]
+        message = data.get("error") if isinstance(data, dict) else None
+        if not message:
+            message = f"HTTP {resp.status_code} from {resp.request.url} (is it a pyrsia node?)"
         _fail(f"{what} failed: {message}")
+    if data is None:
+        _fail(f"{what} failed: {resp.request.url} did not answer with JSON (is it a pyrsia "
+              "node?)")
     return data
 
 
@@ -97,17 +104,30 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
     try:
         anyio.run(run_node, config)
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        _fail(f"cannot start the node on {config.host}:{config.port}: {exc.strerror or exc}")
-    except Exception as exc:
+    except BaseException as exc:  # task groups wrap errors in exception groups
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 0
+        if isinstance(leaf, OSError):
+            hint = " (is another node running there? choose another port with -p)" if (
+                leaf.errno == errno.EADDRINUSE) else ""
+            _fail(f"cannot start the node on {config.host}:{config.port}: "
+                  f"{leaf.strerror or leaf}{hint}")
         from pyrsia_core.errors import PyrsiaError
 
-        if isinstance(exc, PyrsiaError):
-            _fail(f"cannot start the node: {exc}")
+        if isinstance(leaf, PyrsiaError):
+            _fail(f"cannot start the node: {leaf}")
         raise
     return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while True:
+        inner = getattr(exc, "exceptions", None)
+        if not inner:
+            return exc
+        exc = inner[0]
 
 
 def _prompt(label: str, default: str, validate: Any) -> Any:
@@ -139,11 +159,11 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     changed = False
     if args.host is not None:
-        cfg.host, changed = validate_host(args.host), True
+        cfg.host, changed = args.host, True
     if args.port is not None:
-        cfg.port, changed = validate_port(args.port), True
+        cfg.port, changed = args.port, True
     if args.disk_space is not None:
-        cfg.disk_allocated, changed = validate_disk_space(args.disk_space), True
+        cfg.disk_allocated, changed = args.disk_space, True
     if changed:
         cfg.save(path)
         print("Node configuration Saved !!")
@@ -180,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Connected peers count:      {data['peers_count']}")
     print(f"Artifacts count:            {data['artifact_count']}")
     print(f"Total disk space allocated: {_size(quota)}")
-    print(f"Disk space used:            {_size(used)} ({pct:.4f}%)")
+    print(f"Disk space used:            {_size(used)} of {_size(quota)} ({pct:.4f}%)")
     print(f"Ledger height:              {data['ledger_height']} "
           f"({data['log_records']} log records)")
     print(f"Authorized build nodes:     {len(data['authorized_build_nodes'])}"
@@ -245,6 +265,19 @@ def cmd_build(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a validator: bad values become usage errors (exit 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return validate(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = validate.__name__.removeprefix("validate_")
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -257,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     node = sub.add_parser("node", help="run a pyrsia node")
+    node.set_defaults(help_parser=node)
     node_sub = node.add_subparsers(dest="node_command", metavar="ACTION")
     start = node_sub.add_parser("start", help="start a node (default 127.0.0.1:7888)")
     start.add_argument("-H", "--host", default=os.environ.get("PYRSIA_HOST", "127.0.0.1"),
@@ -281,9 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="configure the CLI (node address, disk space)")
     cfg.add_argument("-e", "--edit", action="store_true", help="edit interactively")
     cfg.add_argument("-s", "--show", action="store_true", help="show the configuration")
-    cfg.add_argument("--host")
-    cfg.add_argument("--port")
-    cfg.add_argument("--disk-space")
+    cfg.add_argument("--host", type=_checked(validate_host), help="the node's host name or IP")
+    cfg.add_argument("--port", type=_checked(validate_port), help="the node's port (1-65535)")
+    cfg.add_argument("--disk-space", type=_checked(validate_disk_space),
+                     help="disk space to allocate, with units, e.g. '10 GB'")
     cfg.set_defaults(func=cmd_config)
 
     ping = sub.add_parser("ping", help="check that the node answers")
@@ -319,10 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        if args.command == "node":
-            parser.parse_args(["node", "--help"])
-        parser.print_help()
+    if not getattr(args, "func", None):  # "pyrsia" or "pyrsia node" alone
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
         return EXIT_USAGE
     try:
         return int(args.func(args))

@@ -44,9 +44,28 @@ class ResolvedManifest:
 
 
 @attrs.define(eq=False)
+class _Pending:
+    """An artifact of a build in progress: verified and stored once ``event`` is set."""
+
+    repository: str
+    build: Build
+    event: anyio.Event = attrs.Factory(anyio.Event)
+    stored: bool = False
+
+
+@attrs.define(eq=False)
 class DockerService:
+    """Docker images on a node.
+
+    While a build runs, each artifact becomes servable as soon as it is fetched and
+    verified against the manifest that names it (the manifests first), so a client
+    pulling the image downloads while the node builds. Once the build ends only the
+    log decides: a failed build's blobs are deleted and never served again.
+    """
+
     node: Node
     task_group: anyio.abc.TaskGroup | None = None
+    _pending: dict[Digest, _Pending] = attrs.Factory(dict)
 
     # -- log lookups ---------------------------------------------------------------
 
@@ -75,6 +94,12 @@ class DockerService:
         return bool(await self._artifact_records(ref, digest))
 
     async def tags(self, short_name: str) -> list[str]:
+        # Builds of this repository still running are committed first, so that a client
+        # that was answered early sees its tag.
+        for (package_type, package_id), running in list(self.node.inflight.items()):
+            if package_type == RECORD_TYPE and package_id.startswith((f"{short_name}:",
+                                                                       f"{short_name}@")):
+                await running.done.wait()
         prefix = b"p/" + RECORD_TYPE.encode() + b"\0" + short_name.encode() + b":"
         tags: set[str] = set()
         async for key, _ in self.node.kv.scan(prefix):
@@ -87,12 +112,21 @@ class DockerService:
         """Find a manifest through the log; build it from the upstream on a miss."""
         source = "cache"
         digest = ref.digest or await self.tag_digest(ref)
-        if digest is None or not await self.in_log(ref, digest):
+        pending = self._pending.get(digest) if digest is not None else None
+        if pending is not None and pending.repository == ref.repository:
+            # A manifest of an image being built (e.g. a platform manifest of an index).
+            await pending.event.wait()
+            source = "build"
+        elif digest is None or not await self.in_log(ref, digest):
             if not build:
                 raise NotInLog(f"{ref.package_id} is not in the transparency log")
-            await self.build_and_wait(ref)
+            running = self.request_build(ref)
+            await running.ready.wait()
+            if running.status == "FAILED":
+                raise BuildError(f"build of {ref.package_id} failed: {running.reason}")
             source = "build"
-            digest = ref.digest or await self.tag_digest(ref)
+            digest = running.result if isinstance(running.result, Digest) else None
+            digest = digest or ref.digest or await self.tag_digest(ref)
             if digest is None:
                 raise NotInLog(f"{ref.package_id} is not in the transparency log after its build")
         content = await self.verified_bytes(ref, digest)
@@ -112,13 +146,23 @@ class DockerService:
     # -- blobs -----------------------------------------------------------------------
 
     async def ensure_blob(self, ref: ImageRef, digest: Digest) -> BlobInfo:
-        """A logged artifact's local copy, fetched (and verified) when missing."""
+        """A logged artifact's local copy, fetched (and verified) when missing.
+
+        An artifact of a build in progress is served once that build verified it.
+        """
+        pending = self._pending.get(digest)
+        if pending is not None and pending.repository == ref.repository:
+            await pending.event.wait()
+            info = await self.node.local_blob(digest)
+            if pending.stored and info is not None:
+                return info
+        if not await self.in_log(ref, digest):
+            log.info("Refused %s of %s: not in the transparency log", digest, ref.repository)
+            raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
         info = await self.node.local_blob(digest)
         if info is not None:
             await self.node.touch(digest)
             return info
-        if not await self.in_log(ref, digest):
-            raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
         async with self.node.fetch_lock(digest):
             info = await self.node.local_blob(digest)
             if info is not None:
@@ -212,15 +256,34 @@ class DockerService:
         failed build stays behind, and the log is unchanged.
         """
         created: list[Digest] = []
+        mine: list[Digest] = []
         try:
-            return await self._build_inner(ref, build, created)
+            return await self._build_inner(ref, build, created, mine)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for digest in created:
                     await self.node.blobs.delete(digest)
             raise
+        finally:
+            for digest in mine:
+                pending = self._pending.pop(digest, None)
+                if pending is not None:
+                    pending.event.set()
 
-    async def _build_inner(self, ref: ImageRef, build: Build, created: list[Digest]) -> int:
+    def _expect(self, ref: ImageRef, build: Build, digest: Digest, mine: list[Digest]) -> None:
+        if digest not in self._pending:
+            self._pending[digest] = _Pending(ref.repository, build)
+            mine.append(digest)
+
+    def _release(self, digest: Digest) -> None:
+        pending = self._pending.get(digest)
+        if pending is not None:
+            pending.stored = True
+            pending.event.set()
+
+    async def _build_inner(
+        self, ref: ImageRef, build: Build, created: list[Digest], mine: list[Digest]
+    ) -> int:
         try:
             top_digest, top, media_type = await self._fetch_manifest(ref, ref.reference)
             manifest = Manifest.parse(top, media_type)
@@ -248,10 +311,15 @@ class DockerService:
                 unique.setdefault(d.digest, d)
             for d in unique.values():
                 artifacts.append((ref.artifact_id(d.digest), d.digest))
+            for _, digest in artifacts:
+                self._expect(ref, build, digest, mine)
             for digest, content in manifests:
                 if await self.node.local_blob(digest) is None:
                     await self.node.blobs.put_bytes(content, expected=digest)
                     created.append(digest)
+                self._release(digest)
+            build.result = top_digest
+            build.ready.set()
             await self._fetch_blobs(ref, list(unique.values()), created)
         except UpstreamNotFound as exc:
             raise BuildError(f"{ref.package_id} not found upstream: {exc}") from None
@@ -291,9 +359,11 @@ class DockerService:
                     async with self.node.fetch_lock(d.digest):
                         if await self.node.local_blob(d.digest) is not None:
                             log.info("Blob %s already in the local cache", d.digest)
+                            self._release(d.digest)
                             return
                         await self._fetch_from_upstream(ref, d.digest, d.size, "build")
                         created.append(d.digest)
+                        self._release(d.digest)
                 except PyrsiaError as exc:
                     errors.append(exc)
 

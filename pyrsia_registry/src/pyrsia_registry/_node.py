@@ -66,6 +66,10 @@ class Build:
     records: int = 0
     height: int | None = None
     done: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
+    #: Set once the build has fetched and verified its top-level artifact (for Docker:
+    #: the manifests), so a waiting client can be answered before the whole build ends.
+    ready: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
+    result: Any = attrs.field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -198,6 +202,11 @@ class Node:
         await self.aclose()
 
     @property
+    def inflight(self) -> dict[tuple[str, str], Build]:
+        """Builds running now, by (package type, package id)."""
+        return self._inflight
+
+    @property
     def node_id(self) -> str:
         return self.signer.node_id
 
@@ -270,6 +279,7 @@ class Node:
             finally:
                 build.finished = time.time()
                 self._inflight.pop(key, None)
+                build.ready.set()
                 build.done.set()
 
         task_group.start_soon(runner)

@@ -222,12 +222,6 @@ class OciApp:
         except DigestError as exc:
             raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         ref = ImageRef(name, None, digest)
-        # Blobs are scoped to a repository, as in any registry: the node serves a blob under
-        # ``name`` only if a log record of that repository vouches for it (even if the node
-        # holds the bytes for another repository).
-        if not await self.service.in_log(ref, digest):
-            raise OciError(404, "BLOB_UNKNOWN", f"{digest} of {name} is not in the transparency "
-                           "log", {"digest": str(digest)})
         try:
             info = await self.service.ensure_blob(ref, digest)
         except NotInLog as exc:
