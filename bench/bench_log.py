@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import anyio
+from pyrsia_storage_leveldb import LevelDBStore
+
 from pyrsia_core import (
     CommittedBlock,
     Ed25519Signer,
@@ -32,14 +33,12 @@ from pyrsia_core import (
     Record,
     SignedRecord,
     block_checkpoint,
-    leaf_hash,
     make_genesis,
     open_checkpoint,
     sign_checkpoint,
     verify_consistency,
     verify_inclusion,
 )
-from pyrsia_storage_leveldb import LevelDBStore
 
 SEEDS = [bytes([i]) * 32 for i in range(1, 5)]
 
@@ -128,7 +127,7 @@ async def main(n: int, block: int) -> None:
     gen = (time.perf_counter() - t) / len(idx)
     leaves = [tree.leaf(i) for i in idx]
     t = time.perf_counter()
-    for i, leaf, p in zip(idx, leaves, proofs):
+    for i, leaf, p in zip(idx, leaves, proofs, strict=True):
         verify_inclusion(leaf, i, size, p, root)
     ver = (time.perf_counter() - t) / len(idx)
     print(f"inclusion     generate {us(gen)}, verify {us(ver)}  (goal < 1 ms each) "
@@ -139,7 +138,7 @@ async def main(n: int, block: int) -> None:
     cgen = (time.perf_counter() - t) / len(olds)
     old_roots = [tree.root(o) for o in olds]
     t = time.perf_counter()
-    for o, r, p in zip(olds, old_roots, cps):
+    for o, r, p in zip(olds, old_roots, cps, strict=True):
         verify_consistency(o, size, r, root, p)
     cver = (time.perf_counter() - t) / len(olds)
     print(f"consistency   generate {us(cgen)}, verify {us(cver)}")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from support.clients import skopeo  # noqa: E402
-from support.images import make_image_layout, push  # noqa: E402
-from support.node import NodeProcess  # noqa: E402
-from support.registry import UpstreamRegistry  # noqa: E402
+from support.clients import skopeo
+from support.images import make_image_layout, push
+from support.node import NodeProcess
+from support.registry import UpstreamRegistry
 
 
 def timed_copy(src: str, dest: Path) -> float:

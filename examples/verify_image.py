@@ -15,6 +15,8 @@ import argparse
 import sys
 
 import httpx
+from pyrsia_core.errors import PyrsiaError
+
 from pyrsia_core import (
     NoteVerifier,
     PublicKey,
@@ -24,7 +26,6 @@ from pyrsia_core import (
     open_checkpoint,
     verify_inclusion,
 )
-from pyrsia_core.errors import PyrsiaError
 
 
 def verify(node: str, image: str) -> int:

@@ -52,7 +52,9 @@ def test_tampered_layer_fails_the_build_and_stores_nothing(
                f"docker://127.0.0.1:{node.port}/library/alpine:3.16.2", f"dir:{tmp_path / 'y'}")
 
 
-def test_tampered_manifest_is_refused(tmp_path: Path, fresh_seeded_upstream: SeededUpstream) -> None:
+def test_tampered_manifest_is_refused(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
     info = fresh_seeded_upstream.images["library/multi:1.0"]
     # Corrupt the arm64 manifest: the index names its digest, the bytes no longer match.
     arm = next(p for name, p in info.platforms.items() if "arm64" in name)

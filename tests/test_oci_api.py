@@ -312,7 +312,7 @@ def test_malformed_accept(client: httpx.Client, alpine: Any, value: str) -> None
         assert headers["docker-content-digest"] == alpine.manifest_digest
 
 
-def test_manifest_digest_of_index_not_matching_is_not_served(
+def test_manifest_of_another_repository_is_not_served(
     client: httpx.Client, alpine: Any
 ) -> None:
     # A real manifest digest, but of another repository: the log does not vouch for it here.

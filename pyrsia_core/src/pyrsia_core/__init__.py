@@ -86,6 +86,6 @@ __all__ = [
     "sign_checkpoint",
     "sign_note",
     "verify_consistency",
-    "verify_note",
     "verify_inclusion",
+    "verify_note",
 ]

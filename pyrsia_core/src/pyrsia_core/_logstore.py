@@ -228,7 +228,7 @@ class LogStore:
         first = int(data["first"])
         count = int(header["num_records"])
         records = []
-        async for key, raw_record in self.kv.scan(b"r/", start=_record_key(first), limit=count):
+        async for _key, raw_record in self.kv.scan(b"r/", start=_record_key(first), limit=count):
             records.append(SignedRecord.from_bytes(raw_record[8:]).to_json())
         if len(records) != count:
             raise StoreError(f"stored block {height} is missing records")

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import attrs
 
-from ._canonical import canonical_flat_object, canonical_json, canonical_loads
+from ._canonical import canonical_flat_object, canonical_loads
 from ._identity import Ed25519Verifier, PublicKey, Signer, node_id_of
 from .errors import EncodingError, KeyError_, RecordError, SignatureError
 
@@ -282,7 +282,9 @@ class SignedRecord:
 
 
 def verify_records(records: Sequence[SignedRecord]) -> None:
-    """Verify every record's signature, in order; raise :class:`SignatureError` naming the first bad one.
+    """Verify every record's signature, in order.
+
+    Raises :class:`SignatureError` naming the first bad record.
 
     This is the default *record verifier* of a :class:`~pyrsia_core.Ledger`; a node may
     inject one that spreads the same checks over several processes.

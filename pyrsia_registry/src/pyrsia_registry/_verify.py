@@ -6,9 +6,10 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from pyrsia_core import Ed25519Verifier, PublicKey, SignedRecord
 from pyrsia_core._records import verify_records
 from pyrsia_core.errors import SignatureError
+
+from pyrsia_core import Ed25519Verifier, PublicKey, SignedRecord
 
 __all__ = ["ParallelRecordVerifier"]
 
