@@ -97,6 +97,7 @@ class NodeApi:
         if route == ["ping"] and method in ("GET", "HEAD"):
             await send_json(send, 200, {"status": "ok", "node_id": self.node.node_id})
         elif route == ["status"] and method == "GET":
+            await self.service.settle()
             await send_json(send, 200, await self.node.status())
         elif route == ["peers"] and method == "GET":
             await send_json(send, 200, [])
@@ -155,6 +156,7 @@ class NodeApi:
             if unknown:
                 raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; fields are "
                                f"{', '.join(FIELD_NAMES)}")
+        await self.service.settle(ref.package_id)
         stored: list[StoredRecord] = await self.node.records_for_package(RECORD_TYPE,
                                                                          ref.package_id)
         if not stored:

@@ -93,6 +93,17 @@ class DockerService:
     async def in_log(self, ref: ImageRef, digest: Digest) -> bool:
         return bool(await self._artifact_records(ref, digest))
 
+    async def settle(self, package_id: str | None = None, *, timeout: float = 60.0) -> None:
+        """Wait (bounded) for running builds -- of ``package_id``, or all -- to commit.
+
+        A client is answered while its image is still being built; what it asks next
+        (the log, the status) then reflects that build.
+        """
+        with anyio.move_on_after(timeout):
+            for (package_type, pid), running in list(self.node.inflight.items()):
+                if package_type == RECORD_TYPE and package_id in (None, pid):
+                    await running.done.wait()
+
     async def tags(self, short_name: str) -> list[str]:
         # Builds of this repository still running are committed first, so that a client
         # that was answered early sees its tag.

@@ -7,6 +7,40 @@ conformance suites for plugin authors live in :mod:`pyrsia_core.testing.conforma
 
 from __future__ import annotations
 
-from ._memory import FakeClock, MemoryBlobStore, MemoryKeyValueStore
+from ._memory import (
+    FakeClock,
+    MemoryBlobStore,
+    MemoryKeyValueStore,
+    MemoryPackageType,
+    PackageIdError,
+)
+from ._network import (
+    BlobSource,
+    Delivery,
+    MemoryNetwork,
+    MemoryPeerClient,
+    MemoryTransport,
+    MemoryUpstream,
+    PeerFaults,
+    TransportError,
+    UpstreamCall,
+    UpstreamNotFoundError,
+)
 
-__all__ = ["FakeClock", "MemoryBlobStore", "MemoryKeyValueStore"]
+__all__ = [
+    "BlobSource",
+    "Delivery",
+    "FakeClock",
+    "MemoryBlobStore",
+    "MemoryKeyValueStore",
+    "MemoryNetwork",
+    "MemoryPackageType",
+    "MemoryPeerClient",
+    "MemoryTransport",
+    "MemoryUpstream",
+    "PackageIdError",
+    "PeerFaults",
+    "TransportError",
+    "UpstreamCall",
+    "UpstreamNotFoundError",
+]

@@ -1,4 +1,4 @@
-"""In-memory test doubles for the storage interfaces and the clock (STYLE P11).
+"""In-memory test doubles for the storage interfaces, a package type and the clock (STYLE P11).
 
 They follow the same contracts as the real plugins -- the conformance suites in
 :mod:`pyrsia_core.testing.conformance` run against them -- but keep everything
@@ -8,20 +8,28 @@ without suspending, so they work under any event loop (or none).
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
 
+from .._canonical import canonical_json, canonical_loads
 from .._digest import Digest, DigestVerifier
-from ..errors import BlobNotFound, QuotaExceeded, UsageError
-from ..interfaces import BlobInfo, BlobStore, Clock, KeyValueStore
+from ..errors import BlobNotFound, DigestError, EncodingError, QuotaExceeded, UsageError
+from ..interfaces import BlobInfo, BlobStore, Clock, KeyValueStore, PackageType
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["FakeClock", "MemoryBlobStore", "MemoryKeyValueStore"]
+__all__ = [
+    "FakeClock",
+    "MemoryBlobStore",
+    "MemoryKeyValueStore",
+    "MemoryPackageType",
+    "PackageIdError",
+]
 
 #: Size of the chunks :meth:`MemoryBlobStore.open` yields.
 CHUNK_SIZE: Final = 1 << 20
@@ -256,6 +264,76 @@ class MemoryKeyValueStore(KeyValueStore):
                 if key not in values:
                     insort(keys, key)
                 values[key] = value
+
+
+# --------------------------------------------------------------------------- package type
+
+
+class PackageIdError(UsageError, ValueError):
+    """A user-given package id is malformed (belongs in :mod:`pyrsia_core.errors`)."""
+
+
+_NAME: Final = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+_VERSION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+class MemoryPackageType(PackageType):
+    """A trivial package type for tests: ids are ``name:version``, artifacts are JSON.
+
+    A manifest is ``{"refs": ["sha256:...", ...]}`` (build one with
+    :meth:`manifest`), of media type :attr:`MEDIA_TYPE` (or ``application/json``);
+    :meth:`references` returns its refs, each with :attr:`BLOB_MEDIA_TYPE`.
+    Malformed content raises :class:`~pyrsia_core.errors.EncodingError` (a
+    ``ValueError``), a malformed id :class:`PackageIdError` (a ``ValueError``).
+    """
+
+    name: ClassVar[str] = "memory"
+    record_type: ClassVar[str] = "Memory"
+
+    MEDIA_TYPE: ClassVar[str] = "application/vnd.pyrsia.memory.manifest.v1+json"
+    BLOB_MEDIA_TYPE: ClassVar[str] = "application/vnd.pyrsia.memory.blob"
+    MAX_ID_LENGTH: ClassVar[int] = 255
+    MAX_CONTENT_SIZE: ClassVar[int] = 1 << 20
+    MAX_REFS: ClassVar[int] = 10_000
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, str] | None = None) -> MemoryPackageType:
+        """Entry-point factory; takes no configuration."""
+        return cls()
+
+    @classmethod
+    def manifest(cls, refs: Iterable[Digest]) -> bytes:
+        """The canonical manifest bytes listing ``refs``."""
+        return canonical_json({"refs": [str(d) for d in refs]})
+
+    def parse_package_id(self, text: str) -> str:
+        if not isinstance(text, str):
+            raise PackageIdError(f"a package id is a string, got {type(text).__name__}")
+        if len(text) > self.MAX_ID_LENGTH:
+            raise PackageIdError(f"package id is longer than {self.MAX_ID_LENGTH} characters")
+        name, sep, version = text.partition(":")
+        if not sep or not _NAME.fullmatch(name) or not _VERSION.fullmatch(version):
+            raise PackageIdError(f"package id {text[:80]!r} is not 'name:version'")
+        return text
+
+    def references(self, content: bytes, media_type: str) -> list[tuple[Digest, str]]:
+        if media_type not in (self.MEDIA_TYPE, "application/json"):
+            raise EncodingError(f"not a {self.name} manifest: media type {media_type!r:.80}")
+        if len(content) > self.MAX_CONTENT_SIZE:
+            raise EncodingError(f"manifest is larger than {self.MAX_CONTENT_SIZE} bytes")
+        doc: Any = canonical_loads(content)
+        refs = doc.get("refs") if isinstance(doc, dict) else None
+        if not isinstance(refs, list) or set(doc) != {"refs"}:
+            raise EncodingError('a manifest is an object {"refs": [...]} and nothing else')
+        if len(refs) > self.MAX_REFS:
+            raise EncodingError(f"manifest has more than {self.MAX_REFS} refs")
+        out: list[tuple[Digest, str]] = []
+        for ref in refs:
+            try:
+                out.append((Digest.parse(ref), self.BLOB_MEDIA_TYPE))
+            except DigestError as exc:
+                raise EncodingError(f"manifest ref: {exc}") from None
+        return out
 
 
 # --------------------------------------------------------------------------- time
