@@ -117,14 +117,12 @@ class App:
                 {"type": "pyrsia.sendfile", "path": str(file), "offset": start, "count": count}
             )
         elif path == "/range-chunked":  # no Content-Length: h11 frames the segments as chunks
-            file = str(self.files["big"])
+            name = str(self.files["big"])
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"<", "more_body": True})
-            await send(
-                {"type": "pyrsia.sendfile", "path": file, "offset": 5, "count": 10,
-                 "more_body": True}
-            )  # fmt: skip
-            await send({"type": "pyrsia.sendfile", "path": file, "offset": 0, "count": 3})
+            segment = {"type": "pyrsia.sendfile", "path": name, "offset": 5, "count": 10}
+            await send({**segment, "more_body": True})
+            await send({"type": "pyrsia.sendfile", "path": name, "offset": 0, "count": 3})
         elif path == "/missing-file":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.pathsend", "path": "/nonexistent/blob"})
@@ -443,6 +441,12 @@ async def test_idle_connection_is_closed(app: App) -> None:
             async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
                 with pytest.raises(anyio.EndOfStream):
                     await stream.receive()
+
+
+async def test_incomplete_request_head_times_out_with_408(app: App) -> None:
+    async with running(app, idle_timeout=0.2) as server:
+        reply = await raw_exchange(server.port, b"GET /hello HTTP/1.1\r\nhost: x\r\n")
+    assert reply.startswith(b"HTTP/1.1 408 ")
 
 
 async def test_lifespan_state_reaches_requests(app: App) -> None:

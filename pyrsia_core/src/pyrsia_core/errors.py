@@ -25,6 +25,7 @@ __all__ = [
     "NoteError",
     "PluginConflict",
     "PluginError",
+    "PeerMisbehaved",
     "PluginNotFound",
     "ProofError",
     "PyrsiaError",
@@ -34,6 +35,7 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreLocked",
+    "TransportError",
     "UsageError",
     "VerificationError",
 ]
@@ -100,6 +102,19 @@ class BlockError(VerificationError):
         self.rule = rule
         self.detail = detail
         super().__init__(f"block rejected ({rule}): {detail}")
+
+
+class TransportError(PyrsiaError):
+    """A peer could not be reached, or a transfer with it failed (timeout, reset)."""
+
+
+class PeerMisbehaved(VerificationError):
+    """A peer sent something that fails verification (bad signature, wrong bytes, replay)."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        self.peer = peer
+        self.reason = reason
+        super().__init__(f"peer {peer[:16]}… misbehaved: {reason}")
 
 
 class PluginError(UsageError):

@@ -23,11 +23,13 @@ from .errors import StoreClosed, UsageError
 
 __all__ = [
     "BlobInfo",
+    "BlobSource",
     "BlobStore",
     "Clock",
     "KeyValueStore",
     "PackageType",
     "PeerAddress",
+    "PeerBlob",
     "PeerClient",
     "PeerTransport",
     "RequestHandler",
@@ -226,6 +228,26 @@ class PeerAddress:
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 
 
+@attrs.frozen
+class PeerBlob:
+    """A blob (or its tail from ``offset``) on its way to or from a peer.
+
+    ``size`` is the whole blob's size when known. A serving node sets ``path`` when
+    the bytes may be sent with zero copy (no upload rate limit applies); ``body``
+    always works.
+    """
+
+    size: int | None
+    offset: int
+    body: AsyncIterator[bytes] = attrs.field(repr=False)
+    path: str | None = None
+
+
+#: What a transport's server asks the node for when a peer requests a blob:
+#: ``(digest, offset, peer_hint)`` -> the blob, or ``None`` if it is not served.
+BlobSource = Callable[[Digest, int], Awaitable["PeerBlob | None"]]
+
+
 class PeerClient(Resource):
     """A connection (or pool) to one peer."""
 
@@ -239,14 +261,34 @@ class PeerClient(Resource):
     ) -> AsyncIterator[bytes]:
         """Stream a blob from the peer. The caller re-verifies every byte."""
 
+    async def open_blob(
+        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+    ) -> PeerBlob:
+        """Like :meth:`fetch_blob`, plus the blob's size when the transport knows it."""
+        return PeerBlob(None, offset, self.fetch_blob(digest, offset=offset, timeout=timeout))
+
 
 class PeerTransport(Resource):
-    """Carries core-encoded frames and blobs between nodes; never interprets them."""
+    """Carries core-encoded frames and blobs between nodes; never interprets them.
+
+    A transport either shares the node's HTTP port (:meth:`asgi_app` returns an ASGI
+    app the node mounts under ``/p2p``) or listens on its own (:meth:`serve`).
+    """
 
     name: ClassVar[str] = ""
 
     @abstractmethod
     async def connect(self, address: PeerAddress) -> PeerClient: ...
+
+    def asgi_app(self, handler: RequestHandler, blobs: BlobSource) -> Any | None:
+        """An ASGI app serving peers on the node's own HTTP port, or ``None``."""
+        return None
+
+    async def serve(
+        self, handler: RequestHandler, blobs: BlobSource, *, task_status: Any = None
+    ) -> None:
+        """Listen for peers until cancelled (transports with their own listener)."""
+        raise UsageError(f"the {self.name or type(self).__name__} transport has no own listener")
 
 
 # --------------------------------------------------------------------------- packages

@@ -1,20 +1,25 @@
 """Zero-copy file → socket transfer for the HTTP server (``os.sendfile`` on the raw socket).
 
-How it waits, and why (measured on a 2-CPU Linux VM, 512 MiB page-cached file, curl on
-127.0.0.1; ``bench/bench_serve.py`` and the report in the server's docstring):
+How it waits, and why (2-CPU Linux VM, 512 MiB page-cached file, curl on 127.0.0.1, medians
+of 12-15 interleaved downloads; ``bench/bench_serve.py`` is the reproducible form):
 
 * The socket belongs to an asyncio transport, and asyncio refuses ``add_writer`` on a transport's
-  fd. We therefore ``os.dup()`` the fd: the duplicate is a distinct selector key on the same
-  socket, and it keeps the socket open even if the transport closes its own fd meanwhile (so a
-  recycled fd number can never receive our bytes).
-* ``os.sendfile`` on the non-blocking duplicate, and ``anyio.wait_writable`` when it would block,
-  ran at the speed of a worker thread doing blocking ``sendfile`` + ``poll`` (both ≈ nginx,
-  within the run-to-run noise), without a thread per download and with plain cancellation.
-* Per-call size: asking for the whole remainder, 256 KiB, 1 MiB or 4 MiB made no measurable
-  difference (each call is bounded by the free space in the socket's send buffer anyway); we
-  cap a call at :data:`MAX_CHUNK` so that one call never holds the event loop for long when the
-  file is not in the page cache. Raising ``SO_SNDBUF`` (1 and 4 MiB) did not help either: the
-  kernel's autotuning already grows the buffer to ``tcp_wmem``'s maximum on loopback.
+  fd (``RuntimeError: File descriptor N is used by transport``), so neither
+  ``anyio.wait_writable(sock)`` nor ``loop.sock_sendfile`` work on it. We ``os.dup()`` the fd:
+  the duplicate is a distinct selector key on the same socket, and it keeps the socket open
+  even if the transport closes its own fd meanwhile, so a recycled fd number can never receive
+  our bytes.
+* Non-blocking ``os.sendfile`` on the duplicate plus ``anyio.wait_writable`` when it would block
+  was as fast as or faster than a worker thread doing ``sendfile`` + ``poll()`` on the
+  duplicate (idle machine: 3.7-4.3 vs 4.3 GB/s; loaded machine: 2.6 vs 1.7 GB/s, nginx 1.9),
+  without a thread per download and with plain cancellation. A 512 MiB transfer takes ~800
+  ``sendfile`` calls and ~110 waits: the per-byte cost is the kernel's, not Python's.
+* Bytes per call: the whole remainder, 8 MiB, 2 MiB, 1 MiB and 256 KiB were equal within the
+  noise (a call is bounded by the free space in the socket buffer, ~0.7 MB on average here).
+  We cap a call at :data:`MAX_CHUNK` = 2 MiB, nginx's default ``sendfile_max_chunk``, so that
+  one call holds the event loop only briefly when the file is not in the page cache.
+* ``SO_SNDBUF`` of 1 or 4 MiB did not help: loopback autotuning already reaches ``tcp_wmem``'s
+  maximum (4 MiB).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import anyio.lowlevel
 __all__ = ["MAX_CHUNK", "FileTruncatedError", "sendfile"]
 
 #: Largest byte count asked of one ``os.sendfile`` call.
-MAX_CHUNK = 8 * 1024 * 1024
+MAX_CHUNK = 2 * 1024 * 1024
 #: Bytes sent back to back without waiting before we yield to the event loop anyway.
 _YIELD_EVERY = 32 * 1024 * 1024
 

@@ -386,6 +386,9 @@ class _Connection:
                     event = await self.next_event()
                 self.idle_scope = None
                 if type(event) is not h11.Request:  # EOF, idle timeout or shutdown
+                    if idle.cancelled_caught and not self.closing and self.h11.trailing_data[0]:
+                        self.linger = True  # a request head that never completed
+                        await self.send_simple(408, b"Request Timeout")
                     break
                 cycle = _Cycle(self, event)
                 await cycle.run()

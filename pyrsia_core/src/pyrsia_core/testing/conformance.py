@@ -1,10 +1,13 @@
-"""Conformance suites for storage plugins (STYLE P12).
+"""Conformance suites for plugins (STYLE P12).
 
-A plugin author subclasses a suite in a test module and overrides the ``store``
-fixture, as with fsspec's abstract tests; see the class docstrings for the exact
-code. The tests are ``@pytest.mark.anyio`` coroutines, so anyio's pytest plugin
-runs them on each backend of the ``anyio_backend`` fixture (override that
-fixture, e.g. ``return "asyncio"``, to pick one).
+A plugin author subclasses a suite in a test module and overrides its fixtures
+(``store`` for the storage suites, ``transport_pair`` for transports,
+``upstream``/``known``/``missing`` for upstreams, ``package_type``/``valid_ids``/
+``invalid_ids``/``samples`` for package types), as with fsspec's abstract
+tests; see the class docstrings for the exact code. The async tests are
+``@pytest.mark.anyio`` coroutines, so anyio's pytest plugin runs them on each
+backend of the ``anyio_backend`` fixture (override that fixture, e.g.
+``return "asyncio"``, to pick one).
 
 This module imports pytest and hypothesis (the ``pyrsia-core[testing]`` extra);
 the rest of :mod:`pyrsia_core.testing` does not.
@@ -13,18 +16,48 @@ the rest of :mod:`pyrsia_core.testing` does not.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, ClassVar, Final
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .._digest import Digest
-from ..errors import BlobNotFound, DigestMismatch, QuotaExceeded, StoreClosed, UsageError
-from ..interfaces import BlobInfo, BlobStore, KeyValueStore
+from ..errors import (
+    BlobNotFound,
+    DigestMismatch,
+    PyrsiaError,
+    QuotaExceeded,
+    StoreClosed,
+    UsageError,
+)
+from ..interfaces import (
+    BlobInfo,
+    BlobStore,
+    KeyValueStore,
+    PackageType,
+    PeerAddress,
+    PeerClient,
+    PeerTransport,
+    RequestHandler,
+    Upstream,
+    UpstreamResponse,
+)
+from ._memory import MemoryBlobStore
+from ._network import TransportError
 
-__all__ = ["BlobStoreConformance", "KeyValueStoreConformance"]
+__all__ = [
+    "BlobStoreConformance",
+    "KeyValueStoreConformance",
+    "PackageTypeConformance",
+    "PeerTransportConformance",
+    "TransportPair",
+    "UpstreamConformance",
+]
 
 MiB: Final = 1 << 20
 
@@ -907,3 +940,854 @@ class KeyValueStoreConformance:
         await store.aclose()
         async with await reopen() as again:
             assert await _scan(again) == [(b"k", b"v")]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _deadline(seconds: float = 30.0) -> AbstractContextManager[Any]:
+    """Fail (instead of hanging) if the block takes longer than ``seconds``."""
+    import anyio
+
+    return anyio.fail_after(seconds)
+
+
+async def _close_iterator(chunks: AsyncIterator[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+# --------------------------------------------------------------------------- transports
+
+
+@attrs.frozen
+class TransportPair:
+    """What a transport plugin's ``transport_pair`` fixture gives the suite.
+
+    * ``transport``: the connecting side (an open transport; the suite closes it
+      in one test, so its fixture must tolerate a second ``aclose``).
+    * ``serve``: ``serve(handler, blobs)`` is an async context manager that makes
+      a peer answer requests with ``handler`` and blob fetches from ``blobs``
+      (``open(digest, offset=...)``; ``BlobNotFound`` for unknown digests) for the
+      duration of the block, and yields the peer's address. The suite may serve
+      several peers at once.
+    * ``unserved``: an address where nobody listens (e.g. a closed local port).
+    """
+
+    transport: PeerTransport
+    serve: Callable[[RequestHandler, BlobStore], AbstractAsyncContextManager[PeerAddress]]
+    unserved: PeerAddress
+
+
+class _HandlerError(Exception):
+    """Raised by a request handler, on the serving side."""
+
+
+async def _echo(frame: bytes) -> bytes:
+    return b"re:" + frame
+
+
+_TIMEOUT_TESTS: Final = ("test_request_timeout",)
+
+
+class PeerTransportConformance:
+    """The contract of :class:`~pyrsia_core.interfaces.PeerTransport` and its clients.
+
+    Subclass it and override the ``transport_pair`` fixture to return a
+    :class:`TransportPair`::
+
+        class TestMyTransport(PeerTransportConformance):
+            @pytest.fixture
+            async def transport_pair(self):
+                @asynccontextmanager
+                async def serve(handler, blobs):
+                    async with anyio.create_task_group() as tg:
+                        server = MyServer(handler, blobs, host="127.0.0.1", port=0)
+                        await tg.start(server.run)
+                        yield PeerAddress(f"http://127.0.0.1:{server.port}")
+                        tg.cancel_scope.cancel()
+
+                async with MyTransport() as transport:
+                    yield TransportPair(transport, serve, PeerAddress("http://127.0.0.1:9"))
+
+    Every failure of the remote side -- nobody listening, a broken connection,
+    a timeout, an exception in the peer's handler, an unknown blob -- must reach
+    the caller as :class:`~pyrsia_core.testing.TransportError`, promptly: each
+    test runs under a deadline, so a hang fails the test. A transport that
+    cannot enforce ``timeout`` (only an in-memory one) sets
+    ``enforces_timeouts = False``, which removes the timeout test.
+    """
+
+    pytestmark: ClassVar[Any] = [pytest.mark.anyio]
+
+    #: Whether ``request(timeout=...)`` gives up on a peer that never answers.
+    enforces_timeouts: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _TIMEOUT_TESTS:
+            test = PeerTransportConformance.__dict__[name] if cls.enforces_timeouts else None
+            setattr(cls, name, test)
+
+    @pytest.fixture
+    def transport_pair(self) -> TransportPair:
+        raise NotImplementedError(
+            f"{type(self).__name__} must override the 'transport_pair' fixture"
+        )
+
+    @pytest.fixture
+    def blobs(self) -> MemoryBlobStore:
+        """The store the served peers fetch blobs from (filled by the tests)."""
+        return MemoryBlobStore()
+
+    # -- requests
+
+    async def test_round_trip(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        seen: list[bytes] = []
+
+        async def handler(frame: bytes) -> bytes:
+            seen.append(frame)
+            return b"re:" + frame
+
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                client = await transport_pair.transport.connect(address)
+                async with client:
+                    reply = await client.request(b"hello", timeout=10)
+                    assert reply == b"re:hello"
+                    assert type(reply) is bytes
+                    assert await client.request(b"again", timeout=10) == b"re:again"
+        assert seen == [b"hello", b"again"]
+
+    async def test_empty_frames(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        seen: list[bytes] = []
+
+        async def handler(frame: bytes) -> bytes:
+            seen.append(frame)
+            return b"" if frame == b"empty reply" else b"full reply"
+
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    assert await client.request(b"", timeout=10) == b"full reply"
+                    assert await client.request(b"empty reply", timeout=10) == b""
+        assert seen == [b"", b"empty reply"]
+
+    async def test_binary_frames(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        frame = bytes(range(256)) * 4 + b"\r\n\r\n\x00"
+
+        async def handler(got: bytes) -> bytes:
+            return got[::-1]
+
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    assert await client.request(frame, timeout=10) == frame[::-1]
+
+    async def test_one_mib_frames(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        request = _blob(MiB, seed=50)
+        reply = _blob(MiB, seed=51)
+
+        async def handler(frame: bytes) -> bytes:
+            return reply if frame == request else b"wrong request"
+
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    assert await client.request(request, timeout=30) == reply
+
+    async def test_many_concurrent_requests(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        import anyio
+
+        calls = 0
+
+        async def handler(frame: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            for _ in range(int(frame.split(b":")[1]) % 5):  # replies come back out of order
+                await anyio.lowlevel.checkpoint()
+            return b"re:" + frame
+
+        replies: dict[bytes, bytes] = {}
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                clients = [await transport_pair.transport.connect(address) for _ in range(4)]
+
+                async def one(client: PeerClient, frame: bytes) -> None:
+                    replies[frame] = await client.request(frame, timeout=30)
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(100):
+                        tg.start_soon(one, clients[i % 4], b"frame:%d" % i)
+                for client in clients:
+                    await client.aclose()
+        assert replies == {b"frame:%d" % i: b"re:frame:%d" % i for i in range(100)}
+        assert calls == 100
+
+    async def test_requests_are_handled_concurrently(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        import anyio
+
+        arrived = 0
+        all_in = anyio.Event()
+
+        async def handler(frame: bytes) -> bytes:
+            # No reply until all four requests are in: a transport that handles
+            # one request at a time deadlocks here (and the deadline fails it).
+            nonlocal arrived
+            arrived += 1
+            if arrived == 4:
+                all_in.set()
+            await all_in.wait()
+            return frame
+
+        got: list[bytes] = []
+        with _deadline(20):
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+
+                    async def one(frame: bytes) -> None:
+                        got.append(await client.request(frame, timeout=15))
+
+                    async with anyio.create_task_group() as tg:
+                        for i in range(4):
+                            tg.start_soon(one, b"%d" % i)
+        assert sorted(got) == [b"0", b"1", b"2", b"3"]
+
+    async def test_handler_error_is_transport_error(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        async def handler(frame: bytes) -> bytes:
+            if frame == b"fail":
+                raise _HandlerError("the handler failed")
+            return b"re:" + frame
+
+        with _deadline():
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    with pytest.raises(TransportError):
+                        await client.request(b"fail", timeout=10)
+                    # The peer (and the connection to it) survives.
+                    assert await client.request(b"ok", timeout=10) == b"re:ok"
+                    with pytest.raises(TransportError):
+                        await client.request(b"fail", timeout=10)
+
+    async def test_request_timeout(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        import anyio
+
+        release = anyio.Event()
+
+        async def handler(frame: bytes) -> bytes:
+            if frame == b"hang":
+                await release.wait()
+            return b"re:" + frame
+
+        with _deadline(20):
+            async with transport_pair.serve(handler, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    start = anyio.current_time()
+                    with pytest.raises(TransportError):
+                        await client.request(b"hang", timeout=0.5)
+                    assert anyio.current_time() - start < 10
+                    release.set()
+                    assert await client.request(b"ok", timeout=10) == b"re:ok"
+
+    async def test_two_peers(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        async def peer_a(frame: bytes) -> bytes:
+            return b"a:" + frame
+
+        async def peer_b(frame: bytes) -> bytes:
+            return b"b:" + frame
+
+        with _deadline():
+            async with transport_pair.serve(peer_a, blobs) as addr_a:
+                async with transport_pair.serve(peer_b, blobs) as addr_b:
+                    assert addr_a != addr_b
+                    async with await transport_pair.transport.connect(addr_b) as client_b:
+                        async with await transport_pair.transport.connect(addr_a) as client_a:
+                            assert await client_a.request(b"x", timeout=10) == b"a:x"
+                            assert await client_b.request(b"x", timeout=10) == b"b:x"
+
+    # -- blobs
+
+    async def test_fetch_blob(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        data = _blob(2 * MiB + 17, seed=52)
+        small = await blobs.put_bytes(b"small blob")
+        info = await blobs.put_bytes(data)
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    got = bytearray()
+                    async for chunk in client.fetch_blob(info.digest):
+                        assert isinstance(chunk, bytes)
+                        assert len(chunk) <= MAX_READ_CHUNK
+                        got += chunk
+                    assert bytes(got) == data
+                    assert await _read(client.fetch_blob(small.digest)) == b"small blob"
+
+    @pytest.mark.parametrize("offset", [0, 1, 65_536, MiB + 3, 3 * MiB - 1, 3 * MiB])
+    async def test_fetch_blob_with_offset(
+        self, transport_pair: TransportPair, blobs: BlobStore, offset: int
+    ) -> None:
+        data = _blob(3 * MiB, seed=53)
+        info = await blobs.put_bytes(data)
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    got = await _read(client.fetch_blob(info.digest, offset=offset))
+                    assert got == data[offset:]
+
+    async def test_fetch_empty_blob(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        info = await blobs.put_bytes(b"")
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    assert await _read(client.fetch_blob(info.digest)) == b""
+
+    async def test_fetch_unknown_blob(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        await blobs.put_bytes(b"something else")
+        unknown = Digest.of(b"never stored")
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    with pytest.raises(TransportError):
+                        await _read(client.fetch_blob(unknown))
+                    with pytest.raises(TransportError):
+                        await _read(client.fetch_blob(unknown, offset=5))
+                    # The connection is still good.
+                    assert await client.request(b"ok", timeout=10) == b"re:ok"
+
+    async def test_concurrent_fetches_and_requests(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        import anyio
+
+        datas = [_blob(300_000 + n, seed=60 + n) for n in range(6)]
+        infos = [await blobs.put_bytes(d) for d in datas]
+        fetched: dict[int, bytes] = {}
+        replies: list[bytes] = []
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+
+                    async def fetch(n: int) -> None:
+                        fetched[n] = await _read(client.fetch_blob(infos[n].digest))
+
+                    async def ask(n: int) -> None:
+                        replies.append(await client.request(b"%d" % n, timeout=30))
+
+                    async with anyio.create_task_group() as tg:
+                        for n in range(len(datas)):
+                            tg.start_soon(fetch, n)
+                            tg.start_soon(ask, n)
+        assert fetched == dict(enumerate(datas))
+        assert sorted(replies) == sorted(b"re:%d" % n for n in range(len(datas)))
+
+    async def test_abandoned_fetches(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        data = _blob(4 * MiB, seed=54)
+        info = await blobs.put_bytes(data)
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                async with await transport_pair.transport.connect(address) as client:
+                    # Abandoned streams must not leak connections (a pool would run dry).
+                    for _ in range(24):
+                        chunks = client.fetch_blob(info.digest)
+                        first = await chunks.__anext__()
+                        assert first == data[: len(first)]
+                        await _close_iterator(chunks)
+                    assert await client.request(b"ok", timeout=10) == b"re:ok"
+                    assert await _read(client.fetch_blob(info.digest)) == data
+
+    # -- failures and lifecycle
+
+    async def test_connect_to_unserved_address(self, transport_pair: TransportPair) -> None:
+        # A transport may connect lazily: the error may come from connect() or
+        # from the first request, but it must come, and be a TransportError.
+        with _deadline(), pytest.raises(TransportError):
+            client = await transport_pair.transport.connect(transport_pair.unserved)
+            try:
+                await client.request(b"hello", timeout=10)
+            finally:
+                await client.aclose()
+
+    async def test_peer_that_stopped(self, transport_pair: TransportPair, blobs: BlobStore) -> None:
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                client = await transport_pair.transport.connect(address)
+                assert await client.request(b"a", timeout=10) == b"re:a"
+            try:
+                with pytest.raises(TransportError):
+                    await client.request(b"b", timeout=10)
+            finally:
+                await client.aclose()
+
+    async def test_aclose_is_idempotent(
+        self, transport_pair: TransportPair, blobs: BlobStore
+    ) -> None:
+        transport = transport_pair.transport
+        with _deadline():
+            async with transport_pair.serve(_echo, blobs) as address:
+                client = await transport.connect(address)
+                assert await client.request(b"a", timeout=10) == b"re:a"
+                await client.aclose()
+                await client.aclose()
+                assert client.closed
+                with pytest.raises(PyrsiaError):
+                    await client.request(b"b", timeout=10)
+                other = await transport.connect(address)
+                assert await other.request(b"c", timeout=10) == b"re:c"
+                await transport.aclose()
+                await transport.aclose()
+                assert transport.closed
+                with pytest.raises(PyrsiaError):
+                    await transport.connect(address)
+                await other.aclose()
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+async def _drain(response: UpstreamResponse) -> bytes:
+    return b"".join([chunk async for chunk in response.body])
+
+
+class UpstreamConformance:
+    """The contract of :class:`~pyrsia_core.interfaces.Upstream`, as pytest tests.
+
+    Subclass it and override three fixtures: ``upstream`` (a fresh, open
+    upstream), ``known`` (``(locator, expected bytes)`` pairs it serves) and
+    ``missing`` (a locator it does not have); override ``accept`` to pass
+    ``accept=`` to every ``open``::
+
+        class TestMyUpstream(UpstreamConformance):
+            @pytest.fixture
+            async def upstream(self, my_server):
+                async with MyUpstream(my_server.url) as upstream:
+                    yield upstream
+
+            @pytest.fixture
+            def known(self, my_server):
+                return [("pkg/1.0/file.tar", my_server.content["file.tar"])]
+
+            @pytest.fixture
+            def missing(self):
+                return "pkg/1.0/nothing-here"
+
+    Responses may leave ``size`` and ``digest`` unset; when set they must be
+    right. A missing locator raises a :class:`~pyrsia_core.errors.PyrsiaError`
+    that is also a ``LookupError``.
+    """
+
+    pytestmark: ClassVar[Any] = [pytest.mark.anyio]
+
+    @pytest.fixture
+    def upstream(self) -> Upstream:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'upstream' fixture")
+
+    @pytest.fixture
+    def known(self) -> Sequence[tuple[str, bytes]]:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'known' fixture")
+
+    @pytest.fixture
+    def missing(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'missing' fixture")
+
+    @pytest.fixture
+    def accept(self) -> Sequence[str]:
+        """The ``accept`` argument of every ``open`` (none by default)."""
+        return ()
+
+    async def test_known_round_trip(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        assert known, "the 'known' fixture must list at least one locator"
+        with _deadline(60):
+            for locator, expected in known:
+                response = await upstream.open(locator, accept=accept)
+                assert isinstance(response, UpstreamResponse)
+                assert isinstance(response.media_type, str)
+                assert response.media_type, f"{locator}: empty media type"
+                chunks = [chunk async for chunk in response.body]
+                assert all(isinstance(chunk, bytes) for chunk in chunks)
+                assert b"".join(chunks) == expected, f"{locator}: wrong bytes"
+
+    async def test_digest_and_size(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        with _deadline(60):
+            for locator, expected in known:
+                response = await upstream.open(locator, accept=accept)
+                await _drain(response)
+                if response.digest is not None:
+                    assert isinstance(response.digest, Digest)
+                    assert response.digest == Digest.of(expected), f"{locator}: wrong digest"
+                if response.size is not None:
+                    assert response.size == len(expected), f"{locator}: wrong size"
+
+    async def test_missing_is_lookup_error(
+        self, upstream: Upstream, missing: str, accept: Sequence[str]
+    ) -> None:
+        with _deadline(), pytest.raises(LookupError) as info:
+            await _drain(await upstream.open(missing, accept=accept))
+        assert isinstance(info.value, PyrsiaError), (
+            f"{type(info.value).__name__} is a LookupError but not a PyrsiaError"
+        )
+
+    async def test_concurrent_opens(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        import anyio
+
+        got: dict[int, bytes] = {}
+
+        async def one(n: int, locator: str) -> None:
+            got[n] = await _drain(await upstream.open(locator, accept=accept))
+
+        with _deadline(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    for n, (locator, _) in enumerate(known):
+                        tg.start_soon(one, n, locator)
+        assert got == {n: expected for n, (_, expected) in enumerate(known)}
+
+    async def test_abandoned_bodies(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        locator, expected = max(known, key=lambda pair: len(pair[1]))
+        with _deadline(60):
+            # Bodies closed after one chunk (or none) must not leak connections.
+            for n in range(24):
+                response = await upstream.open(locator, accept=accept)
+                if n % 2:
+                    async for chunk in response.body:
+                        assert expected.startswith(chunk)
+                        break
+                await _close_iterator(response.body)
+            assert await _drain(await upstream.open(locator, accept=accept)) == expected
+
+    async def test_closed_upstream_raises(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        locator, _ = known[0]
+        await upstream.aclose()
+        assert upstream.closed
+        with _deadline(), pytest.raises(PyrsiaError):
+            await _drain(await upstream.open(locator, accept=accept))
+
+    async def test_aclose_is_idempotent(
+        self, upstream: Upstream, known: Sequence[tuple[str, bytes]], accept: Sequence[str]
+    ) -> None:
+        locator, expected = known[0]
+        async with upstream as same:
+            assert same is upstream
+            assert await _drain(await upstream.open(locator, accept=accept)) == expected
+        assert upstream.closed
+        await upstream.aclose()
+        await upstream.aclose()
+        assert upstream.closed
+
+
+# --------------------------------------------------------------------------- package types
+
+#: Contents no package type accepts (override ``garbage`` to add more).
+_GARBAGE: Final = (
+    b"",
+    b" ",
+    b"\x00" * 64,
+    b"\xff\xfe\xfd\xfc",
+    b"{",
+    b'{"a":',
+    b"]",
+    b"not a manifest",
+    b"<html><body>502 Bad Gateway</body></html>",
+)
+
+#: Nesting deep enough to overflow a naive recursive parser.
+_DEEP: Final = (b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000)
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+
+
+def _json_values(strings: Sequence[str]) -> st.SearchStrategy[Any]:
+    leaves = _json_scalars | st.sampled_from(strings) if strings else _json_scalars
+    return st.recursive(
+        leaves,
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.sampled_from(strings) | st.text(max_size=8), children, max_size=4)
+            if strings
+            else st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        ),
+        max_leaves=8,
+    )
+
+
+def _json_docs(samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]]) -> list[Any]:
+    docs = []
+    for content, _, _ in samples:
+        try:
+            docs.append(json.loads(content))
+        except (ValueError, RecursionError):
+            continue
+    return docs
+
+
+def _strings_in(value: Any, out: set[str]) -> None:
+    if isinstance(value, str):
+        out.add(value)
+    elif isinstance(value, list):
+        for item in value:
+            _strings_in(item, out)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            out.add(key)
+            _strings_in(item, out)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (dict keys and list indexes) into a JSON value, the root included."""
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out += _paths(item, (*prefix, i))
+    return out
+
+
+def _mutate(doc: Any, path: tuple[Any, ...], new: Any, delete: bool) -> Any:
+    """A copy of ``doc`` with the value at ``path`` replaced by ``new`` (or deleted)."""
+    if not path:
+        return new
+    copy = json.loads(json.dumps(doc))
+    parent = copy
+    for step in path[:-1]:
+        parent = parent[step]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = new
+    return copy
+
+
+def _check_references(package_type: PackageType, content: bytes, media_type: str) -> None:
+    """``references`` returns ``[(Digest, str), ...]`` or raises a ``ValueError``."""
+    try:
+        refs = package_type.references(content, media_type)
+    except ValueError:
+        return
+    except Exception as exc:
+        pytest.fail(
+            f"references() raised {type(exc).__name__}, not a ValueError, for "
+            f"{content[:120]!r} ({media_type}): {exc}"
+        )
+    assert isinstance(refs, list)
+    for ref in refs:
+        assert isinstance(ref, tuple) and len(ref) == 2
+        assert isinstance(ref[0], Digest) and isinstance(ref[1], str)
+
+
+_FUZZ_SETTINGS: Final = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+class PackageTypeConformance:
+    """The contract of :class:`~pyrsia_core.interfaces.PackageType`, as pytest tests.
+
+    Subclass it and override four fixtures: ``package_type`` (an instance),
+    ``valid_ids`` and ``invalid_ids`` (package ids ``parse_package_id`` accepts
+    and refuses), and ``samples``: ``(content, media type, expected reference
+    digests in order)`` for real artifacts of the type::
+
+        class TestMyPackageType(PackageTypeConformance):
+            @pytest.fixture
+            def package_type(self):
+                return MyPackageType()
+
+            @pytest.fixture
+            def valid_ids(self):
+                return ["org.example:lib:1.0"]
+
+            @pytest.fixture
+            def invalid_ids(self):
+                return ["", "no version", "a:b:c:d:e"]
+
+            @pytest.fixture
+            def samples(self):
+                return [(POM_BYTES, "application/xml", ["sha256:..."])]
+
+    The tests are synchronous (package types are pure). Malformed ids and
+    malformed content must raise ``ValueError`` subclasses -- never
+    ``KeyError``, ``TypeError``, ``RecursionError`` and the like -- so callers
+    can treat "bad input" as one case; hypothesis fuzzes both. ``garbage``
+    (contents no type accepts) may be overridden to add type-specific cases.
+    """
+
+    @pytest.fixture
+    def package_type(self) -> PackageType:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'package_type' fixture")
+
+    @pytest.fixture
+    def valid_ids(self) -> Sequence[str]:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'valid_ids' fixture")
+
+    @pytest.fixture
+    def invalid_ids(self) -> Sequence[str]:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'invalid_ids' fixture")
+
+    @pytest.fixture
+    def samples(self) -> Sequence[tuple[bytes, str, Sequence[Digest | str]]]:
+        raise NotImplementedError(f"{type(self).__name__} must override the 'samples' fixture")
+
+    @pytest.fixture
+    def garbage(self) -> Sequence[bytes]:
+        return _GARBAGE
+
+    @pytest.fixture
+    def media_types(
+        self, samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]]
+    ) -> list[str]:
+        """The media types garbage is offered under: the samples' and a generic one."""
+        return sorted({media_type for _, media_type, _ in samples} | {"application/octet-stream"})
+
+    # -- names and ids
+
+    def test_names(self, package_type: PackageType) -> None:
+        for attr in ("name", "record_type"):
+            value = getattr(package_type, attr)
+            assert isinstance(value, str) and value, f"{attr} must be a non-empty string"
+            assert value == value.strip()
+
+    def test_valid_ids(self, package_type: PackageType, valid_ids: Sequence[str]) -> None:
+        assert valid_ids, "the 'valid_ids' fixture must list at least one id"
+        for text in valid_ids:
+            normal = package_type.parse_package_id(text)
+            assert isinstance(normal, str) and normal, f"{text!r} -> {normal!r}"
+            # Normalising is idempotent: a normalised id parses to itself.
+            assert package_type.parse_package_id(normal) == normal
+
+    def test_invalid_ids(self, package_type: PackageType, invalid_ids: Sequence[str]) -> None:
+        assert invalid_ids, "the 'invalid_ids' fixture must list at least one id"
+        for text in invalid_ids:
+            with pytest.raises(ValueError):
+                package_type.parse_package_id(text)
+
+    @given(text=st.text(max_size=300))
+    @_FUZZ_SETTINGS
+    def test_fuzz_ids(self, package_type: PackageType, text: str) -> None:
+        try:
+            normal = package_type.parse_package_id(text)
+        except ValueError:
+            return
+        except Exception as exc:
+            pytest.fail(f"parse_package_id({text!r}) raised {type(exc).__name__}: {exc}")
+        assert isinstance(normal, str) and normal
+
+    # -- references
+
+    def test_references(
+        self,
+        package_type: PackageType,
+        samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]],
+    ) -> None:
+        assert samples, "the 'samples' fixture must list at least one artifact"
+        for content, media_type, expected in samples:
+            refs = package_type.references(content, media_type)
+            assert isinstance(refs, list)
+            want = [d if isinstance(d, Digest) else Digest.parse(d) for d in expected]
+            assert [digest for digest, _ in refs] == want
+            for digest, ref_type in refs:
+                assert isinstance(digest, Digest)
+                assert isinstance(ref_type, str) and ref_type, "references need a media type"
+            assert package_type.references(content, media_type) == refs  # pure
+
+    def test_garbage_is_value_error(
+        self, package_type: PackageType, garbage: Sequence[bytes], media_types: list[str]
+    ) -> None:
+        for content in garbage:
+            for media_type in media_types:
+                try:
+                    package_type.references(content, media_type)
+                except ValueError:
+                    continue
+                except Exception as exc:
+                    pytest.fail(
+                        f"references({content[:60]!r}, {media_type!r}) raised "
+                        f"{type(exc).__name__}, not a ValueError: {exc}"
+                    )
+                pytest.fail(f"references({content[:60]!r}, {media_type!r}) accepted garbage")
+
+    def test_truncated_samples_are_value_error(
+        self,
+        package_type: PackageType,
+        samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]],
+    ) -> None:
+        for content, media_type, _ in samples:
+            for end in (1, len(content) // 2, len(content) - 1):
+                if 0 < end < len(content):
+                    with pytest.raises(ValueError):
+                        package_type.references(content[:end], media_type)
+
+    def test_deeply_nested_content_is_value_error(
+        self, package_type: PackageType, media_types: list[str]
+    ) -> None:
+        for content in _DEEP:
+            for media_type in media_types:
+                with pytest.raises(ValueError):
+                    package_type.references(content, media_type)
+
+    @given(data=st.data())
+    @_FUZZ_SETTINGS
+    def test_fuzz_random_bytes(
+        self, package_type: PackageType, media_types: list[str], data: st.DataObject
+    ) -> None:
+        content = data.draw(st.binary(max_size=512), label="content")
+        media_type = data.draw(st.sampled_from(media_types), label="media_type")
+        _check_references(package_type, content, media_type)
+
+    @given(data=st.data())
+    @_FUZZ_SETTINGS
+    def test_fuzz_mutated_samples(
+        self,
+        package_type: PackageType,
+        samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]],
+        data: st.DataObject,
+    ) -> None:
+        index = data.draw(st.integers(0, len(samples) - 1), label="sample")
+        content, media_type, _ = samples[index]
+        docs = _json_docs([samples[index]])
+        if docs:
+            # JSON artifacts: change or delete one value anywhere in the document.
+            doc = docs[0]
+            strings: set[str] = set()
+            _strings_in(doc, strings)
+            path = data.draw(st.sampled_from(_paths(doc)), label="path")
+            delete = bool(path) and data.draw(st.booleans(), label="delete")
+            new = None if delete else data.draw(_json_values(sorted(strings)), label="new")
+            content = json.dumps(_mutate(doc, path, new, delete)).encode()
+        else:
+            # Other artifacts: overwrite a few bytes.
+            raw = bytearray(content)
+            for _ in range(data.draw(st.integers(1, 4), label="flips")):
+                if raw:
+                    raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+            content = bytes(raw)
+        _check_references(package_type, content, media_type)

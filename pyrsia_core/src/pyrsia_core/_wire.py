@@ -1,0 +1,195 @@
+"""Peer messages: one canonical, signed envelope for every control message (DESIGN §6).
+
+A frame is the RFC 8785 bytes of::
+
+    {"v": 1, "type": "FIND_NODE", "from": <node id>, "key": <public key hex>,
+     "addr": <sender's address>, "ts": <unix seconds>, "nonce": <32 hex>,
+     "body": {...}, "sig": <Ed25519 signature hex over the same object without "sig">}
+
+Replies are envelopes too, so a transport need not be trusted. :func:`open_frame`
+checks everything a receiver must check -- size, shape, the signature, that the
+node id is the key's, the time window -- and :class:`ReplayGuard` refuses a nonce
+seen before. Blobs are not framed: they are content-addressed and re-verified.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+
+from ._canonical import canonical_json, canonical_loads
+from ._identity import Ed25519Verifier, PublicKey, Signer
+from .errors import EncodingError, KeyError_, PeerMisbehaved, SignatureError
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MESSAGE_TYPES",
+    "Envelope",
+    "ReplayGuard",
+    "open_frame",
+    "seal",
+]
+
+MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
+MAX_SMALL_FRAME: Final = 256 * 1024
+#: Messages whose bodies may be large (block ranges); every other frame is capped small.
+LARGE_TYPES: Final = frozenset({"BLOCKS", "NEW_BLOCK", "GENESIS"})
+MESSAGE_TYPES: Final = frozenset(
+    {
+        "PING", "PONG",
+        "FIND_NODE", "NODES",
+        "GET_PROVIDERS", "PROVIDERS",
+        "ADD_PROVIDER", "OK",
+        "GET_HEAD", "HEAD",
+        "GET_GENESIS", "GENESIS",
+        "GET_BLOCKS", "BLOCKS",
+        "NEW_BLOCK",
+        "BUILD_REQUEST", "BUILD_STATUS",
+        "ERROR",
+    }
+)
+MAX_SKEW: Final = 300
+_HEX64: Final = re.compile(r"[0-9a-f]{64}")
+_NONCE: Final = re.compile(r"[0-9a-f]{32}")
+_FIELDS: Final = frozenset({"v", "type", "from", "key", "addr", "ts", "nonce", "body", "sig"})
+
+
+@attrs.frozen
+class Envelope:
+    """A verified message: who sent it, from where, when, and its body."""
+
+    type: str
+    sender: str  # node id
+    public_key: PublicKey
+    address: str
+    timestamp: int
+    nonce: str
+    body: Mapping[str, Any]
+    raw: bytes = attrs.field(repr=False, eq=False)
+
+
+def seal(
+    signer: Signer,
+    type_: str,
+    body: Mapping[str, Any],
+    *,
+    address: str,
+    now: float,
+    nonce: str | None = None,
+) -> bytes:
+    """Sign and encode a message from this node."""
+    if type_ not in MESSAGE_TYPES:
+        raise ValueError(f"unknown message type {type_!r}")
+    envelope: dict[str, Any] = {
+        "v": 1,
+        "type": type_,
+        "from": signer.node_id,
+        "key": signer.public_key.hex,
+        "addr": address,
+        "ts": int(now),
+        "nonce": nonce or secrets.token_hex(16),
+        "body": dict(body),
+    }
+    envelope["sig"] = signer.sign(canonical_json(envelope)).hex()
+    return canonical_json(envelope)
+
+
+def _bad(peer: str, reason: str) -> PeerMisbehaved:
+    return PeerMisbehaved(peer or "<unknown>", reason)
+
+
+def open_frame(
+    frame: bytes,
+    *,
+    now: float,
+    expect: frozenset[str] | set[str] | None = None,
+    max_skew: int = MAX_SKEW,
+) -> Envelope:
+    """Decode and verify a frame; raise :class:`PeerMisbehaved` saying what is wrong.
+
+    Checks: size cap, canonical JSON, exact fields and types, known type (and one of
+    ``expect``), node id = SHA-256 of the key, signature, timestamp within ``max_skew``.
+    """
+    if not isinstance(frame, (bytes, bytearray)):
+        raise _bad("", "frame is not bytes")
+    if len(frame) > MAX_FRAME_BYTES:
+        raise _bad("", f"frame of {len(frame)} bytes is larger than {MAX_FRAME_BYTES}")
+    try:
+        data: Any = canonical_loads(bytes(frame), require_canonical=True)
+    except EncodingError as exc:
+        raise _bad("", f"frame is not canonical JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) != _FIELDS:
+        raise _bad("", "frame does not have exactly the envelope fields")
+    sender = data["from"]
+    if not isinstance(sender, str) or not _HEX64.fullmatch(sender):
+        raise _bad("", "frame sender is not a node id")
+    type_ = data["type"]
+    if data["v"] != 1 or not isinstance(type_, str) or type_ not in MESSAGE_TYPES:
+        raise _bad(sender, f"unknown message version or type {str(type_)[:40]!r}")
+    if expect is not None and type_ not in expect:
+        raise _bad(sender, f"unexpected message type {type_}")
+    if type_ not in LARGE_TYPES and len(frame) > MAX_SMALL_FRAME:
+        raise _bad(sender, f"{type_} frame of {len(frame)} bytes is too large")
+    if not isinstance(data["addr"], str) or len(data["addr"]) > 256:
+        raise _bad(sender, "frame address is malformed")
+    if type(data["ts"]) is not int or not isinstance(data["body"], dict):
+        raise _bad(sender, "frame timestamp or body is malformed")
+    if not isinstance(data["nonce"], str) or not _NONCE.fullmatch(data["nonce"]):
+        raise _bad(sender, "frame nonce is malformed")
+    try:
+        key = PublicKey.from_hex(data["key"]) if isinstance(data["key"], str) else None
+    except KeyError_:
+        key = None
+    if key is None or key.node_id != sender:
+        raise _bad(sender, "frame key does not match the sender's node id")
+    sig_hex = data.pop("sig")
+    try:
+        sig = bytes.fromhex(sig_hex) if isinstance(sig_hex, str) else b""
+    except ValueError:
+        sig = b""
+    try:
+        Ed25519Verifier(key).verify(sig, canonical_json(data))
+    except SignatureError:
+        raise _bad(sender, "frame signature does not verify") from None
+    if abs(data["ts"] - now) > max_skew:
+        raise _bad(sender, f"frame timestamp is {int(data['ts'] - now)} s off")
+    return Envelope(
+        type=type_,
+        sender=sender,
+        public_key=key,
+        address=data["addr"],
+        timestamp=data["ts"],
+        nonce=data["nonce"],
+        body=data["body"],
+        raw=bytes(frame),
+    )
+
+
+@attrs.define(eq=False)
+class ReplayGuard:
+    """Refuses a (sender, nonce) seen within the time window; forgets older ones."""
+
+    window: int = 2 * MAX_SKEW
+    max_entries: int = 200_000
+    _seen: dict[tuple[str, str], float] = attrs.Factory(dict)
+
+    def check(self, envelope: Envelope, now: float) -> None:
+        key = (envelope.sender, envelope.nonce)
+        if key in self._seen:
+            raise PeerMisbehaved(envelope.sender, "replayed message (nonce seen before)")
+        if len(self._seen) >= self.max_entries:
+            self.expire(now)
+            if len(self._seen) >= self.max_entries:
+                # Still full: drop the oldest half rather than grow without bound.
+                for k in sorted(self._seen, key=self._seen.__getitem__)[: self.max_entries // 2]:
+                    del self._seen[k]
+        self._seen[key] = now
+
+    def expire(self, now: float) -> None:
+        cutoff = now - self.window
+        for k in [k for k, t in self._seen.items() if t < cutoff]:
+            del self._seen[k]

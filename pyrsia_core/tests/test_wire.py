@@ -1,0 +1,95 @@
+"""Peer message envelopes and the upload token bucket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyrsia_core import Ed25519Signer, canonical_json
+from pyrsia_core._ratelimit import TokenBucket
+from pyrsia_core._wire import MAX_SMALL_FRAME, ReplayGuard, open_frame, seal
+from pyrsia_core.errors import PeerMisbehaved
+
+A = Ed25519Signer.from_seed(b"a" * 32)
+B = Ed25519Signer.from_seed(b"b" * 32)
+
+
+def test_round_trip() -> None:
+    frame = seal(A, "FIND_NODE", {"target": "00" * 32}, address="http://127.0.0.1:1", now=1000)
+    env = open_frame(frame, now=1010)
+    assert env.type == "FIND_NODE" and env.sender == A.node_id
+    assert env.body == {"target": "00" * 32} and env.address == "http://127.0.0.1:1"
+
+
+def _mutate(frame: bytes, **changes: object) -> bytes:
+    d = json.loads(frame)
+    d.update(changes)
+    return canonical_json(d)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"body": {"target": "11" * 32}},  # body changed after signing
+        {"from": B.node_id},  # claims another sender
+        {"key": B.public_key.hex},  # another key
+        {"sig": "00" * 64},
+        {"sig": "zz"},
+        {"type": "NOPE"},
+        {"v": 2},
+        {"nonce": "short"},
+        {"ts": "1000"},
+        {"addr": 5},
+        {"extra": 1},
+    ],
+)
+def test_tampered_frames_are_rejected(changes: dict[str, object]) -> None:
+    frame = seal(A, "FIND_NODE", {"target": "00" * 32}, address="x", now=1000)
+    with pytest.raises(PeerMisbehaved):
+        open_frame(_mutate(frame, **changes), now=1000)
+
+
+def test_unsigned_stale_replayed_and_oversized() -> None:
+    frame = seal(A, "PING", {}, address="x", now=1000)
+    d = json.loads(frame)
+    del d["sig"]
+    with pytest.raises(PeerMisbehaved):
+        open_frame(canonical_json(d), now=1000)
+    with pytest.raises(PeerMisbehaved, match="off"):
+        open_frame(frame, now=5000)
+    guard = ReplayGuard()
+    guard.check(open_frame(frame, now=1000), 1000)
+    with pytest.raises(PeerMisbehaved, match="replayed"):
+        guard.check(open_frame(frame, now=1000), 1001)
+    big = seal(A, "PING", {"pad": "x" * MAX_SMALL_FRAME}, address="x", now=1000)
+    with pytest.raises(PeerMisbehaved, match="too large"):
+        open_frame(big, now=1000)
+    with pytest.raises(PeerMisbehaved, match="unexpected"):
+        open_frame(frame, now=1000, expect={"PONG"})
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=200)
+def test_garbage_only_raises_peer_misbehaved(data: bytes) -> None:
+    with pytest.raises(PeerMisbehaved):
+        open_frame(data, now=0)
+
+
+def test_non_canonical_json_is_rejected() -> None:
+    frame = seal(A, "PING", {}, address="x", now=1000)
+    with pytest.raises(PeerMisbehaved):
+        open_frame(json.dumps(json.loads(frame), indent=1).encode(), now=1000)
+
+
+def test_token_bucket_rate() -> None:
+    bucket = TokenBucket(rate=1000.0, burst=100.0)
+    now, sent = 0.0, 0
+    while now < 10.0:
+        now += bucket.reserve(250, now)
+        sent += 250
+    # 100 bytes of burst plus 1000 bytes/s for 10 s, within one send.
+    assert abs(sent - (100 + 1000 * now)) <= 250
+    with pytest.raises(ValueError):
+        TokenBucket(rate=0, burst=1)
