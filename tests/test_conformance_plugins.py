@@ -72,17 +72,6 @@ class TestRegistryUpstream(UpstreamConformance):
     def accept(self) -> Sequence[str]:
         return ALL_MANIFEST_TYPES
 
-    @pytest.mark.xfail(
-        raises=RuntimeError,
-        strict=True,
-        reason="RegistryUpstream.open after aclose() lets httpx's RuntimeError ('client has "
-        "been closed') escape instead of a PyrsiaError (no _check_open())",
-    )
-    async def test_closed_upstream_raises(
-        self, upstream: RegistryUpstream, known: list[tuple[str, bytes]], accept: Sequence[str]
-    ) -> None:
-        await super().test_closed_upstream_raises(upstream, known, accept)
-
 
 class TestRegistryUpstreamMissingBlob(TestRegistryUpstream):
     """A missing blob (not a manifest) of an existing repository."""
@@ -152,14 +141,3 @@ class TestDockerPackageType(PackageTypeConformance):
                     )
                 )
         return out
-
-    @pytest.mark.xfail(
-        raises=RecursionError,
-        strict=True,
-        reason="DockerPackageType.references lets json's RecursionError escape for deeply "
-        "nested JSON (Manifest.parse catches only UnicodeDecodeError/ValueError)",
-    )
-    def test_deeply_nested_content_is_value_error(
-        self, package_type: DockerPackageType, media_types: list[str]
-    ) -> None:
-        super().test_deeply_nested_content_is_value_error(package_type, media_types)

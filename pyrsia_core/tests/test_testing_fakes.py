@@ -9,11 +9,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
 
+import attrs
 import pytest
-from pyrsia_core.errors import BlobNotFound, PyrsiaError, StoreClosed, UsageError
-from pyrsia_core.interfaces import BlobStore, PeerAddress, RequestHandler
+from pyrsia_core.errors import PyrsiaError, StoreClosed, TransportError, UsageError
+from pyrsia_core.interfaces import PeerAddress, PeerBlob
 from pyrsia_core.testing import (
     Delivery,
     MemoryBlobStore,
@@ -22,9 +22,10 @@ from pyrsia_core.testing import (
     MemoryTransport,
     MemoryUpstream,
     PackageIdError,
-    TransportError,
+    PeerFaults,
     UpstreamCall,
     UpstreamNotFoundError,
+    store_blob_source,
 )
 from pyrsia_core.testing.conformance import (
     PackageTypeConformance,
@@ -46,27 +47,6 @@ class TestMemoryTransport(PeerTransportConformance):
         network = MemoryNetwork()
         async with network.transport("memory://me") as transport:
             yield TransportPair(transport, network.serving, PeerAddress("memory://nobody"))
-
-
-class TestMemoryTransportWithCallableSource(PeerTransportConformance):
-    """Peers that serve blobs from a ``(digest, offset) -> chunks`` callable."""
-
-    enforces_timeouts = False
-
-    @pytest.fixture
-    async def transport_pair(self) -> AsyncIterator[TransportPair]:
-        network = MemoryNetwork()
-
-        def serve(
-            handler: RequestHandler, blobs: BlobStore
-        ) -> AbstractAsyncContextManager[PeerAddress]:
-            def source(digest: Digest, offset: int) -> AsyncIterator[bytes]:
-                return blobs.open(digest, offset=offset)
-
-            return network.serving(handler, source)
-
-        async with network.transport() as transport:
-            yield TransportPair(transport, serve, PeerAddress("memory://nobody"))
 
 
 _UPSTREAM_CONTENT = {
@@ -236,8 +216,7 @@ async def test_reset_faults() -> None:
     faults.fail_next, faults.drop_rate = 3, 1.0
     network.partition(["memory://a"], ["memory://b"])
     network.reset_faults()
-    assert (faults.down, faults.fail_next, faults.drop_rate) == (False, 0, 0.0)
-    assert (faults.corrupt_at, faults.truncate_after, faults.fail_after) == (None, None, None)
+    assert attrs.asdict(faults) == attrs.asdict(PeerFaults())
     client = await network.transport("memory://b").connect(a)
     assert await client.request(b"x", timeout=1) == b"re:x"
 
@@ -282,29 +261,107 @@ async def test_truncate_and_fail_after() -> None:
     assert await _read(client.fetch_blob(info.digest)) == big
 
 
+class _Body:
+    """A blob body that records whether it was closed (started or not)."""
+
+    def __init__(self, data: bytes, fail: bool = False) -> None:
+        self.data = data
+        self.fail = fail
+        self.closed = False
+        self.served = False
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.served:
+            if self.fail:
+                raise OSError("disk gone")
+            raise StopAsyncIteration
+        self.served = True
+        return self.data
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def state(self) -> tuple[bool, bool]:
+        """``(served, closed)``, read through a call so that mypy does not narrow it."""
+        return self.served, self.closed
+
+
 @pytest.mark.anyio
-async def test_blob_source_errors_are_transport_errors() -> None:
+async def test_blob_source_outcomes() -> None:
     network = MemoryNetwork()
+    bodies: list[_Body] = []
 
-    def no_source(digest: Digest, offset: int) -> AsyncIterator[bytes]:
-        raise BlobNotFound(str(digest))
+    async def source(digest: Digest, offset: int) -> PeerBlob | None:
+        if digest == Digest.of(b"none"):
+            return None
+        if digest == Digest.of(b"raise"):
+            raise OSError("no disk")
+        body = _Body(b"part", fail=digest == Digest.of(b"broken"))
+        bodies.append(body)
+        return PeerBlob(100, offset + (digest == Digest.of(b"shifted")), body)
 
-    async def broken(digest: Digest, offset: int) -> AsyncIterator[bytes]:
-        yield b"part"
-        raise OSError("disk gone")
-
-    network.serve("memory://none", _echo)
-    network.serve("memory://missing", _echo, no_source)
-    network.serve("memory://broken", _echo, broken)
+    network.serve("memory://nothing", _echo)
+    network.serve("memory://a", _echo, source)
     transport = network.transport()
-    for url, match in [
-        ("memory://none", "serves no blobs"),
-        ("memory://missing", "BlobNotFound"),
-        ("memory://broken", "disk gone"),
+    client = await transport.connect(PeerAddress("memory://nothing"))
+    with pytest.raises(TransportError, match="serves no blobs"):
+        await client.open_blob(DIGEST)
+    client = await transport.connect(PeerAddress("memory://a"))
+    for name, match in [
+        (b"none", "does not serve"),
+        (b"raise", "no disk"),
+        (b"shifted", "from byte 4, not 3"),
     ]:
-        client = await transport.connect(PeerAddress(url))
         with pytest.raises(TransportError, match=match):
-            await _read(client.fetch_blob(DIGEST))
+            await client.open_blob(Digest.of(name), offset=3)
+        with pytest.raises(TransportError, match=match):
+            await _read(client.fetch_blob(Digest.of(name), offset=3))
+    got = bytearray()
+    with pytest.raises(TransportError, match="disk gone"):
+        async for chunk in client.fetch_blob(Digest.of(b"broken")):
+            got += chunk
+    assert got == b"part"
+    assert bodies[-1].state() == (True, True)
+    blob = await client.open_blob(Digest.of(b"fine"), offset=7)
+    assert (blob.size, blob.offset, blob.path) == (100, 7, None)
+    assert bodies[-1].state() == (False, False)
+    await blob.body.aclose()  # type: ignore[attr-defined]
+    assert bodies[-1].state() == (False, True)  # closed unstarted
+    assert [c async for c in blob.body] == []
+    blob = await client.open_blob(Digest.of(b"fine"))
+    assert [c async for c in blob.body] == [b"part"]
+    assert bodies[-1].state() == (True, True)  # closed at the end
+
+
+@pytest.mark.anyio
+async def test_open_blob_announces_size_under_faults(store: MemoryBlobStore) -> None:
+    network = MemoryNetwork()
+    a = network.serve("memory://a", _echo, store)
+    network.faults(a).truncate_after = 10
+    client = await network.transport().connect(a)
+    blob = await client.open_blob(DIGEST, offset=5)
+    assert (blob.size, blob.offset) == (len(DATA), 5)
+    assert await _read(blob.body) == DATA[5:15]  # the caller must notice the short read
+
+
+@pytest.mark.anyio
+async def test_store_blob_source() -> None:
+    store = MemoryBlobStore()
+    info = await store.put_bytes(b"0123456789")
+    source = store_blob_source(store)
+    blob = await source(info.digest, 4)
+    assert blob is not None
+    assert (blob.size, blob.offset, blob.path) == (10, 4, None)
+    assert await _read(blob.body) == b"456789"
+    assert await source(info.digest, 11) is None
+    assert await source(info.digest, -1) is None
+    assert await source(Digest.of(b"other"), 0) is None
+    blob = await source(info.digest, 10)
+    assert blob is not None
+    assert await _read(blob.body) == b""
 
 
 @pytest.mark.anyio

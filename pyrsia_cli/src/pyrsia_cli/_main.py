@@ -83,6 +83,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     from pyrsia_registry._config import default_data_dir
 
     from pyrsia_registry import NodeConfig, parse_size, run_node
+    from pyrsia_registry._config import parse_rate
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -98,6 +99,13 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             upstream=None if args.no_upstream else args.upstream,
             disk_space=parse_size(args.disk_space),
             kv_store=args.kv_store,
+            peers=tuple(args.peer),
+            listen_only=args.listen_only,
+            no_serve=args.no_serve,
+            max_upload_rate=parse_rate(args.max_upload_rate) if args.max_upload_rate else None,
+            public_url=args.public_url,
+            transport=args.transport,
+            sync_interval=args.sync_interval,
             blob_store=args.blob_store,
         )
     except Exception as exc:
@@ -304,6 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--no-upstream", action="store_true", help="never contact an upstream")
     start.add_argument("--disk-space", default="10 GB",
                        help="disk space the node may use for artifacts (default '10 GB')")
+    start.add_argument("--peer", action="append", default=[], metavar="URL",
+                       help="a peer to join, e.g. http://127.0.0.1:44001 (repeatable)")
+    start.add_argument("--listen-only", action="store_true",
+                       help="do not dial out to peers; only answer those that connect")
+    start.add_argument("--no-serve", action="store_true",
+                       help="never serve artifacts to peers (still pulls from them)")
+    start.add_argument("--max-upload-rate", metavar="RATE",
+                       help="cap the bandwidth used to serve peers, e.g. 10MB/s")
+    start.add_argument("--public-url", default="",
+                       help="the address peers use to reach this node (default http://HOST:PORT)")
+    start.add_argument("--transport", default="http", help="peer transport plugin (default http)")
+    start.add_argument("--sync-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     start.add_argument("--kv-store", default="leveldb",
                        help="key-value store plugin for the ledger (default leveldb)")
     start.add_argument("--blob-store", default="fs",

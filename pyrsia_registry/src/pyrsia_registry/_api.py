@@ -100,7 +100,8 @@ class NodeApi:
             await self.service.settle()
             await send_json(send, 200, await self.node.status())
         elif route == ["peers"] and method == "GET":
-            await send_json(send, 200, [])
+            peers = self.node.peers
+            await send_json(send, 200, peers.peers() if peers is not None else [])
         elif len(route) == 2 and route[0] == "build" and method == "POST":
             await self._build(scope, receive, send, route[1])
         elif len(route) == 2 and route[0] == "builds" and method == "GET":

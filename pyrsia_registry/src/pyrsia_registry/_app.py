@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ._api import NodeApi
@@ -15,6 +17,7 @@ __all__ = ["NodeApp"]
 class NodeApp:
     oci: OciApp
     api: NodeApi
+    p2p: Any = None  # the transport's ASGI app for peers, mounted at /p2p
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -27,6 +30,10 @@ class NodeApp:
             await self.oci(scope, receive, send)
         elif path == "/api" or path.startswith("/api/"):
             await self.api(scope, receive, send)
+        elif self.p2p is not None and (path == "/p2p" or path.startswith("/p2p/")):
+            child = dict(scope)
+            child["root_path"] = scope.get("root_path", "") + "/p2p"
+            await self.p2p(child, receive, send)
         else:
             await send_json(send, 404, {"errors": [{"code": "NOT_FOUND",
                                                     "message": f"no route for {path[:200]}"}]})

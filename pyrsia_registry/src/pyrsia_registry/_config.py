@@ -9,7 +9,7 @@ from pathlib import Path
 import attrs
 from pyrsia_core.errors import UsageError
 
-__all__ = ["NodeConfig", "default_data_dir", "format_size", "parse_size"]
+__all__ = ["NodeConfig", "default_data_dir", "format_size", "parse_rate", "parse_size"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7888
@@ -43,6 +43,17 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*/\s*s\s*", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> float:
+    """``"10MB/s"`` -> bytes per second."""
+    m = _RATE.fullmatch(text or "")
+    if not m:
+        raise UsageError(f"invalid rate {text!r}: use a size per second, e.g. '10MB/s'")
+    return float(parse_size(f"{m[1]} {m[2]}"))
+
+
 def format_size(n: int) -> str:
     for unit in ("TB", "GB", "MB", "KB"):
         if n >= _UNITS[unit]:
@@ -70,6 +81,12 @@ class NodeConfig:
     blob_store: str = "fs"
     peers: tuple[str, ...] = ()
     build_node: bool = True
+    transport: str = "http"
+    listen_only: bool = False
+    no_serve: bool = False
+    max_upload_rate: float | None = None  # bytes per second
+    public_url: str = ""
+    sync_interval: float = 5.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

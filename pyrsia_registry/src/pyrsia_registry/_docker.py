@@ -178,6 +178,17 @@ class DockerService:
             info = await self.node.local_blob(digest)
             if info is not None:
                 return info
+            peers = self.node.peers
+            if peers is not None and len(peers.table):
+                try:
+                    return await peers.fetch(digest)
+                except PyrsiaError as exc:
+                    if self.node.upstream is None or not self.node.is_build_node:
+                        raise BuildError(f"{digest} could not be fetched from peers: {exc}")
+                    log.warning("Peers could not provide %s (%s); trying the upstream", digest,
+                                exc)
+            if not self.node.is_build_node and self.node.upstream is None:
+                raise BuildError(f"{digest} is not stored here and no peer provides it")
             return await self._fetch_from_upstream(ref, digest, None, "re-fetch")
 
     async def _fetch_from_upstream(
@@ -353,6 +364,10 @@ class DockerService:
         ]
         committed = await self.node.commit(records)
         build.records = len(records)
+        if self.node.peers is not None and self.task_group is not None:
+            self.task_group.start_soon(
+                self.node.peers.announce, list(dict.fromkeys(d for _, d in artifacts))
+            )
         log.info(
             "Built %s: %d artifacts, block %d", ref.package_id, len(records), committed.block.height
         )

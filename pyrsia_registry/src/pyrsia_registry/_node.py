@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from pyrsia_core import (
 from pyrsia_core import plugins as core_plugins
 
 from ._config import NodeConfig
+from ._verify import ParallelRecordVerifier
 
 __all__ = ["Build", "BuildError", "Node", "NotInLog"]
 
@@ -112,11 +113,24 @@ class Node:
     _fetch_locks: dict[str, anyio.Lock] = attrs.Factory(dict)
     package_types: dict[str, Any] = attrs.Factory(dict)
     listen_urls: list[str] = attrs.Factory(list)
+    #: Called (in the node's task group) with every block this node commits itself.
+    commit_listeners: list[Callable[[CommittedBlock], Awaitable[None]]] = attrs.Factory(list)
+    peers: Any = None  # the PeerService, when the node talks to peers
 
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    async def open(cls, config: NodeConfig) -> Node:
+    async def open(
+        cls,
+        config: NodeConfig,
+        *,
+        genesis_source: Callable[[], Awaitable[CommittedBlock]] | None = None,
+    ) -> Node:
+        """Open (or create) the node's data directory.
+
+        A new data directory gets the network's genesis from ``genesis_source`` (a
+        node joining peers), or else a genesis of its own: a network of one.
+        """
         data = config.data_dir
         await anyio.to_thread.run_sync(lambda: data.mkdir(parents=True, exist_ok=True))
         signer = await anyio.to_thread.run_sync(cls._load_identity, data)
@@ -134,13 +148,18 @@ class Node:
                 await blobs.open_store()
             genesis = None
             if await kv.get(b"h") is None:
-                genesis = make_genesis(
-                    origin=f"pyrsia/{signer.node_id[:16]}",
-                    validators=[signer],
-                    timestamp=int(time.time()),
-                )
-                log.info("Created a new network of one (genesis, build node %s)", signer.node_id)
-            log_store = await LogStore.open(kv, genesis)
+                if genesis_source is not None:
+                    genesis = await genesis_source()
+                else:
+                    genesis = make_genesis(
+                        origin=f"pyrsia/{signer.node_id[:16]}",
+                        validators=[signer],
+                        timestamp=int(time.time()),
+                    )
+                    log.info(
+                        "Created a new network of one (genesis, build node %s)", signer.node_id
+                    )
+            log_store = await LogStore.open(kv, genesis, record_verifier=ParallelRecordVerifier())
         except BaseException:
             await kv.aclose()
             raise
@@ -189,6 +208,9 @@ class Node:
         return token
 
     async def aclose(self) -> None:
+        close = getattr(self.log_store.ledger.record_verifier, "close", None)
+        if close is not None:
+            close()
         with anyio.CancelScope(shield=True):
             if self.upstream is not None:
                 await self.upstream.aclose()
@@ -239,6 +261,8 @@ class Node:
             )
             committed = CommittedBlock(block, ledger.sign_block(block, self.signer))
             await self.log_store.append(committed, now=self.clock.now())
+            for listener in self.commit_listeners:
+                await listener(committed)
             log.info(
                 "Committed block %d with %d record(s), log size %d",
                 block.height,
@@ -246,6 +270,11 @@ class Node:
                 block.tree_size,
             )
             return committed
+
+    async def append_block(self, committed: CommittedBlock) -> None:
+        """Validate and store a block committed elsewhere (from a peer)."""
+        async with self._commit_lock:
+            await self.log_store.append(committed, now=self.clock.now())
 
     # -- builds --------------------------------------------------------------------
 
@@ -347,8 +376,8 @@ class Node:
             "node_id": self.node_id,
             "node_public_key": self.signer.public_key.hex,
             "peer_addresses": list(self.listen_urls),
-            "peers_count": 0,
-            "peers": [],
+            "peers_count": len(self.peers.table) if self.peers is not None else 0,
+            "peers": self.peers.peers() if self.peers is not None else [],
             "artifact_count": artifacts,
             "log_records": ledger.tree.size,
             "disk_allocated": self.config.disk_space,

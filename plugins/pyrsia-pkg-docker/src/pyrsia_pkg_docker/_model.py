@@ -159,8 +159,8 @@ class Manifest:
             raise ManifestError("manifest is larger than 4 MiB")
         try:
             doc: Any = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ManifestError(f"manifest is not JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"manifest is not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
         if doc.get("schemaVersion") != 2:

@@ -50,6 +50,37 @@ def parse_bearer_challenge(header: str) -> dict[str, str] | None:
     return dict(_CHALLENGE_PARAM.findall(params))
 
 
+class _ResponseBody:
+    """The body of an upstream response as an async iterator that always closes it.
+
+    (An async generator closed before its first ``__anext__`` never runs its
+    ``finally``, which would leak the pooled connection.)
+    """
+
+    def __init__(self, resp: httpx.Response, what: str) -> None:
+        self._resp = resp
+        self._what = what
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    def __aiter__(self) -> _ResponseBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = self._resp.aiter_raw(CHUNK)
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except httpx.HTTPError as exc:
+            await self.aclose()
+            raise UpstreamError(f"upstream transfer of {self._what} failed: {exc!r}") from None
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
 class RegistryUpstream(Upstream):
     name: ClassVar[str] = "registry"
 
@@ -130,6 +161,7 @@ class RegistryUpstream(Upstream):
         raise AssertionError("unreachable")
 
     async def open(self, locator: str, *, accept: Sequence[str] = ()) -> UpstreamResponse:
+        self._check_open()
         m = _LOCATOR.fullmatch(locator)
         if not m:
             raise UsageError(f"bad upstream locator {locator!r}")
@@ -156,13 +188,5 @@ class RegistryUpstream(Upstream):
         size = int(size_header) if size_header and size_header.isdigit() else None
         media_type = resp.headers.get("content-type", "application/octet-stream").split(";")[0]
 
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in resp.aiter_raw(CHUNK):
-                    yield chunk
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"upstream transfer of {repo}:{ref} failed: {exc!r}") from None
-            finally:
-                await resp.aclose()
-
-        return UpstreamResponse(media_type=media_type, size=size, digest=digest, body=body())
+        body = _ResponseBody(resp, f"{repo}:{ref}")
+        return UpstreamResponse(media_type=media_type, size=size, digest=digest, body=body)

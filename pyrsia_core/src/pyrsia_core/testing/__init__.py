@@ -15,20 +15,18 @@ from ._memory import (
     PackageIdError,
 )
 from ._network import (
-    BlobSource,
     Delivery,
     MemoryNetwork,
     MemoryPeerClient,
     MemoryTransport,
     MemoryUpstream,
     PeerFaults,
-    TransportError,
     UpstreamCall,
     UpstreamNotFoundError,
+    store_blob_source,
 )
 
 __all__ = [
-    "BlobSource",
     "Delivery",
     "FakeClock",
     "MemoryBlobStore",
@@ -40,7 +38,7 @@ __all__ = [
     "MemoryUpstream",
     "PackageIdError",
     "PeerFaults",
-    "TransportError",
     "UpstreamCall",
     "UpstreamNotFoundError",
+    "store_blob_source",
 ]

@@ -1,7 +1,8 @@
 """In-memory test doubles for the network interfaces (STYLE P11).
 
 :class:`MemoryNetwork` connects nodes inside one process: each node serves a
-:data:`~pyrsia_core.interfaces.RequestHandler` and a blob source at a
+:data:`~pyrsia_core.interfaces.RequestHandler` and a
+:data:`~pyrsia_core.interfaces.BlobSource` (or simply a blob store) at a
 :class:`~pyrsia_core.interfaces.PeerAddress`, and a :class:`MemoryTransport`
 connects to them. Delivery is a direct ``await`` of the peer's handler -- no
 tasks, no sleeps, no async library -- so it works under any event loop, and its
@@ -12,25 +13,26 @@ seeded probability, and blob streams can be corrupted, truncated or cut.
 :class:`MemoryUpstream` is an :class:`~pyrsia_core.interfaces.Upstream` over a
 dict, recording every call.
 
-The error classes here (:class:`TransportError`, :class:`UpstreamNotFoundError`)
-belong in :mod:`pyrsia_core.errors`; they live here until they move there, and
-will stay importable from :mod:`pyrsia_core.testing`.
+:class:`UpstreamNotFoundError` belongs in :mod:`pyrsia_core.errors`; it lives
+here until it moves there, and will stay importable from :mod:`pyrsia_core.testing`.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import ClassVar, Final, Literal
 
 import attrs
 
 from .._digest import Digest
-from ..errors import PyrsiaError, UsageError
+from ..errors import PyrsiaError, TransportError, UsageError
 from ..interfaces import (
+    BlobSource,
     BlobStore,
     PeerAddress,
+    PeerBlob,
     PeerClient,
     PeerTransport,
     RequestHandler,
@@ -39,40 +41,21 @@ from ..interfaces import (
 )
 
 __all__ = [
-    "BlobSource",
     "Delivery",
     "MemoryNetwork",
     "MemoryPeerClient",
     "MemoryTransport",
     "MemoryUpstream",
     "PeerFaults",
-    "TransportError",
     "UpstreamCall",
     "UpstreamNotFoundError",
+    "store_blob_source",
 ]
 
 #: Largest frame (request or reply) a :class:`MemoryNetwork` carries by default.
 DEFAULT_MAX_FRAME_SIZE: Final = 16 << 20
 #: Size of the chunks :class:`MemoryUpstream` bodies yield by default.
 DEFAULT_CHUNK_SIZE: Final = 64 << 10
-
-#: What a node serves blobs from: ``(digest, offset) -> chunks``; raises (for
-#: example ``BlobNotFound``) if it has no such blob.
-BlobSource = Callable[[Digest, int], AsyncIterator[bytes]]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class TransportError(PyrsiaError):
-    """A peer could not be reached, or an exchange with it failed.
-
-    Raised by :class:`~pyrsia_core.interfaces.PeerClient` and
-    :class:`~pyrsia_core.interfaces.PeerTransport` implementations for every
-    failure of the remote side: nobody listens at the address, the connection
-    broke, the request timed out, the peer's handler failed, the peer has no
-    such blob. The caller may try another peer.
-    """
 
 
 class UpstreamNotFoundError(PyrsiaError, LookupError):
@@ -86,6 +69,22 @@ def _url(address: PeerAddress | str) -> str:
     return url
 
 
+def store_blob_source(store: BlobStore) -> BlobSource:
+    """A :data:`~pyrsia_core.interfaces.BlobSource` serving every blob of ``store``.
+
+    Unknown digests and offsets past the end give ``None`` (not served). The
+    blob's ``path`` is passed on, so transports may send it with zero copy.
+    """
+
+    async def source(digest: Digest, offset: int) -> PeerBlob | None:
+        info = await store.stat(digest)
+        if info is None or not 0 <= offset <= info.size:
+            return None
+        return PeerBlob(info.size, offset, store.open(digest, offset=offset), info.path)
+
+    return source
+
+
 # --------------------------------------------------------------------------- network
 
 
@@ -93,22 +92,23 @@ def _url(address: PeerAddress | str) -> str:
 class PeerFaults:
     """The faults injected for one address; change the fields at any time.
 
-    Exchange faults (checked when a ``connect``, ``request`` or ``fetch_blob``
-    to the address starts):
+    Exchange faults (checked when a ``connect``, ``request`` or blob fetch to
+    the address starts):
 
-    * ``down``: every exchange raises :class:`TransportError`, as does ``connect``.
-    * ``fail_next``: the next N requests or fetches raise :class:`TransportError`.
-    * ``drop_rate``: each request or fetch raises :class:`TransportError` with this
-      probability, drawn from the network's seeded ``rng``.
+    * ``down``: every exchange raises :class:`~pyrsia_core.errors.TransportError`,
+      as does ``connect``.
+    * ``fail_next``: the next N requests or blob fetches raise ``TransportError``.
+    * ``drop_rate``: each request or blob fetch raises ``TransportError`` with
+      this probability, drawn from the network's seeded ``rng``.
 
-    Blob faults (applied to the bytes of every ``fetch_blob`` from the address):
+    Blob faults (applied to the bytes of every blob fetched from the address):
 
     * ``corrupt_at``: the byte at this offset *of the blob* is flipped (so a
       resumed fetch that starts past it is clean).
     * ``truncate_after``: the stream ends cleanly after this many bytes *of the
       stream*, as a connection closed early without a length check would.
-    * ``fail_after``: the stream raises :class:`TransportError` after this many
-      bytes of the stream.
+    * ``fail_after``: the stream raises ``TransportError`` when it would go past
+      this many bytes of the stream (a blob of exactly that length completes).
     """
 
     down: bool = False
@@ -148,17 +148,6 @@ class _Peer:
     blobs: BlobSource | None
 
 
-def _blob_source(blobs: BlobSource | BlobStore | None) -> BlobSource | None:
-    if isinstance(blobs, BlobStore):
-        store = blobs
-
-        def from_store(digest: Digest, offset: int) -> AsyncIterator[bytes]:
-            return store.open(digest, offset=offset)
-
-        return from_store
-    return blobs
-
-
 class MemoryNetwork:
     """Nodes in one process, reachable at their :class:`~pyrsia_core.interfaces.PeerAddress`.
 
@@ -174,7 +163,7 @@ class MemoryNetwork:
     Addresses are matched by URL. If both the served address and the address
     connected to carry a ``node_id``, they must agree (as a transport that
     authenticates peers would check). ``deliveries`` records every request and
-    fetch that was started, for assertions.
+    blob fetch that was started, for assertions.
     """
 
     def __init__(self, *, seed: int = 0, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -199,15 +188,17 @@ class MemoryNetwork:
     ) -> PeerAddress:
         """Answer requests to ``address`` with ``handler`` and blob fetches from ``blobs``.
 
-        ``blobs`` is a :class:`~pyrsia_core.interfaces.BlobStore` or a
-        :data:`BlobSource`; without it every fetch fails. Raises
+        ``blobs`` is a :data:`~pyrsia_core.interfaces.BlobSource` or a
+        :class:`~pyrsia_core.interfaces.BlobStore` (served whole, see
+        :func:`store_blob_source`); without it no blob is served. Raises
         :class:`~pyrsia_core.errors.UsageError` if the address is already served.
         """
         peer_address = address if isinstance(address, PeerAddress) else PeerAddress(address)
         url = _url(peer_address)
         if url in self._peers:
             raise UsageError(f"{url} is already served")
-        self._peers[url] = _Peer(peer_address, handler, _blob_source(blobs))
+        source = store_blob_source(blobs) if isinstance(blobs, BlobStore) else blobs
+        self._peers[url] = _Peer(peer_address, handler, source)
         return peer_address
 
     def stop(self, address: PeerAddress | str) -> bool:
@@ -230,7 +221,7 @@ class MemoryNetwork:
             self.stop(served)
 
     def new_address(self, prefix: str = "peer") -> PeerAddress:
-        """An address no node of this network has served yet (``memory://peer-1``...)."""
+        """An address no node of this network serves (``memory://peer-1``, ...)."""
         while True:
             self._next_id += 1
             url = f"memory://{prefix}-{self._next_id}"
@@ -279,12 +270,12 @@ class MemoryNetwork:
     def _cut_off(self, source: str | None, target: str) -> bool:
         if source is None:
             return False
-        mine = [g for g in self._groups if source in g]
-        theirs = [g for g in self._groups if target in g]
-        return bool(mine and theirs) and not set(mine) & set(theirs)
+        mine = {g for g in self._groups if source in g}
+        theirs = {g for g in self._groups if target in g}
+        return bool(mine and theirs) and not mine & theirs
 
     def _route(self, source: str | None, target: PeerAddress, *, exchange: bool) -> _Peer:
-        """The peer at ``target``, or raise :class:`TransportError` as the faults say."""
+        """The peer at ``target``, or raise ``TransportError`` as the faults say."""
         url = target.url
         faults = self._faults.get(url)
         if faults is not None and faults.down:
@@ -305,6 +296,81 @@ class MemoryNetwork:
             if faults.drop_rate > 0 and self.rng.random() < faults.drop_rate:
                 raise TransportError(f"exchange with {url} was dropped (injected)")
         return peer
+
+
+class _BlobStream:
+    """The body of a blob fetched over a :class:`MemoryNetwork`, with the peer's faults.
+
+    A class rather than an async generator so that ``aclose()`` closes the
+    peer's stream even before the first chunk. Opens the blob on the first
+    ``__anext__`` unless given an already opened one.
+    """
+
+    def __init__(
+        self, client: MemoryPeerClient, digest: Digest, offset: int, blob: PeerBlob | None
+    ) -> None:
+        self._client = client
+        self._digest = digest
+        self._position = offset  # in the blob
+        self._sent = 0  # in this stream
+        self._body = blob.body if blob is not None else None
+        self._done = False
+        self._error: TransportError | None = None  # raised after a partial last chunk
+
+    def __aiter__(self) -> _BlobStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if self._done:
+            raise StopAsyncIteration
+        client = self._client
+        url = client.address.url
+        try:
+            if self._body is None:
+                self._body = (await client._open(self._digest, self._position)).body
+            client._check_open()
+            try:
+                chunk = bytes(await self._body.__anext__())
+            except StopAsyncIteration:
+                await self.aclose()
+                raise
+            except Exception as exc:
+                raise TransportError(f"{url} failed sending {self._digest}: {exc!r}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+        faults = client._network.faults(url)
+        corrupt = faults.corrupt_at
+        if corrupt is not None and self._position <= corrupt < self._position + len(chunk):
+            i = corrupt - self._position
+            chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
+        self._position += len(chunk)
+        end = self._sent + len(chunk)
+        if faults.fail_after is not None and end > faults.fail_after:
+            await self.aclose()
+            error = TransportError(f"connection to {url} broke (injected)")
+            keep = faults.fail_after - self._sent
+            if keep <= 0:
+                raise error
+            self._error = error
+            chunk = chunk[:keep]
+        elif faults.truncate_after is not None and end >= faults.truncate_after:
+            await self.aclose()
+            chunk = chunk[: max(faults.truncate_after - self._sent, 0)]
+            if not chunk:
+                raise StopAsyncIteration
+        self._sent += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._done = True
+        body, self._body = self._body, None
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 class MemoryPeerClient(PeerClient):
@@ -344,19 +410,31 @@ class MemoryPeerClient(PeerClient):
             raise TransportError(f"reply of {len(reply)} bytes exceeds {network.max_frame_size}")
         return reply
 
-    def fetch_blob(
-        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
-    ) -> AsyncIterator[bytes]:
+    def _check_fetch(self, digest: Digest, offset: int, timeout: float) -> None:
         self._check_open()
         if not isinstance(digest, Digest):
-            raise UsageError(f"fetch_blob takes a Digest, got {type(digest).__name__}")
+            raise UsageError(f"blobs are fetched by Digest, got {type(digest).__name__}")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        return self._fetch(digest, offset)
 
-    async def _fetch(self, digest: Digest, offset: int) -> AsyncIterator[bytes]:
+    def fetch_blob(
+        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+    ) -> AsyncIterator[bytes]:
+        self._check_fetch(digest, offset, timeout)
+        return _BlobStream(self, digest, offset, None)
+
+    async def open_blob(
+        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+    ) -> PeerBlob:
+        self._check_fetch(digest, offset, timeout)
+        blob = await self._open(digest, offset)
+        return PeerBlob(blob.size, offset, _BlobStream(self, digest, offset, blob))
+
+    async def _open(self, digest: Digest, offset: int) -> PeerBlob:
+        """Ask the peer's blob source (raises ``TransportError`` if it has nothing)."""
+        self._check_open()
         network = self._network
         url = self.address.url
         network.deliveries.append(
@@ -366,50 +444,22 @@ class MemoryPeerClient(PeerClient):
         if peer.blobs is None:
             raise TransportError(f"{url} serves no blobs")
         try:
-            chunks = peer.blobs(digest, offset)
+            blob = await peer.blobs(digest, offset)
         except Exception as exc:
-            raise TransportError(f"{url} cannot send blob {digest}: {exc!r}") from exc
-        faults = network.faults(url)
-        sent = 0
-        position = offset
-        try:
-            while True:
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:
-                    raise TransportError(f"{url} failed sending blob {digest}: {exc!r}") from exc
-                self._check_open()
-                chunk = bytes(chunk)
-                corrupt = faults.corrupt_at
-                if corrupt is not None and position <= corrupt < position + len(chunk):
-                    i = corrupt - position
-                    chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
-                position += len(chunk)
-                limit = faults.truncate_after
-                cut = faults.fail_after
-                if cut is not None and sent + len(chunk) > cut:
-                    if cut > sent:
-                        yield chunk[: cut - sent]
-                    raise TransportError(f"connection to {url} broke (injected)")
-                if limit is not None and sent + len(chunk) >= limit:
-                    if limit > sent:
-                        yield chunk[: limit - sent]
-                    return
-                sent += len(chunk)
-                yield chunk
-        finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            raise TransportError(f"{url} failed to open {digest}: {exc!r}") from exc
+        if blob is None:
+            raise TransportError(f"{url} does not serve {digest} (from byte {offset})")
+        if blob.offset != offset:
+            raise TransportError(f"{url} sent {digest} from byte {blob.offset}, not {offset}")
+        return blob
 
 
 class MemoryTransport(PeerTransport):
     """The connecting side of a node on a :class:`MemoryNetwork`.
 
     ``address`` is the node's own address, used only for partitions and in
-    ``deliveries``. Closing the transport closes the clients it made.
+    ``deliveries``. Closing the transport closes the clients it made. Nodes
+    serve through :meth:`MemoryNetwork.serve`, not :meth:`serve`.
     """
 
     name: ClassVar[str] = "memory"
