@@ -14,6 +14,7 @@ DISTRIBUTIONS = [
     "./plugins/pyrsia-storage-fs",
     "./plugins/pyrsia-storage-leveldb",
     "./plugins/pyrsia-pkg-docker",
+    "./plugins/pyrsia-transport-http",
     "./pyrsia_registry",
     "./pyrsia_cli",
 ]

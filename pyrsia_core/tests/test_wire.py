@@ -7,10 +7,11 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pyrsia_core import Ed25519Signer, canonical_json
 from pyrsia_core._ratelimit import TokenBucket
 from pyrsia_core._wire import MAX_SMALL_FRAME, ReplayGuard, open_frame, seal
 from pyrsia_core.errors import PeerMisbehaved
+
+from pyrsia_core import Ed25519Signer, canonical_json
 
 A = Ed25519Signer.from_seed(b"a" * 32)
 B = Ed25519Signer.from_seed(b"b" * 32)

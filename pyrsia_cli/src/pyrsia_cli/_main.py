@@ -80,10 +80,9 @@ def _json_or_fail(resp: httpx.Response, what: str) -> Any:
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     import anyio
-    from pyrsia_registry._config import default_data_dir
+    from pyrsia_registry._config import default_data_dir, parse_rate
 
     from pyrsia_registry import NodeConfig, parse_size, run_node
-    from pyrsia_registry._config import parse_rate
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),

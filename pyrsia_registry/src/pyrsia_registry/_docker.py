@@ -93,13 +93,13 @@ class DockerService:
     async def in_log(self, ref: ImageRef, digest: Digest) -> bool:
         return bool(await self._artifact_records(ref, digest))
 
-    async def settle(self, package_id: str | None = None, *, timeout: float = 60.0) -> None:
+    async def settle(self, package_id: str | None = None, *, limit: float = 60.0) -> None:
         """Wait (bounded) for running builds -- of ``package_id``, or all -- to commit.
 
         A client is answered while its image is still being built; what it asks next
         (the log, the status) then reflects that build.
         """
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(limit):
             for (package_type, pid), running in list(self.node.inflight.items()):
                 if package_type == RECORD_TYPE and package_id in (None, pid):
                     await running.done.wait()
@@ -184,7 +184,9 @@ class DockerService:
                     return await peers.fetch(digest)
                 except PyrsiaError as exc:
                     if self.node.upstream is None or not self.node.is_build_node:
-                        raise BuildError(f"{digest} could not be fetched from peers: {exc}")
+                        raise BuildError(
+                            f"{digest} could not be fetched from peers: {exc}"
+                        ) from None
                     log.warning("Peers could not provide %s (%s); trying the upstream", digest,
                                 exc)
             if not self.node.is_build_node and self.node.upstream is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -40,25 +41,89 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
 
     Usable from any anyio program: ``async with start_node(cfg) as running: ...``.
     """
-    node = await Node.open(config)
+    from pyrsia_core import plugins
+
+    from ._p2p import PeerConfig, PeerService
+
+    transport = plugins.create("pyrsia.transport", config.transport, {})
+    peer_config = PeerConfig(
+        peers=tuple(config.peers),
+        listen_only=config.listen_only,
+        no_serve=config.no_serve,
+        max_upload_rate=config.max_upload_rate,
+        public_url=config.public_url or f"http://{config.host}:{config.port}",
+        sync_interval=config.sync_interval,
+    )
+    genesis_source = None
+    if config.peers:
+
+        async def genesis_source_fn() -> Any:
+            asker = PeerService(_GenesisOnly(config), transport, peer_config)  # type: ignore[arg-type]
+            try:
+                return await asker.fetch_genesis(config.peers)
+            finally:
+                await asker.aclose()
+
+        genesis_source = genesis_source_fn
+    try:
+        node = await Node.open(config, genesis_source=genesis_source)
+    except BaseException:
+        await transport.aclose()
+        raise
     try:
         async with anyio.create_task_group() as tg:
             service = DockerService(node, tg)
-            app = NodeApp(OciApp(service), NodeApi(service))
+            peers = PeerService(node, transport, peer_config)
+            node.peers = peers
+            node.commit_listeners.append(lambda committed: _spawn(tg, peers.gossip, committed))
+            p2p_app = transport.asgi_app(peers.handle, peers.blob_source)
+            app = NodeApp(OciApp(service), NodeApi(service), p2p_app)
             running = RunningNode(node, app, service)
             if serve_http:
                 from ._server import serve
 
                 port = await tg.start(serve, app, config.host, config.port)
                 running.port = port
-                node.listen_urls.append(f"http://{config.host}:{port}")
-                log.info("Pyrsia node listening on http://%s:%d", config.host, port)
+                url = f"http://{config.host}:{port}"
+                node.listen_urls.append(url)
+                if not config.public_url:
+                    peers.config.public_url = url
+                log.info("Pyrsia node listening on %s", url)
+            await tg.start(peers.run)
             try:
                 yield running
             finally:
                 tg.cancel_scope.cancel()
     finally:
+        with anyio.CancelScope(shield=True):
+            if node.peers is not None:
+                await node.peers.aclose()
+            await transport.aclose()
         await node.aclose()
+
+
+async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
+    tg.start_soon(fn, *args)
+
+
+@attrs.define
+class _GenesisOnly:
+    """Just enough of a node for a PeerService to ask peers for the genesis block."""
+
+    config: NodeConfig
+    signer: Any = attrs.field(init=False)
+    node_id: str = attrs.field(init=False)
+    clock: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        from pyrsia_core.interfaces import SystemClock
+
+        from pyrsia_core import Ed25519Signer
+
+        # A throwaway key: the genesis reply is verified by its content, not by who asked.
+        self.signer = Ed25519Signer.generate()
+        self.node_id = self.signer.node_id
+        self.clock = SystemClock()
 
 
 async def run_node(config: NodeConfig) -> None:

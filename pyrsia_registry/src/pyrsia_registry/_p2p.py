@@ -1,0 +1,622 @@
+"""The peer-to-peer side of a node: routing, providers, ledger sync and gossip, peer fetch.
+
+The core owns the decisions (wire format, Kademlia tables and lookups, ledger rules);
+this module is the runner: it feeds frames from the transport into them, sleeps,
+retries and streams. Every frame is verified (:func:`pyrsia_core._wire.open_frame`
+plus a replay guard); every block is validated by the ledger before it is stored;
+every blob from a peer is hashed while it streams into the blob store, which keeps
+it only if it matches the digest that the log vouches for.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from pyrsia_core._kademlia import Contact, Lookup, ProviderStore, RoutingTable
+from pyrsia_core._ratelimit import TokenBucket
+from pyrsia_core._wire import Envelope, ReplayGuard, open_frame, seal
+from pyrsia_core.errors import (
+    BlockError,
+    DigestMismatch,
+    PeerMisbehaved,
+    PyrsiaError,
+    TransportError,
+)
+from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, PeerTransport
+
+from pyrsia_core import CommittedBlock, Digest
+
+from ._node import Node
+
+__all__ = ["PeerConfig", "PeerService"]
+
+log = logging.getLogger("pyrsia.p2p")
+K = 20
+ALPHA = 3
+MAX_BLOCKS_PER_REPLY = 256
+PROVIDER_TTL = 24 * 3600.0
+CHUNK = 1024 * 1024
+
+
+@attrs.define
+class PeerConfig:
+    peers: tuple[str, ...] = ()
+    listen_only: bool = False
+    no_serve: bool = False
+    max_upload_rate: float | None = None  # bytes per second
+    public_url: str = ""
+    sync_interval: float = 5.0
+    rpc_timeout: float = 10.0
+    blob_timeout: float = 15.0
+
+
+@attrs.define
+class PeerStats:
+    address: str
+    last_seen: float = 0.0
+    inflight: int = 0  # our downloads from this peer now
+    throughput: float = 0.0  # EWMA of bytes/s we got from it
+    remote_uploads: int = 0  # the in-flight uploads it reported
+    failures: int = 0
+    misbehaved: int = 0
+
+
+def _node_key(node_id: str) -> bytes:
+    return bytes.fromhex(node_id)
+
+
+@attrs.define(eq=False)
+class PeerService:
+    node: Node
+    transport: PeerTransport
+    config: PeerConfig
+    table: RoutingTable = attrs.field(init=False)
+    providers: ProviderStore = attrs.field(init=False)
+    replay: ReplayGuard = attrs.Factory(ReplayGuard)
+    stats: dict[str, PeerStats] = attrs.Factory(dict)
+    uploads_inflight: int = 0
+    bucket: TokenBucket | None = None
+    _clients: dict[str, PeerClient] = attrs.Factory(dict)
+    _seen_blocks: set[str] = attrs.Factory(set)
+    _sync_lock: anyio.Lock = attrs.Factory(anyio.Lock)
+    _tg: anyio.abc.TaskGroup | None = None
+    _rng: random.Random = attrs.Factory(random.Random)
+
+    def __attrs_post_init__(self) -> None:
+        self.table = RoutingTable(_node_key(self.node.node_id), k=K)
+        self.providers = ProviderStore(ttl=PROVIDER_TTL, max_per_key=K)
+        if self.config.max_upload_rate:
+            rate = self.config.max_upload_rate
+            self.bucket = TokenBucket(rate=rate, burst=max(rate / 10, 256 * 1024))
+
+    @property
+    def address(self) -> str:
+        return self.config.public_url
+
+    def now(self) -> float:
+        return self.node.clock.now()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _saw(self, node_id: str, address: str) -> None:
+        if node_id == self.node.node_id or not address.startswith(("http://", "https://")):
+            return
+        st = self.stats.get(node_id)
+        if st is None:
+            st = self.stats[node_id] = PeerStats(address)
+        st.address = address
+        st.last_seen = self.now()
+        self.table.update(Contact(_node_key(node_id), address), self.node.clock.monotonic())
+
+    def _blame(self, node_id: str, reason: str) -> None:
+        st = self.stats.get(node_id)
+        if st is not None:
+            st.misbehaved += 1
+        log.warning("Peer %s misbehaved: %s", node_id[:16], reason)
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        for c in self.table.contacts():
+            nid = c.node_id.hex()
+            st = self.stats.get(nid)
+            out.append(
+                {
+                    "node_id": nid,
+                    "address": c.address,
+                    "last_seen": int(st.last_seen) if st else None,
+                    "is_build_node": nid in self.node.log_store.ledger.validators,
+                }
+            )
+        return sorted(out, key=lambda p: p["node_id"])
+
+    # ------------------------------------------------------------------ server side
+
+    async def handle(self, frame: bytes) -> bytes:
+        """Answer one peer request (the transport calls this)."""
+        now = self.now()
+        try:
+            env = open_frame(frame, now=now)
+            self.replay.check(env, now)
+        except PeerMisbehaved as exc:
+            log.warning("Rejected a peer message: %s", exc)
+            return self._seal("ERROR", {"error": str(exc)[:300]})
+        self._saw(env.sender, env.address)
+        try:
+            type_, body = await self._dispatch(env)
+        except PeerMisbehaved as exc:
+            self._blame(env.sender, exc.reason)
+            return self._seal("ERROR", {"error": exc.reason[:300]})
+        except (PyrsiaError, ValueError, KeyError, TypeError) as exc:
+            log.warning("Peer %s sent a bad %s: %s", env.sender[:16], env.type, exc)
+            return self._seal("ERROR", {"error": f"bad {env.type}: {str(exc)[:300]}"})
+        return self._seal(type_, body)
+
+    def _seal(self, type_: str, body: dict[str, Any]) -> bytes:
+        return seal(self.node.signer, type_, body, address=self.address, now=self.now())
+
+    def _contacts_json(self, contacts: Sequence[Contact]) -> list[dict[str, str]]:
+        return [{"node_id": c.node_id.hex(), "address": c.address} for c in contacts]
+
+    def _head(self) -> dict[str, Any]:
+        ledger = self.node.log_store.ledger
+        return {
+            "height": ledger.height,
+            "hash": ledger.head_hash,
+            "genesis": ledger.genesis_hash,
+            "uploads": self.uploads_inflight,
+        }
+
+    async def _dispatch(self, env: Envelope) -> tuple[str, dict[str, Any]]:
+        body = env.body
+        if env.type == "PING":
+            return "PONG", self._head()
+        if env.type == "GET_HEAD":
+            return "HEAD", self._head()
+        if env.type == "FIND_NODE":
+            target = _key(body.get("target"))
+            return "NODES", {"contacts": self._contacts_json(self.table.closest(target, K))}
+        if env.type == "GET_PROVIDERS":
+            key = _key(body.get("key"))
+            found = self.providers.get(key, self.node.clock.monotonic())
+            mine = []
+            if await self.node.local_blob(Digest(key.hex())) is not None and not (
+                self.config.no_serve
+            ):
+                mine = [{"node_id": self.node.node_id, "address": self.address}]
+            return "PROVIDERS", {
+                "providers": mine + self._contacts_json(found),
+                "contacts": self._contacts_json(self.table.closest(key, K)),
+            }
+        if env.type == "ADD_PROVIDER":
+            key = _key(body.get("key"))
+            self.providers.add(
+                key,
+                Contact(_node_key(env.sender), env.address),
+                self.node.clock.monotonic(),
+                self.node.clock.monotonic() + PROVIDER_TTL,
+            )
+            return "OK", {}
+        if env.type == "GET_GENESIS":
+            genesis = await self.node.log_store.block(0)
+            assert genesis is not None
+            return "GENESIS", {"block": genesis.to_json()}
+        if env.type == "GET_BLOCKS":
+            start, end = body.get("start"), body.get("end")
+            if type(start) is not int or type(end) is not int or start < 0 or end < start:
+                raise ValueError("GET_BLOCKS needs 0 <= start <= end")
+            end = min(end, start + MAX_BLOCKS_PER_REPLY)
+            blocks = await self.node.log_store.blocks(start, end)
+            return "BLOCKS", {"blocks": [b.to_json() for b in blocks]}
+        if env.type == "NEW_BLOCK":
+            committed = CommittedBlock.from_json(body.get("block"))
+            await self._receive_block(committed, env)
+            return "OK", {}
+        raise ValueError(f"{env.type} is not a request")
+
+    async def blob_source(self, digest: Digest, offset: int) -> PeerBlob | None:
+        """What this node serves to peers: logged artifacts it holds, within its limits."""
+        if self.config.no_serve:
+            return None
+        info = await self.node.local_blob(digest)
+        if info is None or not await self.node.records_for_artifact(digest):
+            return None
+        if offset < 0 or offset > info.size:
+            return None
+        return PeerBlob(
+            size=info.size,
+            offset=offset,
+            body=self._upload(digest, offset, info.size - offset),
+            path=info.path if self.bucket is None else None,
+        )
+
+    async def _upload(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
+        self.uploads_inflight += 1
+        try:
+            async for chunk in self.node.blobs.open(digest, offset=offset, length=count):
+                for pos in range(0, len(chunk), 256 * 1024):
+                    piece = chunk[pos : pos + 256 * 1024]
+                    if self.bucket is not None:
+                        delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
+                        if delay > 0:
+                            await anyio.sleep(delay)
+                    yield piece
+        finally:
+            self.uploads_inflight -= 1
+
+    # ------------------------------------------------------------------ client side
+
+    async def _client(self, address: str) -> PeerClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = await self.transport.connect(PeerAddress(address))
+        return client
+
+    async def rpc(
+        self, address: str, type_: str, body: dict[str, Any], expect: set[str]
+    ) -> Envelope:
+        """Send a request and verify the signed reply (raises TransportError/PeerMisbehaved)."""
+        client = await self._client(address)
+        reply = await client.request(self._seal(type_, body), timeout=self.config.rpc_timeout)
+        env = open_frame(reply, now=self.now(), expect=expect | {"ERROR"})
+        if env.type == "ERROR":
+            raise TransportError(f"{address} refused {type_}: {env.body.get('error')}")
+        self._saw(env.sender, env.address or address)
+        if "uploads" in env.body and env.sender in self.stats:
+            uploads = env.body["uploads"]
+            self.stats[env.sender].remote_uploads = uploads if type(uploads) is int else 0
+        return env
+
+    async def ping(self, address: str) -> Envelope:
+        return await self.rpc(address, "PING", {}, {"PONG"})
+
+    async def fetch_genesis(self, addresses: Sequence[str]) -> CommittedBlock:
+        """The network's genesis block from the first peer that answers."""
+        errors = []
+        for address in addresses:
+            try:
+                env = await self.rpc(address, "GET_GENESIS", {}, {"GENESIS"})
+                genesis = CommittedBlock.from_json(env.body.get("block"))
+                log.info("Joined network %s (genesis from %s)", genesis.block.origin, address)
+                return genesis
+            except (PyrsiaError, ValueError) as exc:
+                errors.append(f"{address}: {exc}")
+        raise TransportError("no peer gave the network's genesis: " + "; ".join(errors))
+
+    async def lookup(self, target: bytes, kind: str = "nodes") -> Lookup:
+        """Run an iterative Kademlia lookup (alpha requests in flight)."""
+        seeds = self.table.closest(target, K)
+        lookup = Lookup(
+            target,
+            seeds,
+            kind=kind,
+            alpha=ALPHA,
+            k=K,  # type: ignore[arg-type]
+            own_id=_node_key(self.node.node_id),
+        )
+        while not lookup.done:
+            batch = lookup.next_queries()
+            if not batch:
+                break
+
+            async def ask(c: Contact) -> None:
+                try:
+                    if kind == "providers":
+                        env = await self.rpc(
+                            c.address, "GET_PROVIDERS", {"key": target.hex()}, {"PROVIDERS"}
+                        )
+                        provs = _contacts(env.body.get("providers"))
+                    else:
+                        env = await self.rpc(
+                            c.address, "FIND_NODE", {"target": target.hex()}, {"NODES"}
+                        )
+                        provs = None
+                    lookup.on_response(c, _contacts(env.body.get("contacts")), provs)
+                except (PyrsiaError, ValueError) as exc:
+                    log.debug("lookup query to %s failed: %s", c.address, exc)
+                    lookup.on_failure(c)
+
+            async with anyio.create_task_group() as tg:
+                for c in batch:
+                    tg.start_soon(ask, c)
+        return lookup
+
+    async def bootstrap(self) -> None:
+        """Meet the configured peers, fill the routing table, catch the ledger up."""
+        for address in self.config.peers:
+            try:
+                await self.ping(address)
+            except (PyrsiaError, ValueError) as exc:
+                log.warning("Peer %s did not answer: %s", address, exc)
+        if len(self.table):
+            lookup = await self.lookup(_node_key(self.node.node_id))
+            for c in lookup.result():
+                self._saw(c.node_id.hex(), c.address)
+            log.info("Bootstrapped: %d peer(s) known", len(self.table))
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Ask known peers for their head; fetch and validate any blocks we miss."""
+        for nid, st in list(self.stats.items()):
+            try:
+                env = await self.rpc(st.address, "GET_HEAD", {}, {"HEAD"})
+            except (PyrsiaError, ValueError) as exc:
+                st.failures += 1
+                log.debug("head request to %s failed: %s", nid[:16], exc)
+                continue
+            height = env.body.get("height")
+            if env.body.get("genesis") != self.node.log_store.ledger.genesis_hash:
+                continue
+            if type(height) is int and height > self.node.log_store.ledger.height:
+                await self.sync_from(st.address, height)
+
+    async def sync_from(self, address: str, target: int) -> int:
+        """Fetch blocks up to ``target`` from one peer, validating each; return how many."""
+        added = 0
+        async with self._sync_lock:
+            while self.node.log_store.ledger.height < target:
+                start = self.node.log_store.ledger.height + 1
+                env = await self.rpc(
+                    address, "GET_BLOCKS", {"start": start, "end": target + 1}, {"BLOCKS"}
+                )
+                raw = env.body.get("blocks")
+                if not isinstance(raw, list) or not raw:
+                    break
+                for item in raw:
+                    committed = CommittedBlock.from_json(item)
+                    if committed.block.height <= self.node.log_store.ledger.height:
+                        continue
+                    try:
+                        await self.node.append_block(committed)
+                    except BlockError as exc:
+                        self._blame(env.sender, f"sent an invalid block: {exc}")
+                        return added
+                    self._seen_blocks.add(committed.block.hash)
+                    added += 1
+        if added:
+            log.info(
+                "Synced %d block(s) from %s; ledger height %d",
+                added,
+                address,
+                self.node.log_store.ledger.height,
+            )
+        return added
+
+    async def _receive_block(self, committed: CommittedBlock, env: Envelope) -> None:
+        block = committed.block
+        if block.hash in self._seen_blocks:
+            return
+        ledger = self.node.log_store.ledger
+        if block.height <= ledger.height:
+            return
+        if block.height > ledger.height + 1:
+            # We missed blocks: catch up from the sender (range requests), in the background.
+            if self._tg is not None:
+                self._tg.start_soon(self._sync_quietly, env.address, block.height)
+            return
+        async with self._sync_lock:
+            if self.node.log_store.ledger.height + 1 != block.height:
+                return
+            try:
+                await self.node.append_block(committed)
+            except BlockError as exc:
+                raise PeerMisbehaved(env.sender, f"gossiped an invalid block: {exc}") from None
+        self._seen_blocks.add(block.hash)
+        log.info("Block %d from %s appended (gossip)", block.height, env.sender[:16])
+        await self.gossip(committed, exclude={env.sender})
+
+    async def _sync_quietly(self, address: str, target: int) -> None:
+        try:
+            await self.sync_from(address, target)
+        except (PyrsiaError, ValueError) as exc:
+            log.warning("Sync from %s failed: %s", address, exc)
+
+    async def gossip(self, committed: CommittedBlock, exclude: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        """Send a committed block to every known peer."""
+        self._seen_blocks.add(committed.block.hash)
+        body = {"block": committed.to_json()}
+
+        async def send(nid: str, address: str) -> None:
+            try:
+                await self.rpc(address, "NEW_BLOCK", body, {"OK"})
+            except (PyrsiaError, ValueError) as exc:
+                log.debug("gossip to %s failed: %s", nid[:16], exc)
+
+        async with anyio.create_task_group() as tg:
+            for c in self.table.contacts():
+                nid = c.node_id.hex()
+                if nid not in exclude:
+                    tg.start_soon(send, nid, c.address)
+
+    async def announce(self, digests: Sequence[Digest]) -> None:
+        """Tell the peers closest to each digest that this node provides it."""
+        if self.config.no_serve or not len(self.table):
+            return
+        for digest in digests:
+            key = digest.raw
+            self.providers.provide(key)
+            lookup = await self.lookup(key)
+            targets = lookup.result() or self.table.closest(key, K)
+
+            async def tell(c: Contact, key: bytes = key) -> None:
+                try:
+                    await self.rpc(c.address, "ADD_PROVIDER", {"key": key.hex()}, {"OK"})
+                except (PyrsiaError, ValueError) as exc:
+                    log.debug("ADD_PROVIDER to %s failed: %s", c.address, exc)
+
+            async with anyio.create_task_group() as tg:
+                for c in targets:
+                    tg.start_soon(tell, c)
+
+    async def find_providers(self, digest: Digest) -> list[Contact]:
+        key = digest.raw
+        found: dict[bytes, Contact] = {
+            c.node_id: c for c in self.providers.get(key, self.node.clock.monotonic())
+        }
+        if len(self.table):
+            lookup = await self.lookup(key, kind="providers")
+            for c in lookup.providers():
+                found.setdefault(c.node_id, c)
+        found.pop(_node_key(self.node.node_id), None)
+        return list(found.values())
+
+    def _rank(self, providers: list[Contact]) -> list[Contact]:
+        """Least loaded first: in-flight transfers over measured throughput."""
+
+        def cost(c: Contact) -> tuple[float, float]:
+            st = self.stats.get(c.node_id.hex())
+            if st is None:
+                return (0.0, self._rng.random())
+            if st.misbehaved:
+                return (1e9 + st.misbehaved, 0.0)
+            load = st.inflight + st.remote_uploads + 1
+            speed = st.throughput or 50e6  # optimistic for peers not measured yet
+            return (load / speed, self._rng.random())
+
+        return sorted(providers, key=cost)
+
+    async def fetch(self, digest: Digest) -> BlobInfo:
+        """Fetch a logged blob from peers, resuming on another provider after a failure.
+
+        The bytes stream into the blob store, which hashes them and keeps the blob only
+        if it matches ``digest``; nothing unverified is stored or served.
+        """
+        providers = self._rank(await self.find_providers(digest))
+        if not providers:
+            raise TransportError(f"no peer provides {digest}")
+        tried: list[Contact] = []
+        size_box: list[int | None] = [None]
+        served_by: list[str] = []
+
+        async def chain() -> AsyncIterator[bytes]:
+            received = 0
+            for c in providers:
+                nid = c.node_id.hex()
+                st = self.stats.setdefault(nid, PeerStats(c.address))
+                tried.append(c)
+                st.inflight += 1
+                started, got = time.monotonic(), 0
+                try:
+                    client = await self._client(c.address)
+                    blob = await client.open_blob(
+                        digest, offset=received, timeout=self.config.blob_timeout
+                    )
+                    if blob.size is not None:
+                        if size_box[0] is None:
+                            size_box[0] = blob.size
+                            await self.node.make_room(blob.size)
+                        elif blob.size != size_box[0]:
+                            self._blame(
+                                nid,
+                                f"announced {blob.size} bytes for {digest}, "
+                                f"another peer {size_box[0]}",
+                            )
+                            continue
+                    async for chunk in blob.body:
+                        received += len(chunk)
+                        got += len(chunk)
+                        if size_box[0] is not None and received > size_box[0]:
+                            raise PeerMisbehaved(nid, f"sent more than {size_box[0]} bytes")
+                        yield chunk
+                    if size_box[0] is None or received >= size_box[0]:
+                        served_by.append(nid)
+                        return
+                    raise TransportError(f"{c.address} ended {digest} early at {received}")
+                except (TransportError, PeerMisbehaved, OSError) as exc:
+                    st.failures += 1
+                    log.warning(
+                        "Peer %s failed while sending %s at byte %d (%s); resuming from "
+                        "the next provider",
+                        nid[:16],
+                        digest,
+                        received,
+                        exc,
+                    )
+                    served_by.append(nid)
+                finally:
+                    st.inflight -= 1
+                    elapsed = max(time.monotonic() - started, 1e-3)
+                    if got:
+                        rate = got / elapsed
+                        st.throughput = (
+                            rate if not st.throughput else 0.7 * st.throughput + 0.3 * rate
+                        )
+            raise TransportError(f"every provider of {digest} failed")
+
+        try:
+            info = await self.node.store_stream(chain(), digest, None)
+        except DigestMismatch:
+            for nid in served_by:
+                self._blame(nid, f"sent bytes for {digest} that do not match the digest")
+            raise
+        log.info(
+            "Blob %s pulled from peer(s) %s (%d bytes), verified",
+            digest,
+            ", ".join(n[:16] for n in dict.fromkeys(served_by)),
+            info.size,
+        )
+        if self._tg is not None:
+            self._tg.start_soon(self.announce, [digest])
+        return info
+
+    # ------------------------------------------------------------------ background
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bootstrap, then keep the ledger current and the tables fresh until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            if not self.config.listen_only:
+                await self.bootstrap()
+            while True:
+                await anyio.sleep(self.config.sync_interval)
+                try:
+                    for address in self.config.peers:
+                        if not any(s.address == address for s in self.stats.values()):
+                            await self.ping(address)
+                except (PyrsiaError, ValueError):
+                    pass
+                try:
+                    await self.sync()
+                except (PyrsiaError, ValueError) as exc:
+                    log.warning("Ledger sync failed: %s", exc)
+                self.replay.expire(self.now())
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def _key(value: Any) -> bytes:
+    if not isinstance(value, str) or len(value) != 64:
+        raise ValueError("a key is 64 hex characters")
+    return bytes.fromhex(value)
+
+
+def _contacts(value: Any) -> list[Contact]:
+    out: list[Contact] = []
+    if not isinstance(value, list):
+        return out
+    for item in value[: 2 * K]:
+        if not isinstance(item, dict):
+            continue
+        nid, address = item.get("node_id"), item.get("address")
+        if (
+            isinstance(nid, str)
+            and len(nid) == 64
+            and isinstance(address, str)
+            and address.startswith(("http://", "https://"))
+            and len(address) < 256
+        ):
+            try:
+                out.append(Contact(bytes.fromhex(nid), address))
+            except ValueError:
+                continue
+    return out
