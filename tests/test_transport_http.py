@@ -437,6 +437,25 @@ async def test_source_shorter_than_announced_is_transport_error(
     assert len(got) <= 500
 
 
+async def test_source_failing_mid_stream_is_transport_error(transport: HttpTransport) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"f" * 300_000
+        raise OSError("disk read error")
+
+    async def source(wanted: Digest, offset: int) -> PeerBlob | None:
+        return PeerBlob(1_000_000, 0, body())
+
+    got = bytearray()
+    with anyio.fail_after(10):
+        async with peer(echo, source) as address:
+            async with await transport.connect(address) as client:
+                with pytest.raises(TransportError):
+                    async for chunk in client.fetch_blob(Digest.of(b"f")):
+                        got += chunk
+                assert await client.request(b"ok", timeout=5) == b"re:ok"
+    assert len(got) <= 300_000
+
+
 async def test_source_longer_than_announced_never_yields_more(
     transport: HttpTransport,
 ) -> None:

@@ -989,9 +989,7 @@ class SimNetwork:
         requester = run.node.contact
         self._heard_from(peer, requester)
         closer = peer.table.closest(lookup.target, self.k, exclude=(requester.node_id,))
-        providers = (
-            peer.store.get(lookup.target, self.now) if lookup.kind == "providers" else None
-        )
+        providers = peer.store.get(lookup.target, self.now) if lookup.kind == "providers" else None
         self._at(self._latency(), self._answer_arrives, run, contact, closer, providers)
 
     def _answer_arrives(
@@ -1069,9 +1067,7 @@ class SimNetwork:
     def true_closest(self, key: bytes, exclude: bytes | None = None) -> list[bytes]:
         """Brute force: ids of the k live nodes closest to ``key`` (without ``exclude``)."""
         key_int = int.from_bytes(_check_id(key, "a key"), "big")
-        live = (
-            n.contact for n in self.nodes if n.alive and n.contact.node_id != exclude
-        )
+        live = (n.contact for n in self.nodes if n.alive and n.contact.node_id != exclude)
         best = heapq.nsmallest(self.k, live, key=lambda c: c.id_int ^ key_int)
         return [c.node_id for c in best]
 
@@ -1095,9 +1091,7 @@ class SimNetwork:
             truth = self.true_closest(key, exclude=node.contact.node_id)
             runs.append((self._start(node, self._lookup(node, key, "nodes"), None), truth))
         self.run_until_idle()
-        exact = sum(
-            [c.node_id for c in run.lookup.result()] == truth for run, truth in runs
-        )
+        exact = sum([c.node_id for c in run.lookup.result()] == truth for run, truth in runs)
         hops = sorted(run.lookup.hops for run, _ in runs)
 
         # Provider records: publish, then look up from another node.
@@ -1117,8 +1111,10 @@ class SimNetwork:
             self._start(publisher, self._lookup(publisher, key, "nodes"), publish)
         self.run_until_idle()
         provider_runs = [
-            (self._start(getter, self._lookup(getter, key, "providers", want_providers=1), None),
-             publisher.contact.node_id)
+            (
+                self._start(getter, self._lookup(getter, key, "providers", want_providers=1), None),
+                publisher.contact.node_id,
+            )
             for key, publisher, getter in published
         ]
         self.run_until_idle()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -43,6 +44,8 @@ ALPHA = 3
 MAX_BLOCKS_PER_REPLY = 256
 PROVIDER_TTL = 24 * 3600.0
 CHUNK = 1024 * 1024
+#: A peer address: a transport URL (http://host:port, memory://name, ...), bounded.
+_ADDRESS = re.compile(r"[a-z][a-z0-9+.-]{0,15}://[^\s]{1,240}")
 
 
 @attrs.define
@@ -106,7 +109,7 @@ class PeerService:
     # ------------------------------------------------------------------ bookkeeping
 
     def _saw(self, node_id: str, address: str) -> None:
-        if node_id == self.node.node_id or not address.startswith(("http://", "https://")):
+        if node_id == self.node.node_id or not _ADDRESS.fullmatch(address):
             return
         st = self.stats.get(node_id)
         if st is None:
@@ -270,7 +273,10 @@ class PeerService:
         self._saw(env.sender, env.address or address)
         if "uploads" in env.body and env.sender in self.stats:
             uploads = env.body["uploads"]
-            self.stats[env.sender].remote_uploads = uploads if type(uploads) is int else 0
+            # A peer's own word on its load, clamped: it cannot bid below zero to attract traffic.
+            self.stats[env.sender].remote_uploads = (
+                min(max(uploads, 0), 10_000) if type(uploads) is int else 0
+            )
         return env
 
     async def ping(self, address: str) -> Envelope:
@@ -466,95 +472,51 @@ class PeerService:
         found.pop(_node_key(self.node.node_id), None)
         return list(found.values())
 
-    def _rank(self, providers: list[Contact]) -> list[Contact]:
-        """Least loaded first: in-flight transfers over measured throughput."""
+    def _rank(self, providers: list[Contact], key: bytes) -> list[Contact]:
+        """Least loaded first: in-flight transfers over measured throughput.
 
-        def cost(c: Contact) -> tuple[float, float]:
+        Peers never measured count as fast (so they get tried and measured); ties go
+        to the provider closest to the key by XOR distance, which is deterministic.
+        Peers that misbehaved go last.
+        """
+        target = int.from_bytes(key, "big")
+
+        def cost(c: Contact) -> tuple[int, float, int]:
             st = self.stats.get(c.node_id.hex())
+            distance = c.id_int ^ target
             if st is None:
-                return (0.0, self._rng.random())
-            if st.misbehaved:
-                return (1e9 + st.misbehaved, 0.0)
+                return (0, 0.0, distance)
             load = st.inflight + st.remote_uploads + 1
-            speed = st.throughput or 50e6  # optimistic for peers not measured yet
-            return (load / speed, self._rng.random())
+            speed = st.throughput or 1e9
+            return (st.misbehaved, load / speed, distance)
 
         return sorted(providers, key=cost)
 
     async def fetch(self, digest: Digest) -> BlobInfo:
-        """Fetch a logged blob from peers, resuming on another provider after a failure.
+        """Fetch a logged blob from peers, verified, resuming on another provider on failure.
 
         The bytes stream into the blob store, which hashes them and keeps the blob only
-        if it matches ``digest``; nothing unverified is stored or served.
+        if it matches ``digest``; nothing unverified is stored or served. A transfer
+        that stalls, breaks or ends early resumes (``Range``) from the next provider.
+        If the assembled bytes do not match, every contributor is suspect: each is then
+        asked alone for the whole blob, so the liar is found and the blob still arrives.
         """
-        providers = self._rank(await self.find_providers(digest))
+        providers = self._rank(await self.find_providers(digest), digest.raw)
         if not providers:
             raise TransportError(f"no peer provides {digest}")
-        tried: list[Contact] = []
-        size_box: list[int | None] = [None]
         served_by: list[str] = []
-
-        async def chain() -> AsyncIterator[bytes]:
-            received = 0
-            for c in providers:
-                nid = c.node_id.hex()
-                st = self.stats.setdefault(nid, PeerStats(c.address))
-                tried.append(c)
-                st.inflight += 1
-                started, got = time.monotonic(), 0
-                try:
-                    client = await self._client(c.address)
-                    blob = await client.open_blob(
-                        digest, offset=received, timeout=self.config.blob_timeout
-                    )
-                    if blob.size is not None:
-                        if size_box[0] is None:
-                            size_box[0] = blob.size
-                            await self.node.make_room(blob.size)
-                        elif blob.size != size_box[0]:
-                            self._blame(
-                                nid,
-                                f"announced {blob.size} bytes for {digest}, "
-                                f"another peer {size_box[0]}",
-                            )
-                            continue
-                    async for chunk in blob.body:
-                        received += len(chunk)
-                        got += len(chunk)
-                        if size_box[0] is not None and received > size_box[0]:
-                            raise PeerMisbehaved(nid, f"sent more than {size_box[0]} bytes")
-                        yield chunk
-                    if size_box[0] is None or received >= size_box[0]:
-                        served_by.append(nid)
-                        return
-                    raise TransportError(f"{c.address} ended {digest} early at {received}")
-                except (TransportError, PeerMisbehaved, OSError) as exc:
-                    st.failures += 1
-                    log.warning(
-                        "Peer %s failed while sending %s at byte %d (%s); resuming from "
-                        "the next provider",
-                        nid[:16],
-                        digest,
-                        received,
-                        exc,
-                    )
-                    served_by.append(nid)
-                finally:
-                    st.inflight -= 1
-                    elapsed = max(time.monotonic() - started, 1e-3)
-                    if got:
-                        rate = got / elapsed
-                        st.throughput = (
-                            rate if not st.throughput else 0.7 * st.throughput + 0.3 * rate
-                        )
-            raise TransportError(f"every provider of {digest} failed")
-
         try:
-            info = await self.node.store_stream(chain(), digest, None)
+            info = await self.node.store_stream(
+                self._chain(digest, providers, served_by), digest, None
+            )
         except DigestMismatch:
-            for nid in served_by:
-                self._blame(nid, f"sent bytes for {digest} that do not match the digest")
-            raise
+            suspects = list(dict.fromkeys(served_by))
+            if len(suspects) == 1:
+                self._blame(suspects[0], f"sent bytes for {digest} that do not match the digest")
+            log.warning("Bytes for %s from %s did not match; asking each provider alone",
+                        digest, ", ".join(n[:16] for n in suspects))
+            info, honest = await self._fetch_strict(digest, providers, suspects)
+            served_by = [honest]
         log.info(
             "Blob %s pulled from peer(s) %s (%d bytes), verified",
             digest,
@@ -564,6 +526,81 @@ class PeerService:
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
         return info
+
+    async def _fetch_strict(
+        self, digest: Digest, providers: list[Contact], suspects: list[str]
+    ) -> tuple[BlobInfo, str]:
+        order = [c for c in providers if c.node_id.hex() not in suspects] + [
+            c for c in providers if c.node_id.hex() in suspects
+        ]
+        for c in order:
+            nid = c.node_id.hex()
+            served: list[str] = []
+            try:
+                info = await self.node.store_stream(
+                    self._chain(digest, [c], served), digest, None
+                )
+            except DigestMismatch:
+                self._blame(nid, f"sent bytes for {digest} that do not match the digest")
+                continue
+            except TransportError:
+                continue
+            return info, nid
+        raise TransportError(f"no provider sent the right bytes for {digest}")
+
+    async def _chain(
+        self, digest: Digest, providers: list[Contact], served_by: list[str]
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``providers`` in turn, resuming where the last one stopped."""
+        received = 0
+        size: int | None = None
+        for c in providers:
+            nid = c.node_id.hex()
+            st = self.stats.setdefault(nid, PeerStats(c.address))
+            st.inflight += 1
+            started, got = time.monotonic(), 0
+            try:
+                client = await self._client(c.address)
+                blob = await client.open_blob(
+                    digest, offset=received, timeout=self.config.blob_timeout
+                )
+                if blob.size is not None:
+                    if size is None:
+                        size = blob.size
+                        await self.node.make_room(blob.size)
+                    elif blob.size != size:
+                        self._blame(nid, f"announced {blob.size} bytes for {digest}, not {size}")
+                        continue
+                served_by.append(nid)
+                async for chunk in blob.body:
+                    received += len(chunk)
+                    got += len(chunk)
+                    if size is not None and received > size:
+                        raise PeerMisbehaved(nid, f"sent more than {size} bytes")
+                    yield chunk
+                if size is None or received >= size:
+                    return
+                raise TransportError(f"{c.address} ended {digest} early at byte {received}")
+            except (TransportError, PeerMisbehaved, OSError) as exc:
+                st.failures += 1
+                if isinstance(exc, PeerMisbehaved):
+                    self._blame(nid, exc.reason)
+                log.warning(
+                    "Peer %s failed while sending %s at byte %d (%s); resuming from the next "
+                    "provider",
+                    nid[:16],
+                    digest,
+                    received,
+                    exc,
+                )
+            finally:
+                st.inflight -= 1
+                elapsed = max(time.monotonic() - started, 1e-3)
+                if got:
+                    rate = got / elapsed
+                    old = st.throughput
+                    st.throughput = rate if not old else 0.7 * old + 0.3 * rate
+        raise TransportError(f"every provider of {digest} failed")
 
     # ------------------------------------------------------------------ background
 
@@ -612,8 +649,7 @@ def _contacts(value: Any) -> list[Contact]:
             isinstance(nid, str)
             and len(nid) == 64
             and isinstance(address, str)
-            and address.startswith(("http://", "https://"))
-            and len(address) < 256
+            and _ADDRESS.fullmatch(address)
         ):
             try:
                 out.append(Contact(bytes.fromhex(nid), address))

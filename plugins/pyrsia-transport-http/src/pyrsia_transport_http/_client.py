@@ -191,7 +191,7 @@ class HttpPeerClient(PeerClient):
         self._check_open()
         return self.transport._client()
 
-    async def request(self, frame: bytes, *, timeout: float) -> bytes:  # noqa: ASYNC109 (the ABC's)
+    async def request(self, frame: bytes, *, timeout: float) -> bytes:  # noqa: ASYNC109 (ABC's signature)
         """``POST /p2p/rpc``: send ``frame``, return the reply frame (``200`` only)."""
         http = self._http()
         _check_timeout(timeout)
@@ -269,25 +269,24 @@ class HttpPeerClient(PeerClient):
         return PeerBlob(size=body.size, offset=offset, body=body)
 
     async def _open(self, digest: Digest, offset: int, seconds: float) -> BlobBody:
-        timeout = seconds
         http = self._http()
         where = self._where
         headers = {"range": f"bytes={offset}-"} if offset else {}
         response: httpx.Response | None = None
         try:
             try:
-                with anyio.fail_after(timeout):
+                with anyio.fail_after(seconds):
                     request = http.build_request(
                         "GET",
                         f"{self._base}{PREFIX}/blobs/{digest}",
                         headers=headers,
-                        timeout=self.transport._timeouts(timeout),
+                        timeout=self.transport._timeouts(seconds),
                     )
                     response = await http.send(request, stream=True)
                     size, remaining = await _blob_extent(response, digest, offset, where)
             except TimeoutError:
                 raise TransportError(
-                    f"peer {where} did not answer for {digest} within {timeout:g} s"
+                    f"peer {where} did not answer for {digest} within {seconds:g} s"
                 ) from None
             except _HTTP_ERRORS as exc:
                 raise _mapped(exc, where) from exc
@@ -299,7 +298,7 @@ class HttpPeerClient(PeerClient):
             response,
             size=size,
             remaining=remaining,
-            timeout=timeout,
+            timeout=seconds,
             chunk_size=self.transport.chunk_size,
             where=where,
         )
