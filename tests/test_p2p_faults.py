@@ -14,10 +14,11 @@ from pathlib import Path
 
 import attrs
 import pytest
-from pyrsia_core import CommittedBlock, Digest, Record
 from pyrsia_core.testing import MemoryNetwork
-from pyrsia_registry import Node, NodeConfig
 from pyrsia_registry._p2p import PeerConfig, PeerService, PeerStats
+
+from pyrsia_core import CommittedBlock, Digest, Record
+from pyrsia_registry import Node, NodeConfig
 
 pytestmark = pytest.mark.anyio
 BLOB = random.Random(7).randbytes(1_000_003)
