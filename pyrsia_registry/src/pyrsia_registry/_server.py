@@ -586,7 +586,7 @@ class _Cycle:
                 )
                 await self.fail()
             else:
-                if not self.complete and conn.broken:
+                if not self.complete and (conn.broken or self.finished.is_set()):
                     logger.debug("client %s went away during the response", conn.client)
                 elif not self.complete:
                     if self.start is None:
