@@ -102,3 +102,25 @@ def test_fast_path_writes_the_same_bytes(value: dict[str, object]) -> None:
             canonical_flat_object(value)  # type: ignore[arg-type]
         return
     assert canonical_flat_object(value) == expected  # type: ignore[arg-type]
+
+
+any_keys = st.recursive(
+    st.none() | st.booleans() | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(any_keys)
+@settings(max_examples=500, deadline=None)
+def test_fast_encoder_equals_reference(value: object) -> None:
+    from pyrsia_core._canonical import canonical_json_reference
+
+    try:
+        expected = canonical_json_reference(value)
+    except EncodingError:
+        with pytest.raises(EncodingError):
+            canonical_json(value)
+        return
+    assert canonical_json(value) == expected

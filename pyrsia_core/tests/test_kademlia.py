@@ -181,7 +181,7 @@ def test_buckets_never_exceed_k_and_hold_the_right_contacts(data: st.DataObject)
             assert len(bucket) <= k
             assert len(table.replacements(index)) <= k
             assert all(table.bucket_index(c.node_id) == index for c in bucket)
-            seen = [table.last_seen(c.node_id) for c in bucket]
+            seen = [table.last_seen(c.node_id) or 0.0 for c in bucket]
             assert seen == sorted(seen)  # least recently seen first
             total += len(bucket)
         assert total == len(table)
@@ -306,7 +306,7 @@ def test_lookup_rejects_bad_arguments() -> None:
         Lookup(nid(1), [], "values")  # type: ignore[arg-type]
     for kw in ({"alpha": 0}, {"k": 0}, {"want_providers": 0}, {"own_id": b"x"}):
         with pytest.raises(ValueError):
-            Lookup(nid(1), [], **kw)  # type: ignore[arg-type]
+            Lookup(nid(1), [], **kw)
     with pytest.raises(ValueError):
         Lookup(nid(1), [nid(2)])  # type: ignore[list-item]
 
@@ -477,7 +477,7 @@ KEY = hashlib.sha256(b"artifact").digest()
 def test_provider_store_rejects_bad_arguments() -> None:
     for kw in ({"ttl": 0}, {"ttl": -1.0}, {"ttl": 10, "max_per_key": 0}, {"ttl": 1, "max_keys": 0}):
         with pytest.raises(ValueError):
-            ProviderStore(**kw)  # type: ignore[arg-type]
+            ProviderStore(**kw)
     store = ProviderStore(10.0)
     with pytest.raises(ValueError):
         store.add(b"short", contact(1), 0.0)

@@ -42,6 +42,7 @@ log = logging.getLogger("pyrsia.p2p")
 K = 20
 ALPHA = 3
 MAX_BLOCKS_PER_REPLY = 256
+MAX_REPLY_BYTES = 6 * 1024 * 1024
 PROVIDER_TTL = 24 * 3600.0
 CHUNK = 1024 * 1024
 #: A peer address: a transport URL (http://host:port, memory://name, ...), bounded.
@@ -215,8 +216,19 @@ class PeerService:
             if type(start) is not int or type(end) is not int or start < 0 or end < start:
                 raise ValueError("GET_BLOCKS needs 0 <= start <= end")
             end = min(end, start + MAX_BLOCKS_PER_REPLY)
-            blocks = await self.node.log_store.blocks(start, end)
-            return "BLOCKS", {"blocks": [b.to_json() for b in blocks]}
+            out: list[Any] = []
+            size = 0
+            for height in range(start, min(end, self.node.log_store.ledger.height + 1)):
+                committed = await self.node.log_store.block(height)
+                if committed is None:
+                    break
+                item = committed.to_json()
+                # Keep the reply well under the frame cap (always at least one block).
+                size += 600 * len(committed.block.records) + 2048
+                if out and size > MAX_REPLY_BYTES:
+                    break
+                out.append(item)
+            return "BLOCKS", {"blocks": out}
         if env.type == "NEW_BLOCK":
             committed = CommittedBlock.from_json(body.get("block"))
             await self._receive_block(committed, env)
@@ -360,7 +372,11 @@ class PeerService:
             if env.body.get("genesis") != self.node.log_store.ledger.genesis_hash:
                 continue
             if type(height) is int and height > self.node.log_store.ledger.height:
-                await self.sync_from(st.address, height)
+                try:
+                    await self.sync_from(st.address, height)
+                except (PyrsiaError, ValueError) as exc:
+                    st.failures += 1
+                    log.warning("Ledger sync from %s failed: %s", st.address, exc)
 
     async def sync_from(self, address: str, target: int) -> int:
         """Fetch blocks up to ``target`` from one peer, validating each; return how many."""
@@ -610,7 +626,10 @@ class PeerService:
             self._tg = tg
             task_status.started()
             if not self.config.listen_only:
-                await self.bootstrap()
+                try:
+                    await self.bootstrap()
+                except (PyrsiaError, ValueError) as exc:
+                    log.warning("Bootstrap incomplete: %s", exc)
             while True:
                 await anyio.sleep(self.config.sync_interval)
                 try:

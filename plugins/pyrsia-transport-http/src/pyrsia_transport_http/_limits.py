@@ -19,7 +19,7 @@ MiB: Final = 1024 * KiB
 #: Largest request or reply frame, in bytes, either side accepts (DESIGN §6).
 MAX_FRAME_SIZE: Final = 16 * MiB
 #: Size of the chunks a blob body yields to the caller (the last one may be shorter).
-DEFAULT_CHUNK_SIZE: Final = 256 * KiB
+DEFAULT_CHUNK_SIZE: Final = 1 * MiB
 MIN_CHUNK_SIZE: Final = 256 * KiB
 MAX_CHUNK_SIZE: Final = 1 * MiB
 
