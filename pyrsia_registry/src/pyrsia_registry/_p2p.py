@@ -117,7 +117,27 @@ class PeerService:
             st = self.stats[node_id] = PeerStats(address)
         st.address = address
         st.last_seen = self.now()
+        st.failures = 0
         self.table.update(Contact(_node_key(node_id), address), self.node.clock.monotonic())
+        # A full bucket keeps its least-recently-seen contact only if it still answers.
+        for candidate in self.table.take_ping_candidates():
+            if self._tg is not None:
+                self._tg.start_soon(self._check_candidate, candidate)
+
+    async def _check_candidate(self, candidate: Contact) -> None:
+        try:
+            await self.ping(candidate.address)
+            alive = True
+        except (PyrsiaError, ValueError):
+            alive = False
+        self.table.evict_or_keep(candidate, alive, self.node.clock.monotonic())
+
+    def _failed(self, contact: Contact) -> None:
+        """A query to ``contact`` failed; after three in a row it leaves the table."""
+        st = self.stats.setdefault(contact.node_id.hex(), PeerStats(contact.address))
+        st.failures += 1
+        if st.failures >= 3:
+            self.table.remove(contact.node_id)
 
     def _blame(self, node_id: str, reason: str) -> None:
         st = self.stats.get(node_id)
@@ -313,9 +333,9 @@ class PeerService:
         lookup = Lookup(
             target,
             seeds,
-            kind=kind,
+            kind=kind,  # type: ignore[arg-type]
             alpha=ALPHA,
-            k=K,  # type: ignore[arg-type]
+            k=K,
             own_id=_node_key(self.node.node_id),
         )
         while not lookup.done:
@@ -338,6 +358,7 @@ class PeerService:
                     lookup.on_response(c, _contacts(env.body.get("contacts")), provs)
                 except (PyrsiaError, ValueError) as exc:
                     log.debug("lookup query to %s failed: %s", c.address, exc)
+                    self._failed(c)
                     lookup.on_failure(c)
 
             async with anyio.create_task_group() as tg:
