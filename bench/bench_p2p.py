@@ -29,10 +29,11 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import start_nginx, stop  # noqa: E402
-from pyrsia_core import Digest, Record  # noqa: E402
-from pyrsia_registry import Node, NodeConfig  # noqa: E402
-from support.node import NodeProcess  # noqa: E402
+from bench_serve import start_nginx, stop
+from support.node import NodeProcess
+
+from pyrsia_core import Digest, Record
+from pyrsia_registry import Node, NodeConfig
 
 FAST = ("--sync-interval", "0.5")
 
@@ -64,7 +65,7 @@ async def seed_node(data_dir: Path, blob: Path | None, records: int) -> None:
         now = int(node.clock.now())
         if blob is not None:
             async def chunks():  # type: ignore[no-untyped-def]
-                with open(blob, "rb") as f:
+                with open(blob, "rb") as f:  # noqa: ASYNC230 - a benchmark seed step
                     while data := f.read(1 << 20):
                         yield data
 

@@ -269,6 +269,29 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_authorize(args: argparse.Namespace) -> int:
+    cfg = CliConfig.load()
+    token = args.token
+    if not token:
+        from pyrsia_registry._config import default_data_dir
+
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        try:
+            token = (data_dir / "admin.token").read_text().strip()
+        except OSError:
+            _fail(f"no admin token: give --token, or --data-dir / PYRSIA_HOME of the node "
+                  f"(looked for {data_dir / 'admin.token'})")
+    resp = _request(cfg, "POST", "/api/authorize", json={"peer": args.peer},
+                    headers={"Authorization": f"Bearer {token}"})
+    if resp.status_code in (401, 403):
+        _fail(f"the node refused: {resp.json().get('error', resp.text)} (status "
+              f"{resp.status_code})")
+    data = _json_or_fail(resp, "authorize")
+    print(f"Node {data['authorized']} is now an authorized build node (ledger height "
+          f"{data['ledger_height']}, {len(data['authorized_build_nodes'])} build nodes).")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -360,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--proof", action="store_true",
                          help="add Merkle inclusion proofs and the signed checkpoint")
     inspect.set_defaults(func=cmd_inspect_log)
+
+    auth = sub.add_parser("authorize", help="make a peer an authorized build node (admin)")
+    auth.add_argument("--peer", required=True, help="the peer's node id")
+    auth.add_argument("--token", help="the node's admin token (default: read from its data dir)")
+    auth.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
+    auth.set_defaults(func=cmd_authorize)
 
     build = sub.add_parser("build", help="request a build, or follow one ('build status')")
     build.add_argument("package_type", choices=["docker", "status"])

@@ -55,7 +55,7 @@ from ._checkpoint import NoteSignature, SignedNote, key_hash, sign_note
 from ._identity import Ed25519Verifier, PublicKey, Signer
 from ._ledger import MAX_BLOCK_RECORDS, Block, CommittedBlock, ValidatorSet, block_checkpoint
 from ._records import SignedRecord
-from .errors import EncodingError, NoteError, PyrsiaError, UsageError, VerificationError
+from .errors import EncodingError, PyrsiaError, UsageError, VerificationError
 
 __all__ = [
     "DOMAIN",
@@ -170,6 +170,9 @@ class Message:
 
     height: int = attrs.field(validator=_check_height)
     round: int = attrs.field(validator=_check_round)
+    #: (origin, signing bytes), computed once (a message is checked by many machines
+    #: in a simulation, and signed then logged by its sender).
+    _signing: tuple[str, bytes] | None = attrs.field(default=None, init=False, eq=False, repr=False)
 
     @property
     def sender(self) -> str:
@@ -185,7 +188,10 @@ class Message:
 
     def signing_bytes(self, origin: str) -> bytes:
         """The bytes the sender signs: canonical JSON naming the network and every field."""
-        return canonical_json(
+        cached = self._signing
+        if cached is not None and cached[0] == origin:
+            return cached[1]
+        data = canonical_json(
             {
                 "domain": DOMAIN,
                 "origin": origin,
@@ -195,12 +201,29 @@ class Message:
                 **self._body(),
             }
         )
+        object.__setattr__(self, "_signing", (origin, data))
+        return data
 
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, data: Any) -> Message:
+        """Parse ``data`` (of this class's type, or of any type on :class:`Message`)."""
+        message = message_from_json(data)
+        if not isinstance(message, cls):
+            raise MessageError(f"expected a {cls.TYPE}, got a {message.TYPE}")
+        return message
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Message:
+        message = message_from_bytes(data)
+        if not isinstance(message, cls):
+            raise MessageError(f"expected a {cls.TYPE}, got a {message.TYPE}")
+        return message
 
 
 def _check_proposal_block(_: object, __: attrs.Attribute[Block], value: Block) -> None:
@@ -242,7 +265,11 @@ class Proposal(Message):
         return self.signature
 
     def _body(self) -> dict[str, Any]:
-        return {"block": self.block_hash, "valid_round": self.valid_round, "proposer": self.proposer}
+        return {
+            "block": self.block_hash,
+            "valid_round": self.valid_round,
+            "proposer": self.proposer,
+        }
 
     def signed(self, signer: Signer, origin: str) -> Proposal:
         if signer.node_id != self.proposer:
@@ -378,9 +405,7 @@ class Precommit(Message):
         note_sig = sign_note(
             block_checkpoint(origin, block).to_text(), signer, f"{origin}/{signer.node_id}"
         )
-        return cls(height, round, block.hash, signer.node_id, b"", note_sig).signed(
-            signer, origin
-        )
+        return cls(height, round, block.hash, signer.node_id, b"", note_sig).signed(signer, origin)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -680,49 +705,79 @@ class _Outbox:
 
 @attrs.define(eq=False)
 class _RoundLog:
-    """Everything accepted for one round."""
+    """Everything accepted for one round.
+
+    Votes are kept per (voter, block hash): as in the paper, every message counts
+    toward the value it names, so an equivocator's two votes both count (quorum
+    intersection keeps that safe) and a relayed proof of lock always adds up.
+    """
 
     proposals: dict[str, Proposal] = attrs.Factory(dict)  # block hash -> first proposal
-    prevotes: dict[str, Prevote] = attrs.Factory(dict)  # voter -> vote
-    precommits: dict[str, Precommit] = attrs.Factory(dict)
+    prevotes: dict[tuple[str, str | None], Prevote] = attrs.Factory(dict)
+    precommits: dict[tuple[str, str | None], Precommit] = attrs.Factory(dict)
+    #: Distinct voters (for the "2f+1 of any value" rules).
+    prevoters: set[str] = attrs.Factory(set)
+    precommitters: set[str] = attrs.Factory(set)
     prevote_tally: dict[str | None, int] = attrs.Factory(dict)
     #: block hash -> voter -> checkpoint signature that verified against the block.
     certs: dict[str, dict[str, NoteSignature]] = attrs.Factory(dict)
-    #: voter -> precommit whose block we have not seen yet (note not yet verified).
-    unverified: dict[str, Precommit] = attrs.Factory(dict)
+    #: (voter, hash) -> precommit whose block we have not seen (note not yet verified).
+    unverified: dict[tuple[str, str], Precommit] = attrs.Factory(dict)
 
     def senders(self) -> set[str]:
-        out = set(self.prevotes) | set(self.precommits)
+        out = self.prevoters | self.precommitters
         out.update(p.proposer for p in self.proposals.values())
         return out
 
     def has_sender(self, node_id: str) -> bool:
         return (
-            node_id in self.prevotes
-            or node_id in self.precommits
+            node_id in self.prevoters
+            or node_id in self.precommitters
             or any(p.proposer == node_id for p in self.proposals.values())
         )
+
+    def votes_of(self, voter: str, kind: str) -> list[Message]:
+        table: Mapping[tuple[str, str | None], Message] = (
+            self.prevotes if kind == Prevote.TYPE else self.precommits
+        )
+        return [m for (v, _), m in table.items() if v == voter]
 
     def messages(self) -> Iterator[Message]:
         yield from self.proposals.values()
         yield from self.prevotes.values()
         yield from self.precommits.values()
 
+    def add_prevote(self, vote: Prevote) -> None:
+        self.prevotes[(vote.voter, vote.block_hash)] = vote
+        self.prevoters.add(vote.voter)
+        self.prevote_tally[vote.block_hash] = self.prevote_tally.get(vote.block_hash, 0) + 1
+
+    def add_precommit(self, vote: Precommit, *, verified_note: bool) -> None:
+        self.precommits[(vote.voter, vote.block_hash)] = vote
+        self.precommitters.add(vote.voter)
+        if vote.block_hash is not None and vote.checkpoint_signature is not None:
+            if verified_note:
+                self.certs.setdefault(vote.block_hash, {})[vote.voter] = vote.checkpoint_signature
+            else:
+                self.unverified[(vote.voter, vote.block_hash)] = vote
+
     def drop_sender(self, node_id: str) -> list[Message]:
         """Forget everything ``node_id`` sent in this round; return what was dropped."""
         dropped: list[Message] = []
         for h in [h for h, p in self.proposals.items() if p.proposer == node_id]:
             dropped.append(self.proposals.pop(h))
-        prevote = self.prevotes.pop(node_id, None)
-        if prevote is not None:
+        for key in [k for k in self.prevotes if k[0] == node_id]:
+            prevote = self.prevotes.pop(key)
             dropped.append(prevote)
             self.prevote_tally[prevote.block_hash] -= 1
-        precommit = self.precommits.pop(node_id, None)
-        if precommit is not None:
+        for key in [k for k in self.precommits if k[0] == node_id]:
+            precommit = self.precommits.pop(key)
             dropped.append(precommit)
-            self.unverified.pop(node_id, None)
             if precommit.block_hash is not None:
+                self.unverified.pop((node_id, precommit.block_hash), None)
                 self.certs.get(precommit.block_hash, {}).pop(node_id, None)
+        self.prevoters.discard(node_id)
+        self.precommitters.discard(node_id)
         return dropped
 
 
@@ -759,9 +814,11 @@ class TendermintMachine:
     #: Pairs of conflicting messages from one validator for one (round, type).
     evidence: list[tuple[Message, Message]] = attrs.field(init=False, factory=list)
 
+    _me: str = attrs.field(init=False, default="")
     _quorum: int = attrs.field(init=False, default=0)
     _skip: int = attrs.field(init=False, default=0)
     _keys: dict[str, PublicKey] = attrs.field(init=False, factory=dict)
+    _note_keys: dict[str, tuple[str, bytes]] = attrs.field(init=False, factory=dict)
     _now: float = attrs.field(init=False, default=0.0)
     _rounds: dict[int, _RoundLog] = attrs.field(init=False, factory=dict)
     _blocks: dict[str, Block] = attrs.field(init=False, factory=dict)
@@ -782,7 +839,8 @@ class TendermintMachine:
         n = len(self.validators)
         if not 1 <= n <= MAX_VALIDATORS:
             raise ConsensusError(f"a validator set has 1 to {MAX_VALIDATORS} members, got {n}")
-        if self.signer.node_id not in self.validators:
+        self._me = self.signer.node_id
+        if self._me not in self.validators:
             raise ConsensusError("this node is not a validator at this height")
         if not _is_int(self.height) or self.height < 1:
             raise ConsensusError("consensus decides heights >= 1 (genesis is configured)")
@@ -794,7 +852,7 @@ class TendermintMachine:
 
     @property
     def node_id(self) -> str:
-        return self.signer.node_id
+        return self._me
 
     def proposer(self, round: int) -> str:
         return proposer_of(self.validators, self.height, round)
@@ -825,12 +883,14 @@ class TendermintMachine:
         """Feed one message from a peer. Never raises for bad input: see ``ignored``."""
         out = _Outbox()
         self._now = now
-        if self.step is Step.NEW:
+        began = self.step is Step.NEW
+        if began:
             self._begin(out)
         reason = self._admit(message, out)
         if reason is not None:
             out.ignored.append((message, reason))
-        self._settle(out)
+        if reason is None or began:  # an ignored message changes no state
+            self._settle(out)
         return out.freeze()
 
     def receive_bytes(self, data: bytes, now: float) -> Output:
@@ -879,6 +939,7 @@ class TendermintMachine:
             "valid_round": self.valid_round,
             "valid_block": None if self.valid_block is None else self.valid_block.to_json(),
             "sent": [m.to_json() for m in self._sent.values()],
+            "decision": None if self.decision is None else self.decision.to_json(),
         }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
@@ -899,6 +960,7 @@ class TendermintMachine:
             "valid_round",
             "valid_block",
             "sent",
+            "decision",
         }
         if not isinstance(snapshot, Mapping) or set(snapshot) != keys:
             raise ConsensusError("not a consensus snapshot")
@@ -927,15 +989,20 @@ class TendermintMachine:
             if not isinstance(snapshot["sent"], list):
                 raise ConsensusError("snapshot 'sent' is a list of messages")
             sent = [message_from_json(m) for m in snapshot["sent"]]
-        except (VerificationError, ValueError) as exc:
+            decided = snapshot["decision"]
+            decision = None if decided is None else CommittedBlock.from_json(decided)
+        except (VerificationError, ValueError, TypeError) as exc:
             raise ConsensusError(f"snapshot is malformed: {exc}") from None
-        if step is Step.DECIDED:
-            raise ConsensusError("a decided height is not resumed: append its block instead")
+        if (step is Step.DECIDED) != (decision is not None) or (
+            decision is not None and decision.block.height != self.height
+        ):
+            raise ConsensusError("snapshot step and decision disagree")
         for m in sent:
             if m.sender != self.node_id or m.height != self.height:
                 raise ConsensusError("snapshot holds a message not signed by this node")
         self.round = round
         self._restored_step = step
+        self.decision = decision
         self.locked_round, self.locked_block = locked_round, locked_block
         self.valid_round, self.valid_block = valid_round, valid_block
         if locked_block is not None:
@@ -951,17 +1018,26 @@ class TendermintMachine:
     def _begin(self, out: _Outbox) -> None:
         restored = self._restored_step
         self._restored_step = None
-        if restored in (Step.PREVOTE, Step.PRECOMMIT):
-            # Resume mid-round: re-send what we signed; the peers' re-broadcasts refill
-            # the log. Timers of that round are re-armed by the upon rules.
-            self.step = restored
-            self._next_rebroadcast = self._now + self.timeouts.rebroadcast
-            out.broadcast.extend(m for (_, r), m in self._sent.items() if r == self.round)
-            if restored is Step.PREVOTE:
-                self._schedule(TimeoutKind.PREVOTE, self.round)
-            self._schedule(TimeoutKind.PRECOMMIT, self.round)
+        if restored is None or restored in (Step.NEW, Step.PROPOSE):
+            self._start_round(self.round, out)
             return
-        self._start_round(self.round, out)
+        # Resume a restored round by replaying its steps through the table (nothing is
+        # signed: our messages of the round are in the log already).
+        self._transition(Trigger.START_ROUND)
+        if restored is Step.DECIDED:
+            # Crashed between deciding and appending: hand the decision out again.
+            self._transition(Trigger.DECIDE)
+            out.committed = self.decision
+            return
+        self._transition(Trigger.SEND_PREVOTE)
+        if restored is Step.PRECOMMIT:
+            self._transition(Trigger.SEND_PRECOMMIT)
+        # Re-send what we signed in this round; the peers' re-broadcasts refill the log.
+        # The round's timeouts are armed afresh (a timeout is always safe to take).
+        out.broadcast.extend(m for (_, r), m in self._sent.items() if r == self.round)
+        if restored is Step.PREVOTE:
+            self._schedule(TimeoutKind.PREVOTE, self.round)
+        self._schedule(TimeoutKind.PRECOMMIT, self.round)
 
     def _transition(self, trigger: Trigger) -> None:
         new = STEP_TRANSITIONS.get((self.step, trigger))
@@ -1050,26 +1126,30 @@ class TendermintMachine:
             out.broadcast.append(previous)
             return previous
         self._sent[key] = message
-        self._record(message, verified_note=True)
+        self._record(message, verified_note=True, out=out)
         out.broadcast.append(message)
         return message
 
     def _prevote(self, block_hash: str | None, out: _Outbox) -> None:
-        self._send(
-            Prevote.create(
-                self.signer, self.origin, height=self.height, round=self.round, block_hash=block_hash
-            ),
-            out,
-        )
+        previous = self._sent.get((Prevote.TYPE, self.round))
+        if previous is not None:  # restored: never sign a second prevote for a round
+            out.broadcast.append(previous)
+        else:
+            vote = Prevote(self.height, self.round, block_hash, self.node_id)
+            self._send(vote.signed(self.signer, self.origin), out)
         self._transition(Trigger.SEND_PREVOTE)
 
     def _precommit(self, block: Block | None, out: _Outbox) -> None:
-        self._send(
-            Precommit.create(
-                self.signer, self.origin, height=self.height, round=self.round, block=block
-            ),
-            out,
-        )
+        previous = self._sent.get((Precommit.TYPE, self.round))
+        if previous is not None:
+            out.broadcast.append(previous)
+        else:
+            self._send(
+                Precommit.create(
+                    self.signer, self.origin, height=self.height, round=self.round, block=block
+                ),
+                out,
+            )
         self._transition(Trigger.SEND_PRECOMMIT)
 
     # -- internals: admitting messages ---------------------------------------------
@@ -1107,22 +1187,30 @@ class TendermintMachine:
                 ):
                     return f"too many proposals in round {message.round} (equivocating proposer)"
         elif log is not None:
-            previous = (
-                log.prevotes.get(sender)
-                if isinstance(message, Prevote)
-                else log.precommits.get(sender)
-            )
+            others = log.votes_of(sender, message.TYPE)
+            block_hash = message.block_hash
+            if any(getattr(m, "block_hash", None) == block_hash for m in others):
+                return f"duplicate {message.TYPE} (same voter and value, another signature)"
+            if others:
+                previous = others[0]
+                if block_hash is not None and block_hash not in self._blocks:
+                    # Keep a second vote only for a block we hold (bounded); it may
+                    # come again once the block is known. Not marked as seen.
+                    return (
+                        f"conflicting {message.TYPE} in round {message.round} for an unknown"
+                        " block (equivocation)"
+                    )
         if not self.signature_cache.verify(
             key, message.signature_bytes, message.signing_bytes(self.origin)
         ):
             return "bad signature"
         if previous is not None:
-            self._seen.add(message.signature_bytes)
-            if isinstance(message, Proposal):
-                self.evidence.append((previous, message))
-                return f"second proposal for one block in round {message.round} (equivocation)"
+            # Equivocation: remember the evidence. A second proposal of the same block
+            # (another valid_round) is dropped; a vote for another value counts too.
             self.evidence.append((previous, message))
-            return f"conflicting {message.TYPE} in round {message.round} (equivocation)"
+            if isinstance(message, Proposal):
+                self._seen.add(message.signature_bytes)
+                return f"second proposal for one block in round {message.round} (equivocation)"
         if message.round > self.round and not self._future_room(sender, message.round):
             return f"too many future rounds from {sender[:16]}…"
         verified_note = False
@@ -1136,32 +1224,42 @@ class TendermintMachine:
                 return "proposal's tree_size or root does not match its records"
         elif isinstance(message, Precommit) and message.checkpoint_signature is not None:
             sig = message.checkpoint_signature
-            if sig.name != f"{self.origin}/{sender}" or sig.key_hash != key_hash(sig.name, key):
+            if (sig.name, sig.key_hash) != self._note_key(sender):
                 return "checkpoint signature is not under the voter's note key"
             block_hash = message.block_hash
             assert block_hash is not None
-            block = self._blocks.get(block_hash)
-            if block is not None:
-                if not self._note_ok(block, sender, sig):
+            known = self._blocks.get(block_hash)
+            if known is not None:
+                if not self._note_ok(known, sender, sig):
+                    self._seen.add(message.signature_bytes)  # authentic, so a repeat is junk
                     return "checkpoint signature does not verify for the block"
                 verified_note = True
-        self._seen.add(message.signature_bytes)
-        self._record(message, verified_note=verified_note)
-        if isinstance(message, Proposal) and message.block_hash not in self._blocks:
-            self._learn_block(message.block, out)
+        if isinstance(message, Proposal) and log is not None and log.proposals:
+            # A second block in one round: keep it (the others may vote for it), but
+            # remember the proposer equivocated.
+            self.evidence.append((next(iter(log.proposals.values())), message))
+        self._record(message, verified_note=verified_note, out=out)
         return None
+
+    def _note_key(self, voter: str) -> tuple[str, bytes]:
+        """The (name, key hash) of a validator's checkpoint-signing key."""
+        cached = self._note_keys.get(voter)
+        if cached is None:
+            name = f"{self.origin}/{voter}"
+            cached = self._note_keys[voter] = (name, key_hash(name, self._keys[voter]))
+        return cached
 
     def _note_ok(self, block: Block, voter: str, sig: NoteSignature) -> bool:
         text = block_checkpoint(self.origin, block).to_text()
         return self.signature_cache.verify(self._keys[voter], sig.signature, text.encode())
 
     def _voted_for(self, block_hash: str) -> bool:
-        for log in self._rounds.values():
-            if log.prevote_tally.get(block_hash, 0) > 0 or block_hash in log.certs:
-                return True
-            if any(p.block_hash == block_hash for p in log.unverified.values()):
-                return True
-        return False
+        return any(
+            log.prevote_tally.get(block_hash, 0) > 0
+            or block_hash in log.certs
+            or any(h == block_hash for _, h in log.unverified)
+            for log in self._rounds.values()
+        )
 
     def _future_room(self, sender: str, round: int) -> bool:
         """Keep at most a few future rounds per sender, preferring the highest."""
@@ -1176,41 +1274,34 @@ class TendermintMachine:
             self._seen.discard(dropped.signature_bytes)
         return True
 
-    def _record(self, message: Message, *, verified_note: bool) -> None:
+    def _record(self, message: Message, *, verified_note: bool, out: _Outbox | None = None) -> None:
         log = self._rounds.get(message.round)
         if log is None:
             log = self._rounds[message.round] = _RoundLog()
         self._seen.add(message.signature_bytes)
         if isinstance(message, Proposal):
             log.proposals.setdefault(message.block_hash, message)
-            self._blocks.setdefault(message.block_hash, message.block)
+            if message.block_hash not in self._blocks:
+                self._learn_block(message.block, out)
         elif isinstance(message, Prevote):
-            log.prevotes[message.voter] = message
-            log.prevote_tally[message.block_hash] = log.prevote_tally.get(message.block_hash, 0) + 1
+            log.add_prevote(message)
         elif isinstance(message, Precommit):
-            log.precommits[message.voter] = message
-            if message.block_hash is not None and message.checkpoint_signature is not None:
-                if verified_note:
-                    log.certs.setdefault(message.block_hash, {})[message.voter] = (
-                        message.checkpoint_signature
-                    )
-                else:
-                    log.unverified[message.voter] = message
+            log.add_precommit(message, verified_note=verified_note)
 
-    def _learn_block(self, block: Block, out: _Outbox) -> None:
+    def _learn_block(self, block: Block, out: _Outbox | None) -> None:
         """A block became known: check the note signatures of precommits waiting for it."""
         block_hash = block.hash
         self._blocks[block_hash] = block
         for log in self._rounds.values():
-            for voter, p in list(log.unverified.items()):
-                if p.block_hash != block_hash:
+            for (voter, h), p in list(log.unverified.items()):
+                if h != block_hash:
                     continue
-                del log.unverified[voter]
+                del log.unverified[(voter, h)]
                 sig = p.checkpoint_signature
                 assert sig is not None
                 if self._note_ok(block, voter, sig):
                     log.certs.setdefault(block_hash, {})[voter] = sig
-                else:
+                elif out is not None:
                     out.ignored.append(
                         (p, "checkpoint signature does not verify: not counted for a commit")
                     )
@@ -1368,7 +1459,7 @@ def _rule_prevote_timer(m: TendermintMachine, out: _Outbox) -> bool:
     """Line 34: 2f+1 PREVOTE(h, round_p, *) for the first time: schedule OnTimeoutPrevote."""
     key = (34, m.round)
     log = m._rounds.get(m.round)
-    if key in m._fired or log is None or len(log.prevotes) < m._quorum:
+    if key in m._fired or log is None or len(log.prevoters) < m._quorum:
         return False
     m._fired.add(key)
     m._schedule(TimeoutKind.PREVOTE, m.round)
@@ -1409,7 +1500,7 @@ def _rule_precommit_timer(m: TendermintMachine, out: _Outbox) -> bool:
     """Line 47: 2f+1 PRECOMMIT(h, round_p, *) for the first time: schedule OnTimeoutPrecommit."""
     key = (47, m.round)
     log = m._rounds.get(m.round)
-    if key in m._fired or log is None or len(log.precommits) < m._quorum:
+    if key in m._fired or log is None or len(log.precommitters) < m._quorum:
         return False
     m._fired.add(key)
     m._schedule(TimeoutKind.PRECOMMIT, m.round)
@@ -1422,18 +1513,35 @@ _PREVOTE: Final = frozenset({Step.PREVOTE})
 
 #: Algorithm 1's upon clauses, tried in this order after every input until none fires.
 UPON_RULES: Final[tuple[UponRule, ...]] = (
-    UponRule(49, "proposal v of round r + 2f+1 precommits id(v) in r: decide v", _ANY, _rule_decide),
+    UponRule(
+        49, "proposal v of round r + 2f+1 precommits id(v) in r: decide v", _ANY, _rule_decide
+    ),
     UponRule(55, "f+1 messages of round r > round_p: start round r", _ANY, _rule_skip),
-    UponRule(22, "proposal (v, -1): prevote v if valid and lock allows, else nil", _PROPOSE,
-             _rule_prevote_fresh),
-    UponRule(28, "proposal (v, vr) + 2f+1 prevotes id(v) in vr: prevote v if valid and"
-             " locked_round <= vr or locked on v, else nil", _PROPOSE, _rule_prevote_pol),
-    UponRule(36, "proposal v + 2f+1 prevotes id(v), valid(v), first time: lock and precommit"
-             " v (in prevote); valid value := v", frozenset({Step.PREVOTE, Step.PRECOMMIT}),
-             _rule_lock),
+    UponRule(
+        22,
+        "proposal (v, -1): prevote v if valid and lock allows, else nil",
+        _PROPOSE,
+        _rule_prevote_fresh,
+    ),
+    UponRule(
+        28,
+        "proposal (v, vr) + 2f+1 prevotes id(v) in vr: prevote v if valid and"
+        " locked_round <= vr or locked on v, else nil",
+        _PROPOSE,
+        _rule_prevote_pol,
+    ),
+    UponRule(
+        36,
+        "proposal v + 2f+1 prevotes id(v), valid(v), first time: lock and precommit"
+        " v (in prevote); valid value := v",
+        frozenset({Step.PREVOTE, Step.PRECOMMIT}),
+        _rule_lock,
+    ),
     UponRule(44, "2f+1 prevotes nil: precommit nil", _PREVOTE, _rule_precommit_nil),
-    UponRule(34, "2f+1 prevotes, first time: schedule timeout prevote", _PREVOTE,
-             _rule_prevote_timer),
-    UponRule(47, "2f+1 precommits, first time: schedule timeout precommit", _ANY,
-             _rule_precommit_timer),
+    UponRule(
+        34, "2f+1 prevotes, first time: schedule timeout prevote", _PREVOTE, _rule_prevote_timer
+    ),
+    UponRule(
+        47, "2f+1 precommits, first time: schedule timeout precommit", _ANY, _rule_precommit_timer
+    ),
 )

@@ -37,7 +37,7 @@ __all__ = [
 MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MAX_SMALL_FRAME: Final = 256 * 1024
 #: Messages whose bodies may be large (block ranges); every other frame is capped small.
-LARGE_TYPES: Final = frozenset({"BLOCKS", "NEW_BLOCK", "GENESIS"})
+LARGE_TYPES: Final = frozenset({"BLOCKS", "NEW_BLOCK", "GENESIS", "CONSENSUS", "PENDING"})
 MESSAGE_TYPES: Final = frozenset(
     {
         "PING", "PONG",
@@ -48,7 +48,8 @@ MESSAGE_TYPES: Final = frozenset(
         "GET_GENESIS", "GENESIS",
         "GET_BLOCKS", "BLOCKS",
         "NEW_BLOCK",
-        "BUILD_REQUEST", "BUILD_STATUS",
+        "BUILD_REQUEST", "BUILD_STATUS", "GET_BUILD",
+        "CONSENSUS", "PENDING",
         "ERROR",
     }
 )

@@ -106,12 +106,19 @@ class NodeApi:
             await self._build(scope, receive, send, route[1])
         elif len(route) == 2 and route[0] == "builds" and method == "GET":
             build = self.node.builds.get(route[1])
-            if build is None:
+            if build is not None:
+                await send_json(send, 200, build.to_json())
+                return
+            remote = await self.service.forwarded_status(route[1])
+            if remote is None:
                 raise ApiError(404, f"no build with id {route[1][:64]!r}")
-            await send_json(send, 200, build.to_json())
+            await send_json(send, 200, remote)
+        elif route == ["authorize"] and method == "POST":
+            await self._authorize(scope, receive, send)
         elif len(route) == 2 and route[0] == "inspect-log" and method == "GET":
             await self._inspect(scope, send, route[1])
-        elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log"):
+        elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log",
+                                    "authorize"):
             raise ApiError(405, f"{method} is not allowed on {path}")
         else:
             raise ApiError(404, f"no route for {path[:200]}")
@@ -140,9 +147,46 @@ class NodeApi:
             raise ApiError(409, f"Artifact already exists: {ref.package_id} is in the "
                            "transparency log")
         if not self.node.is_build_node:
-            raise ApiError(503, "this node is not a build node")
+            try:
+                await send_json(send, 202, await self.service.forward_build(ref))
+            except PyrsiaError as exc:
+                raise ApiError(503, f"this node is not a build node, and {exc}") from None
+            return
         build = self.service.request_build(ref)
         await send_json(send, 202, build.to_json())
+
+    async def _authorize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Propose an AddNode record: the peer becomes an authorized build node."""
+        if not self._authorized(scope):
+            raise ApiError(401, "authorize needs the node's admin token (Authorization: Bearer "
+                           "<token>; the token is in the node's data directory, admin.token)")
+        try:
+            body: Any = canonical_loads(await read_body(receive, 64 * 1024) or b"{}")
+        except (EncodingError, ValueError) as exc:
+            raise ApiError(400, f"request body must be a JSON object: {exc}") from None
+        peer = body.get("peer") if isinstance(body, dict) else None
+        if not isinstance(peer, str) or len(peer) != 64:
+            raise ApiError(400, "give the peer's node id (64 hex characters)")
+        if not self.node.is_build_node:
+            raise ApiError(403, "only an authorized build node can authorize another")
+        if peer in self.node.log_store.ledger.validators:
+            raise ApiError(409, f"node {peer} is already an authorized build node")
+        from pyrsia_core import PublicKey, Record
+
+        peers = self.node.peers
+        st = peers.stats.get(peer) if peers is not None else None
+        if st is None or not st.public_key:
+            raise ApiError(404, f"node {peer} is not a known peer: it must have connected to "
+                           "this node (start it with --peer pointing here)")
+        record = Record.node_change(signer=self.node.signer, subject=PublicKey.from_hex(
+            st.public_key), timestamp=int(self.node.clock.now()))
+        try:
+            committed = await self.node.commit([record])
+        except PyrsiaError as exc:
+            raise ApiError(503, f"authorization not committed: {exc}") from None
+        await send_json(send, 200, {"authorized": peer, "ledger_height": committed.block.height,
+                                    "authorized_build_nodes":
+                                        self.node.log_store.ledger.validators.ordered()})
 
     async def _inspect(self, scope: Scope, send: Send, package_type: str) -> None:
         query = _query(scope)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import attrs
@@ -24,7 +25,7 @@ from pyrsia_pkg_docker import (
 )
 from pyrsia_pkg_docker._upstream import UpstreamError, UpstreamNotFound
 
-from pyrsia_core import Digest, Operation, Record, StoredRecord
+from pyrsia_core import Block, Digest, Operation, Record, StoredRecord
 
 from ._node import Build, BuildError, Node, NotInLog
 
@@ -66,6 +67,8 @@ class DockerService:
     node: Node
     task_group: anyio.abc.TaskGroup | None = None
     _pending: dict[Digest, _Pending] = attrs.Factory(dict)
+    #: Builds this (regular) node asked a build node for: build id -> that node's address.
+    forwarded: dict[str, str] = attrs.Factory(dict)
 
     # -- log lookups ---------------------------------------------------------------
 
@@ -93,7 +96,7 @@ class DockerService:
     async def in_log(self, ref: ImageRef, digest: Digest) -> bool:
         return bool(await self._artifact_records(ref, digest))
 
-    async def settle(self, package_id: str | None = None, *, limit: float = 60.0) -> None:
+    async def settle(self, package_id: str | None = None, *, limit: float = 5.0) -> None:
         """Wait (bounded) for running builds -- of ``package_id``, or all -- to commit.
 
         A client is answered while its image is still being built; what it asks next
@@ -131,6 +134,14 @@ class DockerService:
         elif digest is None or not await self.in_log(ref, digest):
             if not build:
                 raise NotInLog(f"{ref.package_id} is not in the transparency log")
+            if not self.node.is_build_node:
+                # A regular node does not build: it asks a build node and answers at once.
+                try:
+                    status = await self.forward_build(ref)
+                    detail = f"build {status.get('build_id', '')} requested from a build node"
+                except PyrsiaError as exc:
+                    detail = f"no build could be requested: {exc}"
+                raise NotInLog(f"{ref.package_id} is not in the transparency log yet; {detail}")
             running = self.request_build(ref)
             await running.ready.wait()
             if running.status == "FAILED":
@@ -305,9 +316,13 @@ class DockerService:
             pending.stored = True
             pending.event.set()
 
-    async def _build_inner(
-        self, ref: ImageRef, build: Build, created: list[Digest], mine: list[Digest]
-    ) -> int:
+    async def _fetch_image(
+        self, ref: ImageRef, build: Build | None, created: list[Digest], mine: list[Digest]
+    ) -> list[tuple[str, Digest]]:
+        """Fetch, verify and store an image from the upstream; its (artifact id, digest) list.
+
+        With ``build``, each artifact is released to waiting clients once verified.
+        """
         try:
             top_digest, top, media_type = await self._fetch_manifest(ref, ref.reference)
             manifest = Manifest.parse(top, media_type)
@@ -335,15 +350,17 @@ class DockerService:
                 unique.setdefault(d.digest, d)
             for d in unique.values():
                 artifacts.append((ref.artifact_id(d.digest), d.digest))
-            for _, digest in artifacts:
-                self._expect(ref, build, digest, mine)
+            if build is not None:
+                for _, digest in artifacts:
+                    self._expect(ref, build, digest, mine)
             for digest, content in manifests:
                 if await self.node.local_blob(digest) is None:
                     await self.node.blobs.put_bytes(content, expected=digest)
                     created.append(digest)
                 self._release(digest)
-            build.result = top_digest
-            build.ready.set()
+            if build is not None:
+                build.result = top_digest
+                build.ready.set()
             await self._fetch_blobs(ref, list(unique.values()), created)
         except UpstreamNotFound as exc:
             raise BuildError(f"{ref.package_id} not found upstream: {exc}") from None
@@ -351,6 +368,12 @@ class DockerService:
             raise BuildError(f"upstream failed: {exc}") from None
         except (ManifestError, DigestMismatch) as exc:
             raise BuildError(f"upstream sent bad content: {exc}") from None
+        return artifacts
+
+    async def _build_inner(
+        self, ref: ImageRef, build: Build, created: list[Digest], mine: list[Digest]
+    ) -> int:
+        artifacts = await self._fetch_image(ref, build, created, mine)
         now = int(self.node.clock.now())
         records = [
             Record.new(
@@ -400,3 +423,83 @@ class DockerService:
                 tg.start_soon(one, d)
         if errors:
             raise errors[0]
+
+
+    async def rebuild_check(self, block: Block) -> bool:
+        """Did this node, building every image of ``block`` itself, get the same hashes?
+
+        For each Docker package in the block: fetch it from this node's own upstream
+        (verifying and storing it, so this node can serve it too) and compare the set of
+        (artifact id, hash) with the block's records. Other records pass.
+        """
+        packages: dict[str, set[tuple[str, str]]] = {}
+        for sr in block.records:
+            r = sr.record
+            if r.package_type == RECORD_TYPE and r.operation == Operation.ADD_ARTIFACT:
+                packages.setdefault(r.package_specific_id, set()).add(
+                    (r.package_specific_artifact_id, r.artifact_hash)
+                )
+        for package_id, claimed in packages.items():
+            try:
+                ref = ImageRef.parse(package_id)
+            except ValueError:
+                return False
+            created: list[Digest] = []
+            try:
+                built = await self._fetch_image(ref, None, created, [])
+            except PyrsiaError as exc:
+                log.warning("Could not rebuild %s to check a proposal: %s", package_id, exc)
+                return False
+            mine = {(aid, d.hex) for aid, d in built}
+            if mine != claimed:
+                log.warning("Proposal claims hashes for %s that differ from this node's build",
+                            package_id)
+                return False
+        return True
+
+    # -- build requests between nodes ------------------------------------------------
+
+    async def handle_build_request(self, body: Any) -> dict[str, Any]:
+        """A peer asks this build node to build an image (``BUILD_REQUEST``)."""
+        if not isinstance(body, dict) or body.get("package_type", "docker") != "docker":
+            raise ValueError("BUILD_REQUEST needs package_type docker and an image")
+        ref = ImageRef.parse(str(body.get("image", "")))
+        if not self.node.is_build_node:
+            raise BuildError("this node is not a build node")
+        if await self.tag_digest(ref) is not None or (
+            ref.digest is not None and await self.in_log(ref, ref.digest)
+        ):
+            return {"status": "EXISTS", "package_specific_id": ref.package_id,
+                    "reason": "Artifact already exists"}
+        return self.request_build(ref).to_json()
+
+    async def forward_build(self, ref: ImageRef) -> dict[str, Any]:
+        """On a regular node: send the build request to an authorized build node."""
+        peers = self.node.peers
+        errors = []
+        for nid in self.node.log_store.ledger.validators.ordered():
+            address = peers.address_of(nid) if peers is not None else None
+            if address is None:
+                continue
+            try:
+                env = await peers.rpc(address, "BUILD_REQUEST",
+                                      {"package_type": "docker", "image": ref.package_id},
+                                      {"BUILD_STATUS"})
+            except PyrsiaError as exc:
+                errors.append(f"{nid[:16]}: {exc}")
+                continue
+            status = dict(env.body)
+            status["build_node"] = nid
+            if "build_id" in status:
+                self.forwarded[str(status["build_id"])] = address
+            log.info("Sent a build request for %s to build node %s", ref.package_id, nid[:16])
+            return status
+        raise BuildError("no build node could be reached: " + ("; ".join(errors) or "none known"))
+
+    async def forwarded_status(self, build_id: str) -> dict[str, Any] | None:
+        address = self.forwarded.get(build_id)
+        peers = self.node.peers
+        if address is None or peers is None:
+            return None
+        env = await peers.rpc(address, "GET_BUILD", {"build_id": build_id}, {"BUILD_STATUS"})
+        return dict(env.body)

@@ -116,6 +116,9 @@ class Node:
     #: Called (in the node's task group) with every block this node commits itself.
     commit_listeners: list[Callable[[CommittedBlock], Awaitable[None]]] = attrs.Factory(list)
     peers: Any = None  # the PeerService, when the node talks to peers
+    consensus: Any = None  # the ConsensusRunner, on a build node among several
+    #: Handles a BUILD_REQUEST from a peer (set by the runtime): body -> build status.
+    build_request_handler: Any = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -248,13 +251,15 @@ class Node:
         """Sign records, propose a block and commit it (a network of one commits alone)."""
         if not self.is_build_node:
             raise BuildError("this node is not an authorized build node")
+        if len(self.log_store.ledger.validators) > 1:
+            if self.consensus is None:
+                raise BuildError("committing with several build nodes needs consensus")
+            signed = [SignedRecord.sign(r, self.signer) for r in records]
+            committed = await self.consensus.submit(signed)
+            log.info("Build records committed by consensus in block %d", committed.block.height)
+            return committed  # type: ignore[no-any-return]
         async with self._commit_lock:
             ledger = self.log_store.ledger
-            if len(ledger.validators) != 1:
-                raise BuildError(
-                    "committing with more than one build node needs consensus, "
-                    "which this node does not run yet"
-                )
             signed = [SignedRecord.sign(r, self.signer) for r in records]
             block = ledger.propose(
                 proposer=self.signer, records=signed, timestamp=int(self.clock.now())
@@ -272,9 +277,16 @@ class Node:
             return committed
 
     async def append_block(self, committed: CommittedBlock) -> None:
-        """Validate and store a block committed elsewhere (from a peer)."""
+        """Validate and store a block committed elsewhere (from a peer or consensus)."""
         async with self._commit_lock:
             await self.log_store.append(committed, now=self.clock.now())
+        if self.consensus is not None:
+            self.consensus.on_block(committed)
+
+    async def handle_build_request(self, body: Any) -> dict[str, Any]:
+        if self.build_request_handler is None:
+            raise BuildError("this node takes no build requests")
+        return await self.build_request_handler(body)  # type: ignore[no-any-return]
 
     # -- builds --------------------------------------------------------------------
 

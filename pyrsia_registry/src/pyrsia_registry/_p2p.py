@@ -70,6 +70,7 @@ class PeerStats:
     remote_uploads: int = 0  # the in-flight uploads it reported
     failures: int = 0
     misbehaved: int = 0
+    public_key: str = ""
 
 
 def _node_key(node_id: str) -> bytes:
@@ -139,6 +140,15 @@ class PeerService:
         if st.failures >= 3:
             self.table.remove(contact.node_id)
 
+    def _remember_key(self, env: Envelope) -> None:
+        st = self.stats.get(env.sender)
+        if st is not None:
+            st.public_key = env.public_key.hex
+
+    def address_of(self, node_id: str) -> str | None:
+        st = self.stats.get(node_id)
+        return st.address if st is not None else None
+
     def _blame(self, node_id: str, reason: str) -> None:
         st = self.stats.get(node_id)
         if st is not None:
@@ -172,6 +182,7 @@ class PeerService:
             log.warning("Rejected a peer message: %s", exc)
             return self._seal("ERROR", {"error": str(exc)[:300]})
         self._saw(env.sender, env.address)
+        self._remember_key(env)
         try:
             type_, body = await self._dispatch(env)
         except PeerMisbehaved as exc:
@@ -253,6 +264,24 @@ class PeerService:
             committed = CommittedBlock.from_json(body.get("block"))
             await self._receive_block(committed, env)
             return "OK", {}
+        consensus = getattr(self.node, "consensus", None)
+        if env.type == "CONSENSUS":
+            if consensus is None:
+                raise ValueError("this node runs no consensus")
+            consensus.deliver(env.sender, body.get("message"))
+            return "OK", {}
+        if env.type == "PENDING":
+            if consensus is None:
+                raise ValueError("this node runs no consensus")
+            consensus.add_pending(body.get("records"), env.sender)
+            return "OK", {}
+        if env.type == "BUILD_REQUEST":
+            return "BUILD_STATUS", await self.node.handle_build_request(body)
+        if env.type == "GET_BUILD":
+            build = self.node.builds.get(body.get("build_id"))
+            if build is None:
+                raise ValueError("no such build")
+            return "BUILD_STATUS", build.to_json()
         raise ValueError(f"{env.type} is not a request")
 
     async def blob_source(self, digest: Digest, offset: int) -> PeerBlob | None:
@@ -303,6 +332,7 @@ class PeerService:
         if env.type == "ERROR":
             raise TransportError(f"{address} refused {type_}: {env.body.get('error')}")
         self._saw(env.sender, env.address or address)
+        self._remember_key(env)
         if "uploads" in env.body and env.sender in self.stats:
             uploads = env.body["uploads"]
             # A peer's own word on its load, clamped: it cannot bid below zero to attract traffic.

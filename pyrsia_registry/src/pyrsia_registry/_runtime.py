@@ -14,9 +14,11 @@ import attrs
 from ._api import NodeApi
 from ._app import NodeApp
 from ._config import NodeConfig
+from ._consensus_node import ConsensusRunner
 from ._docker import DockerService
 from ._node import Node
 from ._oci import OciApp
+from ._p2p import PeerConfig, PeerService
 
 __all__ = ["RunningNode", "run_node", "start_node"]
 
@@ -43,7 +45,6 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
     """
     from pyrsia_core import plugins
 
-    from ._p2p import PeerConfig, PeerService
 
     transport = plugins.create("pyrsia.transport", config.transport, {})
     peer_config = PeerConfig(
@@ -76,6 +77,11 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             peers = PeerService(node, transport, peer_config)
             node.peers = peers
             node.commit_listeners.append(lambda committed: _spawn(tg, peers.gossip, committed))
+            consensus = ConsensusRunner(
+                node, service.rebuild_check, lambda t, b, ids: _send_all(tg, peers, t, b, ids)
+            )
+            node.consensus = consensus
+            node.build_request_handler = service.handle_build_request
             p2p_app = transport.asgi_app(peers.handle, peers.blob_source)
             app = NodeApp(OciApp(service), NodeApi(service), p2p_app)
             running = RunningNode(node, app, service)
@@ -90,6 +96,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                     peers.config.public_url = url
                 log.info("Pyrsia node listening on %s", url)
             await tg.start(peers.run)
+            await tg.start(consensus.run)
             try:
                 yield running
             finally:
@@ -104,6 +111,26 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
 
 async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
     tg.start_soon(fn, *args)
+
+
+async def _send_all(
+    tg: anyio.abc.TaskGroup, peers: PeerService, type_: str, body: dict[str, Any],
+    node_ids: list[str],
+) -> None:
+    """Send a consensus message to validators without waiting (a slow one stalls nobody)."""
+
+    async def one(nid: str) -> None:
+        address = peers.address_of(nid)
+        if address is None:
+            log.debug("no address known for validator %s", nid[:16])
+            return
+        try:
+            await peers.rpc(address, type_, body, {"OK"})
+        except Exception as exc:  # a validator that is down or refuses: consensus copes
+            log.debug("%s to %s failed: %s", type_, nid[:16], exc)
+
+    for nid in node_ids:
+        tg.start_soon(one, nid)
 
 
 @attrs.define

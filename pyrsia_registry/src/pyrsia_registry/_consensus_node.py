@@ -1,0 +1,242 @@
+"""Driving the core's Tendermint machine on a build node (DESIGN §5).
+
+One :class:`~pyrsia_core.consensus.TendermintMachine` per height. Inputs: consensus
+messages from other validators (through the peer transport), timers, and this
+node's pending records. Outputs: messages broadcast to the other validators and,
+on a decision, the committed block, which is validated and stored like any block
+and then gossiped to every peer.
+
+A validator prevotes for a block only after it rebuilt every artifact itself (for
+Docker: fetched the image from its own upstream and hashed it) and got the same
+hashes -- the ``build_check`` given to the machine, run in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from pyrsia_core._consensus import (
+    MessageError,
+    Output,
+    TendermintMachine,
+    Timeouts,
+    message_from_json,
+)
+from pyrsia_core.errors import BlockError, RecordError, SignatureError
+
+from pyrsia_core import Block, CommittedBlock, SignedRecord
+
+from ._node import BuildError, Node
+
+__all__ = ["ConsensusRunner"]
+
+log = logging.getLogger("pyrsia.consensus")
+MAX_PENDING = 100_000
+
+
+@attrs.define(eq=False)
+class ConsensusRunner:
+    node: Node
+    #: ``(block) -> awaitable bool``: did this node rebuild every artifact with equal hashes?
+    rebuild: Callable[[Block], Awaitable[bool]]
+    #: ``(type, body, node ids)``: send a message to these validators.
+    send: Callable[[str, dict[str, Any], list[str]], Awaitable[None]]
+    timeouts: Timeouts = attrs.Factory(lambda: Timeouts(propose=1.0, prevote=0.5, precommit=0.5))
+    pending: dict[str, SignedRecord] = attrs.Factory(dict)  # record id -> record
+    machine: TendermintMachine | None = None
+    _inbox: list[tuple[str, Any]] = attrs.Factory(list)
+    _wake: anyio.Event = attrs.Factory(anyio.Event)
+    _checks: dict[str, bool | None] = attrs.Factory(dict)
+    _committed: anyio.Event = attrs.Factory(anyio.Event)
+    _tg: anyio.abc.TaskGroup | None = None
+
+    # -- inputs from the network and the node ----------------------------------------
+
+    def deliver(self, sender: str, message: Any) -> None:
+        """A consensus message from a peer (queued; the machine checks everything)."""
+        if len(self._inbox) > 10_000:
+            raise ValueError("consensus inbox is full")
+        self._inbox.append((sender, message))
+        self._wake.set()
+
+    def add_pending(self, records: Any, sender: str) -> None:
+        """Records a build node built and wants committed (checked before they are kept)."""
+        if not isinstance(records, list) or len(records) > 10_000:
+            raise ValueError("PENDING needs a list of at most 10000 records")
+        validators = self.node.log_store.ledger.validators
+        if sender not in validators:
+            raise ValueError("only build nodes submit records")
+        added = 0
+        for item in records:
+            try:
+                sr = SignedRecord.from_json(item)
+                sr.verify()
+            except (RecordError, SignatureError) as exc:
+                raise ValueError(f"bad pending record: {exc}") from None
+            if sr.record.node_id not in validators:
+                raise ValueError("a pending record must be by a build node")
+            if len(self.pending) < MAX_PENDING and sr.record.id not in self.pending:
+                self.pending[sr.record.id] = sr
+                added += 1
+        if added:
+            self._wake.set()
+
+    async def submit(self, records: list[SignedRecord], *, wait: float = 120.0) -> CommittedBlock:
+        """Have ``records`` committed by the build nodes; return the block that holds them."""
+        for sr in records:
+            self.pending[sr.record.id] = sr
+        others = [v for v in self.node.log_store.ledger.validators.ordered()
+                  if v != self.node.node_id]
+        await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
+        self._wake.set()
+        ids = {sr.record.id for sr in records}
+        with anyio.move_on_after(wait):
+            while True:
+                found = await self._block_holding(ids)
+                if found is not None:
+                    return found
+                await self._committed.wait()
+        raise BuildError(
+            "the build nodes did not reach consensus on this build in time (more than a third "
+            "may be down or disagree)"
+        )
+
+    async def _block_holding(self, ids: set[str]) -> CommittedBlock | None:
+        ledger = self.node.log_store.ledger
+        # Records are looked up by their first id; a block holds all of a build's records.
+        first = next(iter(ids))
+        for sr_height in range(ledger.height, max(0, ledger.height - 50), -1):
+            committed = await self.node.log_store.block(sr_height)
+            if committed is not None and any(r.record.id == first
+                                             for r in committed.block.records):
+                return committed
+        return None
+
+    # -- the machine's callbacks -------------------------------------------------------
+
+    def _get_value(self, now: float) -> Block | None:
+        ledger = self.node.log_store.ledger
+        records = [sr for sr in self.pending.values()]
+        if not records:
+            return None
+        records = records[:10_000]
+        return ledger.propose(proposer=self.node.signer, records=records, timestamp=int(now))
+
+    def _build_check(self, block: Block) -> bool | None:
+        key = block.hash
+        if key in self._checks:
+            return self._checks[key]
+        self._checks[key] = None
+        if self._tg is not None:
+            self._tg.start_soon(self._run_check, block)
+        return None
+
+    async def _run_check(self, block: Block) -> None:
+        try:
+            ok = await self.rebuild(block)
+        except Exception as exc:  # a failed rebuild is a "no", never a crash
+            log.warning("Rebuild of block %d failed: %s", block.height, exc)
+            ok = False
+        self._checks[block.hash] = ok
+        log.info("Rebuilt the artifacts of proposed block %d: %s", block.height,
+                 "same hashes" if ok else "DIFFERENT hashes or failed; voting nil")
+        self._wake.set()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _new_machine(self) -> TendermintMachine | None:
+        ledger = self.node.log_store.ledger
+        if self.node.node_id not in ledger.validators:
+            return None
+        return TendermintMachine(
+            ledger_view=ledger,
+            signer=self.node.signer,
+            validators=ledger.validators,
+            origin=ledger.origin,
+            height=ledger.height + 1,
+            timeouts=self.timeouts,
+            build_check=self._build_check,
+            get_value=self._get_value,
+        )
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            while True:
+                await self._run_height()
+
+    def on_block(self, committed: CommittedBlock) -> None:
+        """The ledger grew (a block from consensus, gossip or sync)."""
+        for sr in committed.block.records:
+            self.pending.pop(sr.record.id, None)
+        self._committed.set()
+        self._committed = anyio.Event()
+        self._wake.set()
+
+    async def _run_height(self) -> None:
+        height = self.node.log_store.ledger.height + 1
+        machine = self._new_machine()
+        self.machine = machine
+        if machine is None:
+            await self._sleep_until_woken(None)
+            return
+        now = self.node.clock.now()
+        await self._apply(machine.start(now))
+        while self.node.log_store.ledger.height < height:
+            inbox, self._inbox = self._inbox, []
+            for sender, raw in inbox:
+                try:
+                    message = message_from_json(raw)
+                except MessageError as exc:
+                    log.warning("Ignored a consensus message from %s: %s", sender[:16], exc)
+                    continue
+                if message.height > height:
+                    self._inbox.append((sender, raw))  # for a later height
+                    continue
+                await self._apply(machine.receive(message, self.node.clock.now()))
+                if self.node.log_store.ledger.height >= height:
+                    return
+            deadline = machine.next_deadline()
+            now = self.node.clock.now()
+            if deadline is not None and deadline <= now:
+                await self._apply(machine.handle_timer(now))
+                continue
+            if self.pending and machine.step.value == "propose":
+                await self._apply(machine.handle_timer(now))
+            await self._sleep_until_woken(None if deadline is None else deadline - now)
+
+    async def _sleep_until_woken(self, delay: float | None) -> None:
+        with anyio.move_on_after(0.5 if delay is None else max(0.0, delay)):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def _apply(self, out: Output) -> None:
+        for message, reason in out.ignored:
+            who = message.sender[:16] if message is not None else "?"
+            log.info("Consensus ignored a message from %s: %s", who, reason)
+        if out.broadcast:
+            others = [v for v in self.node.log_store.ledger.validators.ordered()
+                      if v != self.node.node_id]
+            for message in out.broadcast:
+                await self.send("CONSENSUS", {"message": message.to_json()}, others)
+        if out.committed is not None:
+            await self._commit(out.committed)
+
+    async def _commit(self, committed: CommittedBlock) -> None:
+        try:
+            await self.node.append_block(committed)
+        except BlockError as exc:
+            if committed.block.height <= self.node.log_store.ledger.height:
+                return  # already appended (from gossip)
+            log.error("Consensus decided a block the ledger rejects: %s", exc)
+            return
+        log.info("Consensus committed block %d (%d records) with a quorum certificate",
+                 committed.block.height, len(committed.block.records))
+        for listener in self.node.commit_listeners:
+            await listener(committed)

@@ -1,0 +1,133 @@
+"""Authorized build nodes reaching consensus, as real node processes (issue: consensus)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support.clients import skopeo
+from support.fixtures import SeededUpstream
+from support.node import NodeProcess, run_cli
+
+pytestmark = pytest.mark.process
+FAST = ("--sync-interval", "0.5")
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status(node: NodeProcess) -> dict:  # type: ignore[type-arg]
+    return httpx.get(f"{node.url}/api/status", timeout=60).json()  # type: ignore[no-any-return]
+
+
+def authorize(home: Path, admin: NodeProcess, peer: NodeProcess) -> None:
+    out = run_cli(home, "authorize", "--peer", status(peer)["node_id"], "--data-dir",
+                  str(admin.data_dir), port=admin.port, timeout=120)
+    assert out.returncode == 0, out.stderr + admin.log()[-3000:]
+    assert "authorized build node" in out.stdout
+
+
+@pytest.fixture
+def four(tmp_path: Path, fresh_seeded_upstream: SeededUpstream) -> Iterator[list[NodeProcess]]:
+    nodes: list[NodeProcess] = []
+    try:
+        a = NodeProcess(tmp_path / "a", upstream=fresh_seeded_upstream.url, extra=FAST).start()
+        nodes.append(a)
+        for name in "bcd":
+            nodes.append(NodeProcess(tmp_path / name, upstream=fresh_seeded_upstream.url,
+                                     extra=(*FAST, "--peer", a.url)).start())
+        for peer in nodes[1:]:
+            authorize(tmp_path, a, peer)
+        ids = {status(n)["node_id"] for n in nodes}
+        for n in nodes:
+            wait_until(f"{n.url} to list 4 build nodes",
+                       lambda n=n: set(status(n)["authorized_build_nodes"]) == ids)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_unauthorized_caller_is_refused(tmp_path: Path, seeded_upstream: SeededUpstream) -> None:
+    with NodeProcess(tmp_path / "a", upstream=seeded_upstream.url, extra=FAST) as a, \
+            NodeProcess(tmp_path / "b", upstream=None, extra=(*FAST, "--peer", a.url)) as b:
+        wait_until("b to be known", lambda: len(status(a)["peers"]) >= 1)
+        out = run_cli(tmp_path, "authorize", "--peer", status(b)["node_id"], "--token", "wrong",
+                      port=a.port)
+        assert out.returncode != 0 and "401" in out.stderr and "token" in out.stderr
+        r = httpx.post(f"{a.url}/api/authorize", json={"peer": status(b)["node_id"]})
+        assert r.status_code == 401
+        assert status(a)["authorized_build_nodes"] == [status(a)["node_id"]]
+
+
+def test_four_build_nodes_commit_with_one_down(
+    four: list[NodeProcess], tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    a, b, c, d = four
+    d.stop()
+    # A build requested on B (a build node) commits with 3 of 4 build nodes.
+    out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2", port=b.port)
+    assert out.returncode == 0, out.stderr
+    build_id = out.stdout.split("ID ")[1].split()[0]
+    wait_until("the build to succeed", lambda: "SUCCESS" in run_cli(
+        tmp_path, "build", "status", "--id", build_id, port=b.port).stdout, timeout=90)
+    records = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
+                                 "--proof", port=c.port).stdout)
+    assert len(records) == 4
+    checkpoint = records[0]["proof"]["checkpoint"]
+    # The certificate carries signatures of at least 3 of the 4 build nodes.
+    assert checkpoint.count("\u2014 ") >= 3
+    again = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2", port=a.port)
+    assert again.returncode != 0 and "Artifact already exists" in again.stderr
+    got = skopeo("copy", "--src-tls-verify=false",
+                 f"docker://127.0.0.1:{c.port}/library/alpine:3.16.2", f"dir:{tmp_path / 'x'}")
+    assert got.returncode == 0
+
+
+def test_two_down_nothing_commits_until_they_return(
+    four: list[NodeProcess], tmp_path: Path
+) -> None:
+    a, _b, c, d = four
+    height = status(a)["ledger_height"]
+    c.stop()
+    d.stop()
+    out = run_cli(tmp_path, "build", "docker", "--image", "library/ociimage:1.0", port=a.port)
+    assert out.returncode == 0, out.stderr
+    build_id = out.stdout.split("ID ")[1].split()[0]
+    time.sleep(5)
+    assert status(a)["ledger_height"] == height  # 2 of 4 is no quorum: nothing commits
+    assert "SUCCESS" not in run_cli(tmp_path, "build", "status", "--id", build_id,
+                                    port=a.port).stdout
+    c.start()
+    wait_until("the build to commit once a quorum is back",
+               lambda: status(a)["ledger_height"] > height, timeout=90)
+    wait_until("c to catch up", lambda: status(c)["ledger_height"] == status(a)["ledger_height"])
+
+
+def test_regular_node_requests_a_build_and_then_pulls(
+    four: list[NodeProcess], tmp_path: Path
+) -> None:
+    a = four[0]
+    with NodeProcess(tmp_path / "r", upstream=None, extra=(*FAST, "--peer", a.url)) as r:
+        wait_until("r to sync", lambda: status(r)["ledger_height"] == status(a)["ledger_height"])
+        first = httpx.get(f"{r.url}/v2/library/multi/manifests/1.0", timeout=30)
+        assert first.status_code == 404
+        assert "requested" in first.json()["errors"][0]["message"]
+        wait_until("the records to reach the regular node", lambda: run_cli(
+            tmp_path, "inspect-log", "docker", "--image", "multi:1.0", port=r.port
+        ).returncode == 0, timeout=90)
+        skopeo("copy", "--all", "--src-tls-verify=false",
+               f"docker://127.0.0.1:{r.port}/library/multi:1.0", f"dir:{tmp_path / 'm'}")
