@@ -131,3 +131,50 @@ def test_regular_node_requests_a_build_and_then_pulls(
         ).returncode == 0, timeout=90)
         skopeo("copy", "--all", "--src-tls-verify=false",
                f"docker://127.0.0.1:{r.port}/library/multi:1.0", f"dir:{tmp_path / 'm'}")
+
+
+def test_a_tampering_build_node_never_gets_its_hashes_committed(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    from support.images import ImageSpec, seed_images
+    from support.registry import UpstreamRegistry
+
+    honest_url = fresh_seeded_upstream.url
+    honest_digest = fresh_seeded_upstream.images["library/alpine:3.16.2"].manifest_digest
+    with UpstreamRegistry(tmp_path / "evil-upstream") as evil_upstream:
+        # Same name, different bytes: what a compromised builder would see.
+        seed_images(evil_upstream, (ImageSpec("library/alpine", "3.16.2", "v2s2",
+                                              seed="tampered"),), workdir=tmp_path / "evil")
+        nodes: list[NodeProcess] = []
+        try:
+            a = NodeProcess(tmp_path / "a", upstream=honest_url, extra=FAST).start()
+            nodes.append(a)
+            for name in "bc":
+                nodes.append(NodeProcess(tmp_path / name, upstream=honest_url,
+                                         extra=(*FAST, "--peer", a.url)).start())
+            evil = NodeProcess(tmp_path / "evil", upstream=evil_upstream.url,
+                               extra=(*FAST, "--peer", a.url)).start()
+            nodes.append(evil)
+            for peer in nodes[1:]:
+                authorize(tmp_path, a, peer)
+            # The tampering node builds first: its records never commit.
+            height = status(a)["ledger_height"]
+            out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2",
+                          port=evil.port)
+            assert out.returncode == 0, out.stderr
+            time.sleep(6)
+            assert status(a)["ledger_height"] == height
+            # An honest build of the same image commits, with the honest hashes.
+            out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2",
+                          port=nodes[1].port)
+            assert out.returncode == 0, out.stderr
+            wait_until("the honest build to commit",
+                       lambda: status(a)["ledger_height"] > height, timeout=90)
+            records = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image",
+                                         "alpine:3.16.2", port=a.port).stdout)
+            assert records[0]["artifact_hash"] == honest_digest.removeprefix("sha256:")
+            assert {r["node_id"] for r in records} == {status(nodes[1])["node_id"]}
+            assert "DIFFERENT hashes" in evil.log()
+        finally:
+            for n in nodes:
+                n.stop()

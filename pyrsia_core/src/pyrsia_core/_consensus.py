@@ -28,14 +28,33 @@ reads a clock.
   seconds it re-broadcasts its own messages (every round of the height) and every
   message it holds for its current and previous round; with a re-proposed block it
   relays the prevotes that justify it. Messages are deduplicated by signature.
+* **Votes** are kept per (voter, value): as in the paper every message counts toward
+  the value it names, so an equivocator's two votes both count (quorum intersection
+  keeps that safe) and a relayed proof of lock always adds up. Conflicting messages are
+  kept as :attr:`TendermintMachine.evidence`.
 * **Crash safety.** :meth:`TendermintMachine.snapshot` returns the state a restarted
   validator needs to never sign two different messages for one (height, round, type):
-  round, step, locked and valid values, and every message it has signed. The runtime
-  persists it *before* it sends any output with a non-empty ``broadcast``.
+  round, step, locked and valid values, every message it has signed, and its decision.
+  The runtime persists it *before* it sends any output with a non-empty ``broadcast``.
 
 Inputs are never trusted: a message with a bad signature, from a non-validator, for
 another height, oversized or malformed is *ignored with a reason* in
 :attr:`Output.ignored`, and no exception escapes :meth:`TendermintMachine.receive`.
+
+Driving it (the runtime's loop, one machine per height ``ledger.height + 1``)::
+
+    m = TendermintMachine(ledger, signer, ledger.validators, ledger.origin, height,
+                          build_check=..., get_value=...)
+    if stored snapshot for this height: m.restore(snapshot)
+    out = m.start(clock.now())
+    on every output: persist m.snapshot() if out.broadcast; send out.broadcast to the
+        other validators; log out.ignored; if out.committed: ledger.append it, gossip
+        it, drop the snapshot, and start the next height's machine
+    on a consensus message: height == m.height -> m.receive(msg, now); a higher
+        height -> keep it (FutureMessages) for that machine; a lower height -> the
+        sender is behind: send it that committed block
+    at m.next_deadline() (and when a build finishes): m.handle_timer(now)
+    on a block from gossip/sync for this height (validated by ledger.append): drop m
 """
 
 from __future__ import annotations

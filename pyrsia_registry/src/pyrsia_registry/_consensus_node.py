@@ -120,8 +120,15 @@ class ConsensusRunner:
     # -- the machine's callbacks -------------------------------------------------------
 
     def _get_value(self, now: float) -> Block | None:
+        """A proposal of this node's own pending records (the builds it made itself).
+
+        Records other build nodes submitted are not proposed here: this node has not
+        rebuilt them, and a tampering build node's records must not ride along in an
+        honest proposal. Their author proposes them when its turn comes.
+        """
         ledger = self.node.log_store.ledger
-        records = [sr for sr in self.pending.values()]
+        own = self.node.node_id
+        records = [sr for sr in self.pending.values() if sr.record.node_id == own]
         if not records:
             return None
         records = records[:10_000]
