@@ -98,7 +98,27 @@ def bench_fetch(work: Path, mib: int) -> None:
     (work / "nginx").mkdir()
     proc, port = start_nginx(work / "nginx", src.parent)
     url = f"http://127.0.0.1:{port}/{src.name}"
+    def speed(u: str) -> float:
+        out = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", u],
+                             check=True, capture_output=True, text=True).stdout
+        return float(out)
+
     try:
+        nginx_speeds = sorted(speed(url) for _ in range(5))
+        a = NodeProcess(work / "a", upstream=None, extra=FAST).start()
+        try:
+            assert a.proc is not None
+            idle = rss_kib(a.proc.pid)[0]
+            node_url = f"{a.url}/v2/library/big/blobs/{digest}"
+            node_speeds = sorted(speed(node_url) for _ in range(5))
+            peak = (rss_kib(a.proc.pid)[1] - idle) / 1024
+        finally:
+            a.stop()
+        n_med, p_med = nginx_speeds[2], node_speeds[2]
+        print(f"cache hit     {mib} MiB blob through a node's OCI API {p_med / 1e6:,.0f} MB/s vs "
+              f"nginx sendfile {n_med / 1e6:,.0f} MB/s (curl, median of 5): ratio "
+              f"{p_med / n_med:.2f}x (goal >= 0.9x); node RSS over idle {peak:.1f} MB")
+        print(f"cache_hit_ratio={p_med / n_med:.3f}")
         base = []
         for _ in range(3):
             out = work / "copy.bin"

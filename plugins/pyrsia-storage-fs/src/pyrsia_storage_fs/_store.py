@@ -252,24 +252,8 @@ class FsBlobStore(BlobStore):
         verifier = DigestVerifier(expected=expected, expected_size=expected_size)
         temp = await self._run(self._create_temp)
         try:
-            parts: list[bytes] = []
-            buffered = 0
-            seen = 0
-            async for chunk in chunks:
-                self._check_open()
-                seen += len(chunk)
-                if quota is not None and not known and seen > quota:
-                    raise QuotaExceeded(f"blob is larger than the whole quota (over {quota} bytes)")
-                parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
-                buffered += len(chunk)
-                if buffered >= self._chunk_size or (
-                    expected_size is not None and seen > expected_size
-                ):
-                    await self._run(partial(self._write, temp, verifier, parts))
-                    parts, buffered = [], 0
-            if parts:
-                await self._run(partial(self._write, temp, verifier, parts))
-            del parts
+            await self._pipe(chunks, temp, verifier, quota if not known else None,
+                             expected_size)
             digest, fresh = await self._run(partial(self._finish, temp, verifier))
             if not fresh:  # already stored: no fsync, no rename; the temp file goes
                 return BlobInfo(digest, verifier.size, str(self._path(digest)))
@@ -281,6 +265,62 @@ class FsBlobStore(BlobStore):
             if not temp.committed:  # failed, cancelled, or the blob was already there
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._discard, temp)
+
+    async def _pipe(
+        self,
+        chunks: AsyncIterable[bytes],
+        temp: _Temp,
+        verifier: DigestVerifier,
+        quota: int | None,
+        expected_size: int | None,
+    ) -> None:
+        """Hash and write ``chunks`` to ``temp`` in a worker thread while the next ones arrive.
+
+        Receiving (often network I/O on the event loop) and hashing plus writing (in a
+        thread, releasing the GIL) overlap, with at most a few chunks buffered, so
+        memory stays flat and both cores are used.
+        """
+        send, receive = anyio.create_memory_object_stream[list[bytes]](2)
+        failure: list[BaseException] = []
+
+        async def produce() -> None:
+            async with send:
+                parts: list[bytes] = []
+                buffered = 0
+                seen = 0
+                try:
+                    async for chunk in chunks:
+                        self._check_open()
+                        seen += len(chunk)
+                        if quota is not None and seen > quota:
+                            raise QuotaExceeded(
+                                f"blob is larger than the whole quota (over {quota} bytes)"
+                            )
+                        parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+                        buffered += len(chunk)
+                        if buffered >= self._chunk_size or (
+                            expected_size is not None and seen > expected_size
+                        ):
+                            await send.send(parts)
+                            parts, buffered = [], 0
+                    if parts:
+                        await send.send(parts)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:  # handed to the writer, re-raised there
+                    failure.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            try:
+                async with receive:
+                    async for parts in receive:
+                        await self._run(partial(self._write, temp, verifier, parts))
+            except BaseException as exc:
+                tg.cancel_scope.cancel()
+                failure.append(exc)
+        if failure:
+            raise failure[0]
 
     def _check_quota(self, size: int, quota: int, *, freed: int = 0) -> None:
         if self._usage - freed + size > quota:
