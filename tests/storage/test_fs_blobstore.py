@@ -263,7 +263,7 @@ async def test_kill_mid_put_leaves_no_partial_blob(tmp_path: Path) -> None:
         (temp,) = _temp_files(tmp_path)
         # Writes run in a worker thread, overlapping the next read: wait for them to land.
         with anyio.fail_after(10):
-            while (tmp_path / "tmp" / temp).stat().st_size < 8 * MiB:
+            while (tmp_path / "tmp" / temp).stat().st_size < 8 * MiB:  # noqa: ASYNC110 - polling another process
                 await anyio.sleep(0.02)
         assert (tmp_path / "tmp" / temp).stat().st_size == 8 * MiB
     finally:
