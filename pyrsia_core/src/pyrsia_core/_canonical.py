@@ -109,28 +109,39 @@ def _check(value: Any, depth: int) -> bool:
     if depth > _MAX_DEPTH:
         raise EncodingError("value is nested too deeply")
     t = type(value)
-    if t is str or value is None or t is bool:
-        return True
-    if t is int:
-        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            raise EncodingError(f"integer {value} is outside the I-JSON safe range")
-        return True
     if t is dict:
+        items: Any = value.items()
         ok = True
-        for k, v in value.items():
+        for k, v in items:
             if type(k) is not str:
                 raise EncodingError(f"object keys must be strings, got {type(k).__name__}")
-            if not _bmp_key(k):
+            if not k.isascii() and not _bmp_key(k):
                 ok = False
+            tv = type(v)
+            if tv is str or v is None or tv is bool:
+                continue
+            if tv is int:
+                if not -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+                    raise EncodingError(f"integer {v} is outside the I-JSON safe range")
+                continue
             if not _check(v, depth + 1):
                 ok = False
         return ok
     if t is list or t is tuple:
         ok = True
         for v in value:
+            tv = type(v)
+            if tv is str or v is None or tv is bool:
+                continue
             if not _check(v, depth + 1):
                 ok = False
         return ok
+    if t is str or value is None or t is bool:
+        return True
+    if t is int:
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise EncodingError(f"integer {value} is outside the I-JSON safe range")
+        return True
     if isinstance(value, float):
         raise EncodingError("floats are not allowed in canonical pyrsia JSON")
     # Other mappings/sequences, int/str subclasses: the reference path decides.

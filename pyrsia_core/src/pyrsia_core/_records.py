@@ -60,10 +60,13 @@ MAX_TEXT: Final = 1024
 MAX_RECORD_BYTES: Final = 8192
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f]")
+
+
 def _text(value: str, name: str) -> None:
     if len(value) > MAX_TEXT:
         raise RecordError(f"record field {name!r} is longer than {MAX_TEXT} characters")
-    if any(ch < " " for ch in value):
+    if _CONTROL.search(value):
         raise RecordError(f"record field {name!r} contains control characters")
 
 
