@@ -75,3 +75,16 @@ async def test_reload_across_merkle_pages() -> None:
     assert again.ledger.tree.size == 4501
     assert again.ledger.tree.root() == store.ledger.tree.root()
     assert again.inclusion_proof(4000) == store.inclusion_proof(4000)
+
+
+async def test_block_json_is_the_committed_block() -> None:
+    from pyrsia_core import canonical_json
+
+    vals = [signer(1)]
+    store = await LogStore.open(MemoryKeyValueStore(), genesis(vals))
+    await store.append(commit(store.ledger, artifact_records(vals[0], 3), vals))
+    for height in (0, 1):
+        full = await store.block(height)
+        assert full is not None
+        assert canonical_json(await store.block_json(height)) == canonical_json(full.to_json())
+    assert await store.block_json(2) is None

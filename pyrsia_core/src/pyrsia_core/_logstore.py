@@ -238,6 +238,23 @@ class LogStore:
     async def block(self, height: int) -> CommittedBlock | None:
         return await self._load_block(height)
 
+    async def block_json(self, height: int) -> dict[str, Any] | None:
+        """A stored committed block as JSON, without re-validating it (for serving peers,
+        who validate it themselves)."""
+        raw = await self.kv.get(_block_key(height))
+        if raw is None:
+            return None
+        data: Any = canonical_loads(raw)
+        header = dict(data["header"])
+        first, count = int(data["first"]), int(header["num_records"])
+        records = []
+        async for _key, raw_record in self.kv.scan(b"r/", start=_record_key(first), limit=count):
+            records.append(canonical_loads(raw_record[8:]))
+        if len(records) != count:
+            raise StoreError(f"stored block {height} is missing records")
+        header["records"] = records
+        return {"block": header, "certificate": data["certificate"]}
+
     async def blocks(self, start: int, end: int) -> list[CommittedBlock]:
         """Committed blocks ``start..end-1`` (clipped to the head)."""
         out = []

@@ -95,10 +95,18 @@ class ConsensusRunner:
         await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
         self._wake.set()
         ids = {sr.record.id for sr in records}
+        started = self.node.clock.monotonic()
         with anyio.move_on_after(wait):
             while True:
                 found = await self._block_holding(ids)
                 if found is not None:
+                    log.info(
+                        "Consensus latency: %d record(s) committed in block %d %.1f ms after "
+                        "the build finished",
+                        len(records),
+                        found.block.height,
+                        (self.node.clock.monotonic() - started) * 1000,
+                    )
                     return found
                 await self._committed.wait()
         raise BuildError(

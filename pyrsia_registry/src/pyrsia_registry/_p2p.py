@@ -250,12 +250,11 @@ class PeerService:
             out: list[Any] = []
             size = 0
             for height in range(start, min(end, self.node.log_store.ledger.height + 1)):
-                committed = await self.node.log_store.block(height)
-                if committed is None:
+                item = await self.node.log_store.block_json(height)
+                if item is None:
                     break
-                item = committed.to_json()
                 # Keep the reply well under the frame cap (always at least one block).
-                size += 600 * len(committed.block.records) + 2048
+                size += 600 * len(item["block"]["records"]) + 2048
                 if out and size > MAX_REPLY_BYTES:
                     break
                 out.append(item)
