@@ -74,7 +74,7 @@ def main() -> None:
             # Sequential builds: latency from build end to commit.
             for i in range(args.builds):
                 build_and_wait(work, nodes[1], f"img{i}:1.0")
-            latencies = [float(m[2]) for m in LATENCY.findall(nodes[1].log())]
+            latencies = [float(ms) for _, ms in LATENCY.findall(nodes[1].log())]
             # Queued builds: records per second.
             t = time.perf_counter()
             before = status(a)["log_records"]

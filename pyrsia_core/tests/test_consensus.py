@@ -232,6 +232,13 @@ def _proposal(s: Ed25519Signer, round: int, block: Block, vr: int = -1) -> Propo
     return Proposal.create(s, ORIGIN, height=block.height, round=round, block=block, valid_round=vr)
 
 
+def _own(m: TendermintMachine, out: Output) -> list[tuple[type, str | None]]:
+    """What ``m`` itself signed in ``out`` (it also relays others' messages)."""
+    return [
+        (type(x), getattr(x, "block_hash", None)) for x in out.broadcast if x.sender == m.node_id
+    ]
+
+
 def _state(m: TendermintMachine) -> tuple[object, ...]:
     return (m.round, m.step, m.locked_round, m.valid_round, m.next_deadline(), len(m.evidence))
 
@@ -514,7 +521,10 @@ def _locked() -> Locked:
     helper = next(s for s in others if s is not p0)
     out = t.feed(_prevote(helper, 0, b.hash), _prevote(p0, 0, b.hash))
     assert x.locked_round == 0 and x.locked_block == b
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Precommit, b.hash)]
+    assert _own(x, out) == [(Precommit, b.hash)]
+    # ... and it relays the proof of lock it saw (gossip), its own prevote aside.
+    relayed = {m.sender for m in out.broadcast if isinstance(m, Prevote)}
+    assert relayed == {helper.node_id, p0.node_id}
     # Nobody else precommits b: the round ends without a decision.
     t.feed(*(_precommit(s, 0, None) for s in others[:2]))
     while x.round == 0:

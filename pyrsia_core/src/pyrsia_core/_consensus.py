@@ -1502,6 +1502,12 @@ def _rule_lock(m: TendermintMachine, out: _Outbox) -> bool:
             m.locked_round, m.locked_block = m.round, p.block
             m._precommit(p.block, out)
         m.valid_round, m.valid_block = m.round, p.block
+        # Gossip (the paper's assumption): relay the proof of lock at once, so a vote a
+        # Byzantine validator showed only to some reaches every correct validator while
+        # it is still in this round, and they all hold the same valid value.
+        out.broadcast.extend(
+            v for (voter, h), v in log.prevotes.items() if h == p.block_hash and voter != m._me
+        )
         return True
     return False
 
