@@ -14,9 +14,9 @@ scenario, so any failure replays with ``--start SEED --seeds 1``.
 Printed per validator count: seeds run, *violations* (safety: two honest nodes committing
 different blocks at a height, a committed block failing the build check or refused by
 ``Ledger.append``, an honest node signing two messages for one slot; liveness: an honest
-node not committing every height, or deciding more than ``LIVENESS_ROUNDS`` rounds after
-the GST round) -- the goal is 0; *rounds* is the mean deciding round per height (0 = the
-first round) and its maximum; *after GST* is how many rounds past the honest nodes'
+node not committing every height, or deciding more than ``liveness_rounds(n)`` = n + 2
+rounds after the GST round) -- the goal is 0; *rounds* is the mean deciding round per
+height (0 = the first round) and its maximum; *after GST* is how many rounds past the honest nodes'
 round at GST a height needed (mean and max); *sim s* the simulated seconds from GST to
 every honest node holding every height (mean, max); then restarts from a snapshot,
 equivocations caught, and the wall time per seed.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "pyrsia_core" / "tests"))
 
-from test_consensus_sim import LIVENESS_ROUNDS, SimResult, run_seed
+from test_consensus_sim import SimResult, liveness_rounds, run_seed
 
 
 def _row(n: int, results: list[SimResult], wall: float) -> str:
@@ -64,9 +64,10 @@ def main() -> None:
         f"{'>GST':>7} {'max':>5} {'sim s':>7} {'max':>7} {'restarts':>8} {'equivoc':>8} "
         f"{'ms/seed':>8}"
     )
+    bounds = ", ".join(str(liveness_rounds(n)) for n in args.n)
     print(
         f"Tendermint simulation: seeds {args.start}..{args.start + args.seeds - 1} per n, "
-        f"liveness bound {LIVENESS_ROUNDS} rounds after GST"
+        f"liveness bound n + 2 rounds after GST ({bounds})"
     )
     print(header)
     print("-" * len(header))

@@ -91,6 +91,12 @@ class Net:
         g = genesis(signers, ORIGIN)
         ledgers = [Ledger.start(g) for _ in signers]
         machines = []
+
+        def check_of(i: int) -> Callable[[Block], bool | None]:
+            if build_check is None:
+                return _yes
+            return lambda block: build_check(i, block)
+
         for i, (s, ledger) in enumerate(zip(signers, ledgers, strict=True)):
             machines.append(
                 TendermintMachine(
@@ -100,7 +106,7 @@ class Net:
                     ORIGIN,
                     height,
                     timeouts=TIMEOUTS,
-                    build_check=(lambda b, i=i: build_check(i, b)) if build_check else _yes,
+                    build_check=check_of(i),
                     get_value=get_value(i, ledger, s) if get_value else _value(ledger, s),
                 )
             )
@@ -230,6 +236,10 @@ def _precommit(s: Ed25519Signer, round: int, block: Block | None, height: int = 
 
 def _proposal(s: Ed25519Signer, round: int, block: Block, vr: int = -1) -> Proposal:
     return Proposal.create(s, ORIGIN, height=block.height, round=round, block=block, valid_round=vr)
+
+
+def _sent(out: Output) -> list[tuple[type, str | None]]:
+    return [(type(x), getattr(x, "block_hash", None)) for x in out.broadcast]
 
 
 def _own(m: TendermintMachine, out: Output) -> list[tuple[type, str | None]]:
@@ -442,7 +452,7 @@ def test_a_ledger_invalid_proposal_gets_a_nil_prevote() -> None:
     )
     out = x.receive(_proposal(s, 0, stale), NOW)
     assert out.ignored == []
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, None)]
+    assert _sent(out) == [(Prevote, None)]
 
 
 def test_a_proposer_without_a_value_proposes_nothing_and_the_round_times_out() -> None:
@@ -517,7 +527,7 @@ def _locked() -> Locked:
     b2 = net.ledgers[0].propose(proposer=p1, records=artifact_records(p1, 1), timestamp=int(NOW))
     t = Locked(net, x, others, b, b2, NOW)
     out = t.feed(_proposal(p0, 0, b))
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, b.hash)]
+    assert _sent(out) == [(Prevote, b.hash)]
     helper = next(s for s in others if s is not p0)
     out = t.feed(_prevote(helper, 0, b.hash), _prevote(p0, 0, b.hash))
     assert x.locked_round == 0 and x.locked_block == b
@@ -537,14 +547,14 @@ def test_a_locked_validator_prevotes_nil_for_another_fresh_block() -> None:
     t = _locked()
     assert t.x.round == 1
     out = t.feed(_proposal(t.proposer(1), 1, t.b2))
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, None)]
+    assert _sent(out) == [(Prevote, None)]
     assert t.x.locked_block == t.b
 
 
 def test_a_locked_validator_prevotes_its_locked_block_again() -> None:
     t = _locked()
     out = t.feed(_proposal(t.proposer(1), 1, t.b, vr=-1))
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, t.b.hash)]
+    assert _sent(out) == [(Prevote, t.b.hash)]
 
 
 def test_a_newer_proof_of_lock_releases_the_lock() -> None:
@@ -559,7 +569,7 @@ def test_a_newer_proof_of_lock_releases_the_lock() -> None:
         t.expire()
     # Round 2: b2 re-proposed with valid_round 1 >= locked_round 0 and its POL: prevote b2.
     out = t.feed(_proposal(t.proposer(2), 2, t.b2, vr=1))
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, t.b2.hash)]
+    assert _sent(out) == [(Prevote, t.b2.hash)]
 
 
 def test_a_proof_of_lock_older_than_the_lock_does_not_release_it() -> None:
@@ -576,7 +586,7 @@ def test_a_proof_of_lock_older_than_the_lock_does_not_release_it() -> None:
     # equivocate to make them): older than x's lock at round 1, so x prevotes nil.
     assert t.feed(_proposal(t.proposer(2), 2, t.b2, vr=0)).broadcast == []
     out = t.feed(*(_prevote(s, 0, t.b2.hash) for s in t.others))
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, None)]
+    assert _sent(out) == [(Prevote, None)]
     assert t.x.locked_block == t.b and len(t.x.evidence) >= 2
 
 
@@ -586,7 +596,7 @@ def test_a_proof_of_lock_without_the_prevotes_is_not_enough() -> None:
     out = t.feed(_proposal(t.proposer(2), 2, t.b2, vr=1))  # claims a POL nobody showed
     assert out.broadcast == []
     out = t.expire()  # OnTimeoutPropose
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, None)]
+    assert _sent(out) == [(Prevote, None)]
 
 
 def test_the_valid_value_is_reproposed_with_its_round() -> None:
@@ -629,7 +639,7 @@ def test_two_thirds_prevotes_of_anything_start_the_prevote_timeout() -> None:
     assert out.broadcast == []  # 3 prevotes, no 2f+1 for one value: wait
     assert x.next_deadline() == later + TIMEOUTS.prevote
     out = x.handle_timer(later + TIMEOUTS.prevote)
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Precommit, None)]
+    assert _sent(out) == [(Precommit, None)]
 
 
 def test_timeouts_grow_linearly_per_round() -> None:
@@ -716,7 +726,7 @@ def test_a_restored_lock_is_kept() -> None:
     y.start(t.now)
     assert (y.round, y.locked_round, y.locked_block) == (1, 0, t.b)
     out = y.receive(_proposal(t.proposer(1), 1, t.b2), t.now)
-    assert [(type(m), m.block_hash) for m in out.broadcast] == [(Prevote, None)]
+    assert _sent(out) == [(Prevote, None)]
 
 
 def test_a_validator_that_crashed_after_deciding_hands_out_the_decision_again() -> None:
@@ -745,13 +755,19 @@ def test_a_validator_restored_after_precommitting_waits_in_precommit() -> None:
     out = y.start(t.now)
     assert y.step is Step.PRECOMMIT and y.round == 0
     assert {(type(m), m.round) for m in out.broadcast} == {(Prevote, 0), (Precommit, 0)}
-    # Its only way on is a timeout (or others' messages); it never re-signs round 0.
+    # Stuck, it re-sends only the same messages; it never signs round 0 again.
     deadline = y.next_deadline()
-    assert deadline is not None
-    later = y.handle_timer(deadline + 10)
-    assert y.round >= 1  # OnTimeoutPrecommit
-    zero = [m for m in later.broadcast if m.sender == y.node_id and m.round == 0]
-    assert all(m in out.broadcast for m in zero)  # only the same messages again
+    assert deadline == t.now + TIMEOUTS.rebroadcast
+    later = y.handle_timer(deadline)
+    assert y.round == 0
+    assert {m for m in later.broadcast if m.sender == y.node_id} <= set(out.broadcast)
+    # The others' precommits (their re-broadcasts) arm OnTimeoutPrecommit again.
+    for s in t.others[:2]:
+        y.receive(_precommit(s, 0, None), deadline)
+    timeout = y.next_deadline()
+    assert timeout == deadline + TIMEOUTS.precommit
+    y.handle_timer(timeout)
+    assert y.round == 1
 
 
 def test_restore_refuses_other_heights_networks_and_junk() -> None:

@@ -17,7 +17,7 @@ Every run checks:
   ``Ledger.append``, and no honest node ever signs two different messages for one
   (type, height, round), crashes included;
 * **liveness** -- every honest node commits every height, and the deciding round is
-  at most ``LIVENESS_ROUNDS`` rounds after the round the honest nodes were in at GST.
+  at most :func:`liveness_rounds` (n + 2) rounds after the honest nodes' round at GST.
 
 ``bench/sim_consensus.py`` imports :func:`run_seed` for long runs.
 """
@@ -77,8 +77,19 @@ TIMEOUTS = Timeouts(
     poll=0.2,
 )
 DELTA = 0.2  # post-GST bound on honest message delay
-#: After GST, an honest node decides within this many rounds of the GST round.
-LIVENESS_ROUNDS = 6
+
+
+def liveness_rounds(n: int) -> int:
+    """After GST, a height is decided within this many rounds of the GST round.
+
+    Within one rotation (n rounds) the honest validator with the highest valid round
+    proposes its valid value with that round; every honest lock is no newer, and the
+    proof of lock travels with the proposal, so every honest validator prevotes it.
+    Two more rounds cover the honest validators getting into one round after GST.
+    """
+    return n + 2
+
+
 RECORDS_PER_BLOCK = 2
 MAX_SIM_TIME = 400.0  # after GST: a run still going by then is a liveness violation
 
@@ -351,7 +362,7 @@ class Node:
         if out.committed is not None:
             assert machine is not None
             self.decided_round[out.committed.block.height] = machine.round
-            self.apply(out.committed, now, via_consensus=True)
+            self.apply(out.committed, now)
         self.arm()
 
     def arm(self) -> None:
@@ -368,7 +379,7 @@ class Node:
         self.armed = None
         self.handle(self.machine.handle_timer(now), now)
 
-    def apply(self, committed: CommittedBlock, now: float, *, via_consensus: bool) -> None:
+    def apply(self, committed: CommittedBlock, now: float) -> None:
         height = committed.block.height
         if height != self.ledger.height + 1:
             return
@@ -390,7 +401,7 @@ class Node:
         if not self.alive:
             return
         if isinstance(item, CommittedBlock):
-            self.apply(item, now, via_consensus=False)
+            self.apply(item, now)
             return
         if item.height <= self.ledger.height:
             # The sender is behind: give it the block (the runtime's sync), now and then.
@@ -472,12 +483,13 @@ class ByzantineNode(Node):
         return [self._vote(msg.TYPE, h, r, b) for b in picks]
 
     def _vote(self, kind: str, h: int, r: int, block: Block | None) -> Message:
-        key = (kind, h, r, block and block.hash)
+        block_hash = None if block is None else block.hash
+        key = (kind, h, r, block_hash)
         vote = self.signed.get(key)
         if vote is None:
             s = self.signer
             if kind == Prevote.TYPE:
-                vote = Prevote.create(s, ORIGIN, height=h, round=r, block_hash=key[3])
+                vote = Prevote.create(s, ORIGIN, height=h, round=r, block_hash=block_hash)
             else:
                 vote = Precommit.create(s, ORIGIN, height=h, round=r, block=block)
             self.signed[key] = vote
@@ -689,7 +701,7 @@ class Sim:
                 decided[h] = max(decided.get(h, 0), r)
         after = {h: max(0, r - self.gst_round.get(h, 0)) for h, r in decided.items()}
         for h, extra in after.items():
-            if extra > LIVENESS_ROUNDS:
+            if extra > liveness_rounds(cfg.n):
                 self.violation(f"LIVENESS: height {h} took {extra} rounds after GST")
         return SimResult(
             config=cfg,

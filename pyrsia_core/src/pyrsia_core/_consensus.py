@@ -1051,12 +1051,10 @@ class TendermintMachine:
         self._transition(Trigger.SEND_PREVOTE)
         if restored is Step.PRECOMMIT:
             self._transition(Trigger.SEND_PRECOMMIT)
-        # Re-send what we signed in this round; the peers' re-broadcasts refill the log.
-        # The round's timeouts are armed afresh (a timeout is always safe to take).
+        # Re-send what we signed in this round. The peers' messages (their re-broadcasts
+        # when stuck, or f+1 of a higher round) refill the log, and the upon rules arm
+        # this round's timeouts again.
         out.broadcast.extend(m for (_, r), m in self._sent.items() if r == self.round)
-        if restored is Step.PREVOTE:
-            self._schedule(TimeoutKind.PREVOTE, self.round)
-        self._schedule(TimeoutKind.PRECOMMIT, self.round)
 
     def _transition(self, trigger: Trigger) -> None:
         new = STEP_TRANSITIONS.get((self.step, trigger))

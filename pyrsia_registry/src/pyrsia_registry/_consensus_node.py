@@ -27,9 +27,9 @@ from pyrsia_core._consensus import (
     Timeouts,
     message_from_json,
 )
-from pyrsia_core.errors import BlockError, RecordError, SignatureError
+from pyrsia_core.errors import BlockError, EncodingError, RecordError, SignatureError
 
-from pyrsia_core import Block, CommittedBlock, SignedRecord
+from pyrsia_core import Block, CommittedBlock, SignedRecord, canonical_json, canonical_loads
 
 from ._node import BuildError, Node
 
@@ -37,6 +37,7 @@ __all__ = ["ConsensusRunner"]
 
 log = logging.getLogger("pyrsia.consensus")
 MAX_PENDING = 100_000
+SNAPSHOT_KEY = b"c/snapshot"
 
 
 @attrs.define(eq=False)
@@ -95,8 +96,15 @@ class ConsensusRunner:
     async def _vouch(self, records: list[SignedRecord]) -> None:
         """Rebuild another build node's records now, so this node can propose them if its
         turn comes first (a tampered build is never vouched for)."""
-        probe = Block(height=0, parent="0" * 64, timestamp=0, proposer=self.node.node_id,
-                      records=tuple(records), tree_size=0, root="0" * 64)
+        probe = Block(
+            height=0,
+            parent="0" * 64,
+            timestamp=0,
+            proposer=self.node.node_id,
+            records=tuple(records),
+            tree_size=0,
+            root="0" * 64,
+        )
         try:
             ok = await self.rebuild(probe)
         except Exception as exc:
@@ -110,8 +118,9 @@ class ConsensusRunner:
         """Have ``records`` committed by the build nodes; return the block that holds them."""
         for sr in records:
             self.pending[sr.record.id] = sr
-        others = [v for v in self.node.log_store.ledger.validators.ordered()
-                  if v != self.node.node_id]
+        others = [
+            v for v in self.node.log_store.ledger.validators.ordered() if v != self.node.node_id
+        ]
         await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
         self._wake.set()
         ids = {sr.record.id for sr in records}
@@ -140,8 +149,7 @@ class ConsensusRunner:
         first = next(iter(ids))
         for sr_height in range(ledger.height, max(0, ledger.height - 50), -1):
             committed = await self.node.log_store.block(sr_height)
-            if committed is not None and any(r.record.id == first
-                                             for r in committed.block.records):
+            if committed is not None and any(r.record.id == first for r in committed.block.records):
                 return committed
         return None
 
@@ -156,8 +164,11 @@ class ConsensusRunner:
         """
         ledger = self.node.log_store.ledger
         own = self.node.node_id
-        records = [sr for sr in self.pending.values()
-                   if sr.record.node_id == own or sr.record.id in self.vouched]
+        records = [
+            sr
+            for sr in self.pending.values()
+            if sr.record.node_id == own or sr.record.id in self.vouched
+        ]
         if not records:
             return None
         records = records[:10_000]
@@ -168,8 +179,7 @@ class ConsensusRunner:
         if key in self._checks:
             return self._checks[key]
         own = self.node.node_id
-        if all(sr.record.node_id == own or sr.record.id in self.vouched
-               for sr in block.records):
+        if all(sr.record.node_id == own or sr.record.id in self.vouched for sr in block.records):
             # Every record is this node's own build or one it already rebuilt itself.
             self._checks[key] = True
             return True
@@ -185,8 +195,11 @@ class ConsensusRunner:
             log.warning("Rebuild of block %d failed: %s", block.height, exc)
             ok = False
         self._checks[block.hash] = ok
-        log.info("Rebuilt the artifacts of proposed block %d: %s", block.height,
-                 "same hashes" if ok else "DIFFERENT hashes or failed; voting nil")
+        log.info(
+            "Rebuilt the artifacts of proposed block %d: %s",
+            block.height,
+            "same hashes" if ok else "DIFFERENT hashes or failed; voting nil",
+        )
         self._wake.set()
 
     # -- the loop ----------------------------------------------------------------------
@@ -229,6 +242,15 @@ class ConsensusRunner:
         if machine is None:
             await self._sleep_until_woken(None)
             return
+        stored = await self.node.kv.get(SNAPSHOT_KEY)
+        if stored is not None:
+            try:
+                snapshot = canonical_loads(stored)
+                if snapshot.get("height") == height:
+                    machine.restore(snapshot["state"])
+                    log.info("Resumed consensus at height %d from the stored snapshot", height)
+            except (EncodingError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.error("Ignoring an unreadable consensus snapshot: %s", exc)
         now = self.node.clock.now()
         await self._apply(machine.start(now))
         while self.node.log_store.ledger.height < height:
@@ -262,10 +284,18 @@ class ConsensusRunner:
     async def _apply(self, out: Output) -> None:
         for message, reason in out.ignored:
             who = message.sender[:16] if message is not None else "?"
-            log.info("Consensus ignored a message from %s: %s", who, reason)
+            log.debug("Consensus ignored a message from %s: %s", who, reason)
+        if out.broadcast and self.machine is not None:
+            # Write-ahead: what this node signed is on disk before anyone sees it, so a
+            # restarted build node resumes its round and lock and never equivocates.
+            await self.node.kv.put(
+                SNAPSHOT_KEY,
+                canonical_json({"height": self.machine.height, "state": self.machine.snapshot()}),
+            )
         if out.broadcast:
-            others = [v for v in self.node.log_store.ledger.validators.ordered()
-                      if v != self.node.node_id]
+            others = [
+                v for v in self.node.log_store.ledger.validators.ordered() if v != self.node.node_id
+            ]
             for message in out.broadcast:
                 await self.send("CONSENSUS", {"message": message.to_json()}, others)
         if out.committed is not None:
@@ -279,7 +309,11 @@ class ConsensusRunner:
                 return  # already appended (from gossip)
             log.error("Consensus decided a block the ledger rejects: %s", exc)
             return
-        log.info("Consensus committed block %d (%d records) with a quorum certificate",
-                 committed.block.height, len(committed.block.records))
+        await self.node.kv.delete(SNAPSHOT_KEY)
+        log.info(
+            "Consensus committed block %d (%d records) with a quorum certificate",
+            committed.block.height,
+            len(committed.block.records),
+        )
         for listener in self.node.commit_listeners:
             await listener(committed)
