@@ -44,6 +44,7 @@ ALPHA = 3
 MAX_BLOCKS_PER_REPLY = 256
 MAX_REPLY_BYTES = 6 * 1024 * 1024
 PROVIDER_TTL = 24 * 3600.0
+REPUBLISH_INTERVAL = 12 * 3600.0
 CHUNK = 1024 * 1024
 #: A peer address: a transport URL (http://host:port, memory://name, ...), bounded.
 _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]{0,15}://[^\s]{1,240}")
@@ -513,6 +514,7 @@ class PeerService:
         for digest in digests:
             key = digest.raw
             self.providers.provide(key)
+            self.providers.mark_published(key, self.node.clock.monotonic())
             lookup = await self.lookup(key)
             targets = lookup.result() or self.table.closest(key, K)
 
@@ -693,6 +695,17 @@ class PeerService:
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Ledger sync failed: %s", exc)
                 self.replay.expire(self.now())
+                await self._republish()
+
+    async def _republish(self) -> None:
+        """Re-announce what this node provides before the records expire elsewhere."""
+        now = self.node.clock.monotonic()
+        self.providers.expire(now)
+        due = self.providers.due_for_republish(now, _node_key(self.node.node_id),
+                                               REPUBLISH_INTERVAL)
+        for key in due[:64]:
+            await self.announce([Digest(key.hex())])
+            self.providers.mark_published(key, now)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
