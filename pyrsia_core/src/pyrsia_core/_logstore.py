@@ -139,9 +139,20 @@ class LogStore:
 
     # -- writing -------------------------------------------------------------------
 
-    async def append(self, committed: CommittedBlock, *, now: float | None = None) -> None:
-        """Validate ``committed`` against the head and persist it atomically."""
-        leaves = self.ledger.validate(committed, now=now)
+    async def append(
+        self,
+        committed: CommittedBlock,
+        *,
+        now: float | None = None,
+        validated: Callable[[], list[bytes]] | None = None,
+    ) -> None:
+        """Validate ``committed`` against the head and persist it atomically.
+
+        ``validated`` lets a runtime do the (CPU-heavy) validation elsewhere, e.g. in a
+        worker thread: it must return :meth:`Ledger.validate`'s result for this block
+        against the current head; it is called here, after nothing else changed it.
+        """
+        leaves = self.ledger.validate(committed, now=now) if validated is None else validated()
         first = self.ledger.tree.size
         # Adopt in memory first so the Merkle pages to write are known. The batch is
         # atomic: if it fails, the store still holds the old head, and we reload it.

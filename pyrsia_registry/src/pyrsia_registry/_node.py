@@ -279,7 +279,19 @@ class Node:
     async def append_block(self, committed: CommittedBlock) -> None:
         """Validate and store a block committed elsewhere (from a peer or consensus)."""
         async with self._commit_lock:
-            await self.log_store.append(committed, now=self.clock.now())
+            ledger = self.log_store.ledger
+            now = self.clock.now()
+            if len(committed.block.records) > 256:
+                # Big blocks (ledger sync): validate in a worker thread, so the event loop
+                # keeps serving -- and keeps fetching the next blocks -- meanwhile.
+                leaves = await anyio.to_thread.run_sync(
+                    lambda: ledger.validate(committed, now=now)
+                )
+                if self.log_store.ledger is not ledger:
+                    raise StoreError("the ledger was reloaded while a block was validated")
+                await self.log_store.append(committed, now=now, validated=lambda: leaves)
+            else:
+                await self.log_store.append(committed, now=now)
         if self.consensus is not None:
             self.consensus.on_block(committed)
 

@@ -146,6 +146,12 @@ class PeerService:
         if st is not None:
             st.public_key = env.public_key.hex
 
+    def _id_at(self, address: str) -> str:
+        for nid, st in self.stats.items():
+            if st.address == address:
+                return nid
+        return address
+
     def address_of(self, node_id: str) -> str | None:
         st = self.stats.get(node_id)
         return st.address if st is not None else None
@@ -430,28 +436,52 @@ class PeerService:
                     log.warning("Ledger sync from %s failed: %s", st.address, exc)
 
     async def sync_from(self, address: str, target: int) -> int:
-        """Fetch blocks up to ``target`` from one peer, validating each; return how many."""
+        """Fetch blocks up to ``target`` from one peer, validating each; return how many.
+
+        The next range is fetched and decoded while the current one is validated and
+        stored (validation of big blocks runs in a worker thread).
+        """
         added = 0
         async with self._sync_lock:
-            while self.node.log_store.ledger.height < target:
-                start = self.node.log_store.ledger.height + 1
-                env = await self.rpc(
-                    address, "GET_BLOCKS", {"start": start, "end": target + 1}, {"BLOCKS"}
-                )
-                raw = env.body.get("blocks")
-                if not isinstance(raw, list) or not raw:
-                    break
-                for item in raw:
-                    committed = CommittedBlock.from_json(item)
-                    if committed.block.height <= self.node.log_store.ledger.height:
-                        continue
+            send, receive = anyio.create_memory_object_stream[list[CommittedBlock]](1)
+            failure: list[BaseException] = []
+
+            async def fetch() -> None:
+                async with send:
+                    start = self.node.log_store.ledger.height + 1
                     try:
-                        await self.node.append_block(committed)
-                    except BlockError as exc:
-                        self._blame(env.sender, f"sent an invalid block: {exc}")
-                        return added
-                    self._seen_blocks.add(committed.block.hash)
-                    added += 1
+                        while start <= target:
+                            env = await self.rpc(
+                                address, "GET_BLOCKS", {"start": start, "end": target + 1},
+                                {"BLOCKS"},
+                            )
+                            raw = env.body.get("blocks")
+                            if not isinstance(raw, list) or not raw:
+                                return
+                            batch = [CommittedBlock.from_json(item) for item in raw]
+                            await send.send(batch)
+                            start = batch[-1].block.height + 1
+                    except (PyrsiaError, ValueError) as exc:
+                        failure.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fetch)
+                async with receive:
+                    async for batch in receive:
+                        for committed in batch:
+                            if committed.block.height <= self.node.log_store.ledger.height:
+                                continue
+                            try:
+                                await self.node.append_block(committed)
+                            except BlockError as exc:
+                                self._blame(self._id_at(address),
+                                            f"sent an invalid block: {exc}")
+                                tg.cancel_scope.cancel()
+                                break
+                            self._seen_blocks.add(committed.block.hash)
+                            added += 1
+            if failure and not added:
+                raise failure[0]
         if added:
             log.info(
                 "Synced %d block(s) from %s; ledger height %d",
