@@ -4,33 +4,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from support.clients import skopeo
 from support.fixtures import SeededUpstream
-from support.node import NodeProcess, run_cli
+from support.node import NodeProcess, node_status, run_cli, wait_until
+
+status = node_status
 
 pytestmark = pytest.mark.process
 FAST = ("--sync-interval", "0.5")
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def status(node: NodeProcess) -> dict:  # type: ignore[type-arg]
-    return httpx.get(f"{node.url}/api/status", timeout=60).json()  # type: ignore[no-any-return]
 
 
 def authorize(home: Path, admin: NodeProcess, peer: NodeProcess) -> None:

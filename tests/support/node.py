@@ -13,7 +13,7 @@ import httpx
 
 from .net import free_port, wait_for_http
 
-__all__ = ["NodeProcess", "run_cli"]
+__all__ = ["NodeProcess", "node_status", "run_cli", "wait_until"]
 
 
 def cli_env(home: Path, port: int | None = None) -> dict[str, str]:
@@ -134,3 +134,23 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until(what: str, check: Any, timeout: float = 60.0) -> None:
+    """Poll ``check()`` until it is true; fail the test with ``what`` after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def node_status(node: NodeProcess) -> dict[str, Any]:
+    """The node's ``/api/status`` JSON."""
+    return httpx.get(f"{node.url}/api/status", timeout=60).json()  # type: ignore[no-any-return]
