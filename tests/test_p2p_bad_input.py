@@ -144,3 +144,30 @@ def test_blob_endpoint_bad_input(node: NodeProcess, tmp_path: Path) -> None:
         r = httpx.get(node.url + path, timeout=30)
         assert r.status_code in (400, 404), (path, r.status_code)
     still_works(node)
+
+
+def test_bad_consensus_messages_are_ignored_with_a_reason(node: NodeProcess) -> None:
+    import time
+
+    from pyrsia_core._consensus import Prevote
+
+    # Malformed, and well-formed but from a non-validator for the right height.
+    rpc(node, seal(EVIL, "CONSENSUS", {"message": {"type": "prevote", "height": "x"}},
+                   address="http://127.0.0.1:1", now=now()))
+    head = open_frame(rpc(node, seal(EVIL, "GET_HEAD", {}, address="x", now=now())).content,
+                      now=now())
+    genesis = CommittedBlock.from_json(open_frame(rpc(node, seal(
+        EVIL, "GET_GENESIS", {}, address="x", now=now())).content, now=now()).body["block"])
+    vote = Prevote.create(EVIL, genesis.block.origin, height=int(head.body["height"]) + 1,
+                          round=0, block_hash=None)
+    rpc(node, seal(EVIL, "CONSENSUS", {"message": vote.to_json()}, address="x", now=now()))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = node.log()
+        if "Ignored a consensus message" in log and "Consensus ignored a message" in log:
+            break
+        time.sleep(0.2)
+    log = node.log()
+    assert "Ignored a consensus message" in log  # malformed
+    assert "Consensus ignored a message" in log  # not a validator
+    still_works(node)

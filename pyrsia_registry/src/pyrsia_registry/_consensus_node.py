@@ -284,7 +284,9 @@ class ConsensusRunner:
     async def _apply(self, out: Output) -> None:
         for message, reason in out.ignored:
             who = message.sender[:16] if message is not None else "?"
-            log.debug("Consensus ignored a message from %s: %s", who, reason)
+            # Duplicates are routine (re-broadcasts); anything else is worth a line.
+            level = logging.DEBUG if "duplicate" in reason else logging.INFO
+            log.log(level, "Consensus ignored a message from %s: %s", who, reason)
         if out.broadcast and self.machine is not None:
             # Write-ahead: what this node signed is on disk before anyone sees it, so a
             # restarted build node resumes its round and lock and never equivocates.
