@@ -269,6 +269,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import anyio
+    from pyrsia_core.errors import PyrsiaError
+    from pyrsia_registry._config import default_data_dir
+    from pyrsia_registry._verify_offline import verify_offline
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
+    except PyrsiaError as exc:
+        _fail(f"verification FAILED: {exc}")
+    except OSError as exc:
+        _fail(f"verification FAILED: cannot read {data_dir}: {exc}")
+    for artifact in report.records:
+        print(f"verified  {artifact}")
+    print(f"OK: {len(report.records)} record(s) of {report.package_id} are in the log "
+          f"(ledger height {report.ledger_height}, {report.log_size} records, every block's "
+          f"certificate checked against its build nodes); {report.blobs_checked} stored "
+          f"artifact(s) hash correctly, {report.blobs_missing} not stored here")
+    return 0
+
+
 def cmd_authorize(args: argparse.Namespace) -> int:
     cfg = CliConfig.load()
     token = args.token
@@ -383,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--proof", action="store_true",
                          help="add Merkle inclusion proofs and the signed checkpoint")
     inspect.set_defaults(func=cmd_inspect_log)
+
+    verify = sub.add_parser("verify", help="verify a package offline from a node's data dir")
+    verify.add_argument("package_type", choices=["docker"])
+    verify.add_argument("--image", required=True, help="e.g. alpine:3.16.2")
+    verify.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
+    verify.set_defaults(func=cmd_verify)
 
     auth = sub.add_parser("authorize", help="make a peer an authorized build node (admin)")
     auth.add_argument("--peer", required=True, help="the peer's node id")
