@@ -19,7 +19,7 @@ DISTRIBUTIONS = [
     "./pyrsia_cli",
 ]
 TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis>=6", "anyio>=4", "httpx>=0.27",
-             "pyyaml"]
+             "pyyaml", "starlette", "uvicorn", "hatchling"]
 
 
 def _install(session: nox.Session) -> None:
