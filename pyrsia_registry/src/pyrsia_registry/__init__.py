@@ -11,6 +11,7 @@ from ._docker import DockerService
 from ._node import Build, BuildError, Node, NotInLog
 from ._oci import OciApp
 from ._runtime import RunningNode, run_node, start_node
+from ._verify_offline import VerifyFailed, VerifyReport, verify_offline
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "NotInLog",
     "OciApp",
     "RunningNode",
+    "VerifyFailed",
+    "VerifyReport",
     "__version__",
     "default_data_dir",
     "format_records",
@@ -32,4 +35,5 @@ __all__ = [
     "parse_size",
     "run_node",
     "start_node",
+    "verify_offline",
 ]

@@ -20,7 +20,7 @@ from pyrsia_pkg_docker import ImageRef
 
 from pyrsia_core import Digest, Ledger, LogStore, leaf_hash, verify_inclusion
 
-__all__ = ["VerifyReport", "verify_offline"]
+__all__ = ["VerifyFailed", "VerifyReport", "verify_offline"]
 
 
 class VerifyFailed(PyrsiaError):
