@@ -436,7 +436,10 @@ def test_lookup_invariants_under_random_order_and_failures(data: st.DataObject) 
     assert all(lookup.state_of(c.node_id) is QueryState.ANSWERED for c in result)
     assert result == brute_closest(result, target, k)
     assert len(result) <= k and set(c.node_id for c in result) <= set(asked)
-    assert lookup.failures == len(set(asked) & failed)
+    # Failures count the ones reported; a lookup can finish while a query to a failed
+    # contact is still in flight (its failure never arrives).
+    reported = {a for a in set(asked) & failed if lookup.state_of(a) is not QueryState.IN_FLIGHT}
+    assert lookup.failures == len(reported)
     # Done means: the k closest known non-failed contacts have all answered.
     known = [world.contacts[i] for i in ids if lookup.state_of(i) is not None]
     live_known = brute_closest([c for c in known if c.node_id not in failed], target, k)
