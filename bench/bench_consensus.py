@@ -33,7 +33,18 @@ from support.node import NodeProcess, run_cli
 from support.registry import UpstreamRegistry
 
 FAST = ("--sync-interval", "0.5")
-LATENCY = re.compile(r"Consensus latency: (\d+) record\(s\) committed in block \d+ ([\d.]+) ms")
+LATENCY = re.compile(
+    r"^(\S+ \S+) .*Consensus latency: (\d+) record\(s\) of (\S+) committed in block \d+ "
+    r"([\d.]+) ms", re.M)
+VOUCHED = re.compile(r"^(\S+ \S+) .*Rebuilt and vouched for \d+ pending record\(s\) of (\S+)$",
+                     re.M)
+
+
+def stamp(text: str) -> float:
+    """Log timestamp (``2026-11-28 06:34:00,981``) -> seconds."""
+    import datetime
+
+    return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def status(n: NodeProcess) -> dict:  # type: ignore[type-arg]
@@ -74,7 +85,17 @@ def main() -> None:
             # Sequential builds: latency from build end to commit.
             for i in range(args.builds):
                 build_and_wait(work, nodes[1], f"img{i}:1.0")
-            latencies = [float(ms) for _, ms in LATENCY.findall(nodes[1].log())]
+            builder_log = nodes[1].log()
+            latencies = [float(ms) for _, _, _, ms in LATENCY.findall(builder_log)]
+            # From the last validator's rebuild result (its vouch) to the commit.
+            vouches: dict[str, float] = {}
+            for n in nodes:
+                for ts, package in VOUCHED.findall(n.log()):
+                    vouches[package] = max(vouches.get(package, 0.0), stamp(ts))
+            after_last = [
+                (stamp(ts) - vouches[package]) * 1000
+                for ts, _, package, _ in LATENCY.findall(builder_log) if package in vouches
+            ]
             # Queued builds: records per second.
             t = time.perf_counter()
             before = status(a)["log_records"]
@@ -90,6 +111,9 @@ def main() -> None:
         print(f"4 build nodes, {args.builds} sequential builds: commit latency after the build "
               f"median {statistics.median(latencies):.0f} ms, min {min(latencies):.0f} ms, max "
               f"{max(latencies):.0f} ms (goal < 100 ms median)")
+        if after_last:
+            print(f"   from the last validator's rebuild result to the commit: median "
+                  f"{statistics.median(after_last):.0f} ms, max {max(after_last):.0f} ms")
         print(f"{args.builds} builds queued on 3 build nodes at once: {records} records committed "
               f"in {queued:.2f} s = {records / queued:.0f} records/s (goal >= 1,000/s batched)")
         print(f"consensus_latency_ms={statistics.median(latencies):.1f}")

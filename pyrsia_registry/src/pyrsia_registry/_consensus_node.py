@@ -112,6 +112,9 @@ class ConsensusRunner:
             ok = False
         if ok:
             self.vouched.update(sr.record.id for sr in records)
+            packages = sorted({sr.record.package_specific_id for sr in records})
+            log.info("Rebuilt and vouched for %d pending record(s) of %s", len(records),
+                     ", ".join(packages))
             self._wake.set()
 
     async def submit(self, records: list[SignedRecord], *, wait: float = 120.0) -> CommittedBlock:
@@ -130,9 +133,10 @@ class ConsensusRunner:
                 found = await self._block_holding(ids)
                 if found is not None:
                     log.info(
-                        "Consensus latency: %d record(s) committed in block %d %.1f ms after "
-                        "the build finished",
+                        "Consensus latency: %d record(s) of %s committed in block %d %.1f ms "
+                        "after the build finished",
                         len(records),
+                        ", ".join(sorted({sr.record.package_specific_id for sr in records})),
                         found.block.height,
                         (self.node.clock.monotonic() - started) * 1000,
                     )
