@@ -97,6 +97,22 @@ class BlobStore(Resource):
     #: Largest number of bytes the store may hold, or ``None`` for no limit.
     quota: int | None = None
 
+    @staticmethod
+    def quota_from_config(config: Mapping[str, str]) -> int | None:
+        """The ``quota_bytes`` entry of a plugin config (absent or empty: no limit)."""
+        raw = config.get("quota_bytes")
+        if raw is None or raw.strip() == "":
+            return None
+        try:
+            quota = int(raw)
+        except ValueError:
+            raise UsageError(
+                f"quota_bytes must be an integer number of bytes, got {raw!r}"
+            ) from None
+        if quota < 0:
+            raise UsageError(f"quota_bytes must be >= 0, got {quota}")
+        return quota
+
     @abstractmethod
     async def put(
         self,

@@ -69,17 +69,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _parse_quota(config: Mapping[str, str]) -> int | None:
-    raw = config.get("quota_bytes")
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        quota = int(raw)
-    except ValueError:
-        raise UsageError(f"quota_bytes must be an integer number of bytes, got {raw!r}") from None
-    if quota < 0:
-        raise UsageError(f"quota_bytes must be >= 0, got {quota}")
-    return quota
 
 
 class _Temp:
@@ -141,7 +130,7 @@ class FsBlobStore(BlobStore):
         path = config.get("path")
         if not path:
             raise UsageError("the fs blob store needs a 'path' (the directory to keep blobs in)")
-        return cls(path, quota=_parse_quota(config))
+        return cls(path, quota=BlobStore.quota_from_config(config))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r}, quota={self.quota!r})"

@@ -35,17 +35,6 @@ __all__ = [
 CHUNK_SIZE: Final = 1 << 20
 
 
-def _parse_quota(config: Mapping[str, str]) -> int | None:
-    raw = config.get("quota_bytes")
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        quota = int(raw)
-    except ValueError:
-        raise UsageError(f"quota_bytes must be an integer number of bytes, got {raw!r}") from None
-    if quota < 0:
-        raise UsageError(f"quota_bytes must be >= 0, got {quota}")
-    return quota
 
 
 def _check_range(offset: int, length: int | None) -> None:
@@ -76,7 +65,7 @@ class MemoryBlobStore(BlobStore):
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> Self:
         """Entry-point factory; reads ``quota_bytes`` (optional) and ignores other keys."""
-        return cls(quota=_parse_quota(config))
+        return cls(quota=BlobStore.quota_from_config(config))
 
     async def put(
         self,
