@@ -88,3 +88,26 @@ async def test_block_json_is_the_committed_block() -> None:
         assert full is not None
         assert canonical_json(await store.block_json(height)) == canonical_json(full.to_json())
     assert await store.block_json(2) is None
+
+
+async def test_blocks_bytes_are_the_committed_blocks() -> None:
+    import json
+
+    from pyrsia_core import CommittedBlock, canonical_json
+
+    vals = [signer(1)]
+    store = await LogStore.open(MemoryKeyValueStore(), genesis(vals))
+    for n in (3, 5, 7):
+        await store.append(commit(store.ledger, artifact_records(vals[0], n), vals))
+    blob, count = await store.blocks_bytes(0, 10, max_bytes=1 << 20)
+    assert count == 4
+    decoded = [CommittedBlock.from_json(item) for item in json.loads(blob)]
+    for height, block in enumerate(decoded):
+        full = await store.block(height)
+        assert full is not None and block.to_bytes() == full.to_bytes()
+    # The size cap stops after the first block that would cross it, but always sends one.
+    one, count = await store.blocks_bytes(1, 10, max_bytes=10)
+    assert count == 1 and [b["block"]["height"] for b in json.loads(one)] == [1]
+    two, count = await store.blocks_bytes(2, 4, max_bytes=1 << 20)
+    assert count == 2 and canonical_json(json.loads(two)[1]) == (await store.block(3)).to_bytes()  # type: ignore[union-attr]
+    assert await store.blocks_bytes(4, 10, max_bytes=1 << 20) == (b"[]", 0)

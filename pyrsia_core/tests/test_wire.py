@@ -94,3 +94,28 @@ def test_token_bucket_rate() -> None:
     assert abs(sent - (100 + 1000 * now)) <= 250
     with pytest.raises(ValueError):
         TokenBucket(rate=0, burst=1)
+
+
+def test_attachment_round_trip_and_tampering() -> None:
+    bulk = b'[{"x": 1}]\n\x00' * 1000  # any bytes, newlines included
+    frame = seal(A, "BLOCKS", {"count": 1}, address="a", now=1000, attachment=bulk)
+    env = open_frame(frame, now=1000)
+    assert env.attachment == bulk and env.body["count"] == 1
+    assert env.body["attachment"]["size"] == len(bulk)
+    head, _, rest = frame.partition(b"\n")
+    for bad, reason in [
+        (head + b"\n" + rest[:-1] + b"!", "SHA-256"),  # one byte changed
+        (head + b"\n" + rest + b"x", "bytes, not"),  # one byte more
+        (head, "carries none"),  # dropped
+    ]:
+        with pytest.raises(PeerMisbehaved, match=reason):
+            open_frame(bad, now=1000)
+    # An attachment the signed body does not declare, or on a type that takes none.
+    plain = seal(A, "BLOCKS", {"count": 1}, address="a", now=1000)
+    with pytest.raises(PeerMisbehaved, match="not declared"):
+        open_frame(plain + b"\n[]", now=1000)
+    ping = seal(A, "PING", {}, address="a", now=1000)
+    with pytest.raises(PeerMisbehaved, match="carry no attachment"):
+        open_frame(ping + b"\n[]", now=1000)
+    with pytest.raises(ValueError):
+        seal(A, "PING", {}, address="a", now=1000, attachment=b"x")

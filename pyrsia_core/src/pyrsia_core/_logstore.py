@@ -266,6 +266,38 @@ class LogStore:
         header["records"] = records
         return {"block": header, "certificate": data["certificate"]}
 
+    async def blocks_bytes(self, start: int, end: int, max_bytes: int) -> tuple[bytes, int]:
+        """Stored blocks ``start..end-1`` as one JSON array of committed blocks, and their
+        count: at least one block (if any is in range), then more while under
+        ``max_bytes``. Built from the stored bytes without decoding any record, for
+        serving peers, who decode and validate every block themselves."""
+        parts: list[bytes] = []
+        size = 0
+        for height in range(max(0, start), min(end, self.ledger.height + 1)):
+            raw = await self.kv.get(_block_key(height))
+            if raw is None:
+                break
+            data: Any = canonical_loads(raw)
+            first, count = int(data["first"]), int(data["header"]["num_records"])
+            records = [
+                raw_record[8:]
+                async for _key, raw_record in self.kv.scan(
+                    b"r/", start=_record_key(first), limit=count
+                )
+            ]
+            if len(records) != count:
+                raise StoreError(f"stored block {height} is missing records")
+            header = canonical_json(data["header"])
+            item = b"".join((
+                b'{"block":', header[:-1], b',"records":[', b",".join(records), b"]},",
+                b'"certificate":', canonical_json(data["certificate"]), b"}",
+            ))
+            if parts and size + len(item) > max_bytes:
+                break
+            parts.append(item)
+            size += len(item) + 1
+        return b"[" + b",".join(parts) + b"]", len(parts)
+
     async def blocks(self, start: int, end: int) -> list[CommittedBlock]:
         """Committed blocks ``start..end-1`` (clipped to the head)."""
         out = []

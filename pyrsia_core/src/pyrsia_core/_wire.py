@@ -14,6 +14,7 @@ seen before. Blobs are not framed: they are content-addressed and re-verified.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Mapping
@@ -38,6 +39,9 @@ MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MAX_SMALL_FRAME: Final = 256 * 1024
 #: Messages whose bodies may be large (block ranges); every other frame is capped small.
 LARGE_TYPES: Final = frozenset({"BLOCKS", "NEW_BLOCK", "GENESIS", "CONSENSUS", "PENDING"})
+#: Messages that may carry bulk bytes after the envelope (see :func:`seal`).
+ATTACHMENT_TYPES: Final = frozenset({"BLOCKS"})
+ATTACHMENT: Final = "attachment"
 MESSAGE_TYPES: Final = frozenset(
     {
         "PING", "PONG",
@@ -71,6 +75,8 @@ class Envelope:
     nonce: str
     body: Mapping[str, Any]
     raw: bytes = attrs.field(repr=False, eq=False)
+    #: Bulk bytes sent after the signed envelope; the signature covers their SHA-256.
+    attachment: bytes | None = attrs.field(default=None, repr=False, eq=False)
 
 
 def seal(
@@ -81,10 +87,25 @@ def seal(
     address: str,
     now: float,
     nonce: str | None = None,
+    attachment: bytes | None = None,
 ) -> bytes:
-    """Sign and encode a message from this node."""
+    """Sign and encode a message from this node.
+
+    ``attachment`` (only for :data:`ATTACHMENT_TYPES`) is bulk data sent as is after the
+    envelope and a newline (canonical JSON never holds a raw newline); the signed body
+    names its SHA-256 and size, so it is covered by the signature without being
+    re-encoded as JSON on either side.
+    """
     if type_ not in MESSAGE_TYPES:
         raise ValueError(f"unknown message type {type_!r}")
+    body = dict(body)
+    if attachment is not None:
+        if type_ not in ATTACHMENT_TYPES:
+            raise ValueError(f"{type_} messages carry no attachment")
+        body[ATTACHMENT] = {
+            "sha256": hashlib.sha256(attachment).hexdigest(),
+            "size": len(attachment),
+        }
     envelope: dict[str, Any] = {
         "v": 1,
         "type": type_,
@@ -93,10 +114,11 @@ def seal(
         "addr": address,
         "ts": int(now),
         "nonce": nonce or secrets.token_hex(16),
-        "body": dict(body),
+        "body": body,
     }
     envelope["sig"] = signer.sign(canonical_json(envelope)).hex()
-    return canonical_json(envelope)
+    frame = canonical_json(envelope)
+    return frame if attachment is None else frame + b"\n" + attachment
 
 
 def _bad(peer: str, reason: str) -> PeerMisbehaved:
@@ -119,8 +141,11 @@ def open_frame(
         raise _bad("", "frame is not bytes")
     if len(frame) > MAX_FRAME_BYTES:
         raise _bad("", f"frame of {len(frame)} bytes is larger than {MAX_FRAME_BYTES}")
+    frame = bytes(frame)
+    cut = frame.find(b"\n")
+    head, attachment = (frame, None) if cut < 0 else (frame[:cut], frame[cut + 1 :])
     try:
-        data: Any = canonical_loads(bytes(frame), require_canonical=True)
+        data: Any = canonical_loads(head, require_canonical=True)
     except EncodingError as exc:
         raise _bad("", f"frame is not canonical JSON: {exc}") from None
     if not isinstance(data, dict) or set(data) != _FIELDS:
@@ -158,6 +183,7 @@ def open_frame(
         raise _bad(sender, "frame signature does not verify") from None
     if abs(data["ts"] - now) > max_skew:
         raise _bad(sender, f"frame timestamp is {int(data['ts'] - now)} s off")
+    _check_attachment(sender, type_, data["body"], attachment)
     return Envelope(
         type=type_,
         sender=sender,
@@ -166,8 +192,32 @@ def open_frame(
         timestamp=data["ts"],
         nonce=data["nonce"],
         body=data["body"],
-        raw=bytes(frame),
+        raw=frame,
+        attachment=attachment,
     )
+
+
+def _check_attachment(
+    sender: str, type_: str, body: Mapping[str, Any], attachment: bytes | None
+) -> None:
+    declared = body.get(ATTACHMENT)
+    if attachment is None:
+        if declared is not None:
+            raise _bad(sender, "frame declares an attachment but carries none")
+        return
+    if type_ not in ATTACHMENT_TYPES:
+        raise _bad(sender, f"{type_} frames carry no attachment")
+    if (
+        not isinstance(declared, dict)
+        or set(declared) != {"sha256", "size"}
+        or type(declared["size"]) is not int
+        or not isinstance(declared["sha256"], str)
+    ):
+        raise _bad(sender, "frame attachment is not declared in its signed body")
+    if declared["size"] != len(attachment):
+        raise _bad(sender, f"attachment is {len(attachment)} bytes, not {declared['size']}")
+    if hashlib.sha256(attachment).hexdigest() != declared["sha256"]:
+        raise _bad(sender, "attachment does not match the SHA-256 in its signed body")
 
 
 @attrs.define(eq=False)

@@ -10,6 +10,7 @@ it only if it matches the digest that the log vouches for.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -191,17 +192,20 @@ class PeerService:
         self._saw(env.sender, env.address)
         self._remember_key(env)
         try:
-            type_, body = await self._dispatch(env)
+            type_, body, *attachment = await self._dispatch(env)
         except PeerMisbehaved as exc:
             self._blame(env.sender, exc.reason)
             return self._seal("ERROR", {"error": exc.reason[:300]})
         except (PyrsiaError, ValueError, KeyError, TypeError) as exc:
             log.warning("Peer %s sent a bad %s: %s", env.sender[:16], env.type, exc)
             return self._seal("ERROR", {"error": f"bad {env.type}: {str(exc)[:300]}"})
-        return self._seal(type_, body)
+        return self._seal(type_, body, *attachment)
 
-    def _seal(self, type_: str, body: dict[str, Any]) -> bytes:
-        return seal(self.node.signer, type_, body, address=self.address, now=self.now())
+    def _seal(self, type_: str, body: dict[str, Any], attachment: bytes | None = None) -> bytes:
+        return seal(
+            self.node.signer, type_, body, address=self.address, now=self.now(),
+            attachment=attachment,
+        )
 
     def _contacts_json(self, contacts: Sequence[Contact]) -> list[dict[str, str]]:
         return [{"node_id": c.node_id.hex(), "address": c.address} for c in contacts]
@@ -215,7 +219,9 @@ class PeerService:
             "uploads": self.uploads_inflight,
         }
 
-    async def _dispatch(self, env: Envelope) -> tuple[str, dict[str, Any]]:
+    async def _dispatch(
+        self, env: Envelope
+    ) -> tuple[str, dict[str, Any]] | tuple[str, dict[str, Any], bytes]:
         body = env.body
         if env.type == "PING":
             return "PONG", self._head()
@@ -254,18 +260,10 @@ class PeerService:
             if type(start) is not int or type(end) is not int or start < 0 or end < start:
                 raise ValueError("GET_BLOCKS needs 0 <= start <= end")
             end = min(end, start + MAX_BLOCKS_PER_REPLY)
-            out: list[Any] = []
-            size = 0
-            for height in range(start, min(end, self.node.log_store.ledger.height + 1)):
-                item = await self.node.log_store.block_json(height)
-                if item is None:
-                    break
-                # Keep the reply well under the frame cap (always at least one block).
-                size += 600 * len(item["block"]["records"]) + 2048
-                if out and size > MAX_REPLY_BYTES:
-                    break
-                out.append(item)
-            return "BLOCKS", {"blocks": out}
+            # The blocks travel as an attachment built from the stored bytes: no record
+            # is decoded or re-encoded here; the receiver validates every block anyway.
+            blob, count = await self.node.log_store.blocks_bytes(start, end, MAX_REPLY_BYTES)
+            return "BLOCKS", {"count": count}, blob
         if env.type == "NEW_BLOCK":
             committed = CommittedBlock.from_json(body.get("block"))
             await self._receive_block(committed, env)
@@ -455,8 +453,8 @@ class PeerService:
                                 address, "GET_BLOCKS", {"start": start, "end": target + 1},
                                 {"BLOCKS"},
                             )
-                            raw = env.body.get("blocks")
-                            if not isinstance(raw, list) or not raw:
+                            raw = _blocks_of(env)
+                            if not raw:
                                 return
                             batch = [CommittedBlock.from_json(item) for item in raw]
                             await send.send(batch)
@@ -741,6 +739,19 @@ class PeerService:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+def _blocks_of(env: Envelope) -> list[Any]:
+    """The committed blocks (as JSON) a BLOCKS reply carries in its attachment."""
+    if env.attachment is None:
+        raise PeerMisbehaved(env.sender, "BLOCKS reply without its attachment")
+    try:
+        raw = json.loads(env.attachment)
+    except (ValueError, RecursionError):
+        raise PeerMisbehaved(env.sender, "BLOCKS attachment is not JSON") from None
+    if not isinstance(raw, list) or len(raw) != env.body.get("count"):
+        raise PeerMisbehaved(env.sender, "BLOCKS attachment is not the announced list")
+    return raw
 
 
 def _key(value: Any) -> bytes:
