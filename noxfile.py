@@ -15,6 +15,7 @@ DISTRIBUTIONS = [
     "./plugins/pyrsia-storage-leveldb",
     "./plugins/pyrsia-pkg-docker",
     "./plugins/pyrsia-transport-http",
+    "./plugins/pyrsia-transport-quic",
     "./pyrsia_registry",
     "./pyrsia_cli",
 ]
