@@ -14,6 +14,7 @@ DISTRIBUTIONS = [
     "./plugins/pyrsia-storage-fs",
     "./plugins/pyrsia-storage-leveldb",
     "./plugins/pyrsia-pkg-docker",
+    "./plugins/pyrsia-pkg-maven",
     "./plugins/pyrsia-transport-http",
     "./plugins/pyrsia-transport-quic",
     "./pyrsia_registry",

@@ -27,6 +27,9 @@ __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: Package types the CLI knows, and the option naming a package of each.
+ID_OPTIONS: dict[str, str] = {"docker": "image", "maven": "gav"}
+PACKAGE_TYPES = list(ID_OPTIONS)
 
 
 class CliError(Exception):
@@ -106,6 +109,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             transport=args.transport,
             sync_interval=args.sync_interval,
             blob_store=args.blob_store,
+            package_options=_package_options(args.package_option),
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -126,6 +130,19 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             _fail(f"cannot start the node: {leaf}")
         raise
     return 0
+
+
+def _package_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["maven.upstream=URL"]`` -> ``{"maven": {"upstream": "URL"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or not name or not option:
+            raise ValueError(f"--package-option {item!r}: expected TYPE.KEY=VALUE, e.g. "
+                             "maven.upstream=https://repo1.maven.org/maven2")
+        out.setdefault(name, {})[option] = value
+    return out
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -231,8 +248,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_log(args: argparse.Namespace) -> int:
+    option = ID_OPTIONS[args.package_type]
+    if not getattr(args, option):
+        args.parser.error(f"inspect-log {args.package_type} needs --{option}")
     cfg = CliConfig.load()
-    params: dict[str, str] = {"image": args.image, "format": args.format}
+    params: dict[str, str] = {option: getattr(args, option), "format": args.format}
     if args.fields:
         params["fields"] = args.fields
     if args.latest:
@@ -259,10 +279,13 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"Build {data['build_id']} of {data['package_specific_id']}: "
                   f"{data['status']}{reason}")
         return 0 if data["status"] != "FAILED" else EXIT_ERROR
-    if not args.image:
-        _fail(f"pyrsia build {args.package_type} needs --image, e.g. --image alpine:3.16.2",
+    option = ID_OPTIONS[args.package_type]
+    if not getattr(args, option):
+        example = "alpine:3.16.2" if option == "image" else "junit:junit:4.13.2"
+        _fail(f"pyrsia build {args.package_type} needs --{option}, e.g. --{option} {example}",
               EXIT_USAGE)
-    resp = _request(cfg, "POST", f"/api/build/{args.package_type}", json={"image": args.image})
+    resp = _request(cfg, "POST", f"/api/build/{args.package_type}",
+                    json={option: getattr(args, option)})
     data = _json_or_fail(resp, "Build request")
     print(f"Build request successfully handled. Build with ID {data['build_id']} has been "
           "requested.")
@@ -372,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="key-value store plugin for the ledger (default leveldb)")
     start.add_argument("--blob-store", default="fs",
                        help="blob store plugin for artifacts (default fs)")
+    start.add_argument("--package-option", action="append", default=[],
+                       metavar="TYPE.KEY=VALUE",
+                       help="config of a package-type plugin, e.g. "
+                       "maven.upstream=https://repo1.maven.org/maven2 (repeatable)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     start.set_defaults(func=cmd_node_start)
@@ -397,14 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=cmd_list)
 
     inspect = sub.add_parser("inspect-log", help="show the transparency log of a package")
-    inspect.add_argument("package_type", choices=["docker"])
-    inspect.add_argument("--image", required=True, help="e.g. alpine:3.16.2")
+    inspect.add_argument("package_type", choices=PACKAGE_TYPES)
+    inspect.add_argument("--image", help="docker: e.g. alpine:3.16.2")
+    inspect.add_argument("--gav", help="maven: group:artifact:version, e.g. junit:junit:4.13.2")
     inspect.add_argument("--format", choices=["json", "csv"], default="json")
     inspect.add_argument("--fields", help="comma-separated record fields to show")
     inspect.add_argument("--latest", action="store_true", help="only the latest build's records")
     inspect.add_argument("--proof", action="store_true",
                          help="add Merkle inclusion proofs and the signed checkpoint")
-    inspect.set_defaults(func=cmd_inspect_log)
+    inspect.set_defaults(func=cmd_inspect_log, parser=inspect)
 
     verify = sub.add_parser("verify", help="verify a package offline from a node's data dir")
     verify.add_argument("package_type", choices=["docker"])
@@ -419,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     auth.set_defaults(func=cmd_authorize)
 
     build = sub.add_parser("build", help="request a build, or follow one ('build status')")
-    build.add_argument("package_type", choices=["docker", "status"])
+    build.add_argument("package_type", choices=[*PACKAGE_TYPES, "status"])
     build.add_argument("--image", help="image to build, e.g. alpine:3.16.3")
+    build.add_argument("--gav", help="Maven package to build, e.g. junit:junit:4.13.2")
     build.add_argument("--id", help="build id (for 'build status')")
     build.add_argument("--json", action="store_true")
     build.set_defaults(func=cmd_build)

@@ -15,8 +15,10 @@ Storage errors (:class:`StoreError`) are raised by stores for I/O failures.
 from __future__ import annotations
 
 __all__ = [
+    "ArtifactUnavailable",
     "BlobNotFound",
     "BlockError",
+    "BuildFailed",
     "CheckpointError",
     "DigestError",
     "DigestMismatch",
@@ -26,6 +28,7 @@ __all__ = [
     "PeerMisbehaved",
     "PluginConflict",
     "PluginError",
+    "PluginFailed",
     "PluginNotFound",
     "ProofError",
     "PyrsiaError",
@@ -147,3 +150,20 @@ class BlobNotFound(StoreError, LookupError):
 
 class QuotaExceeded(StoreError):
     """Storing the blob would exceed the configured quota."""
+
+
+class ArtifactUnavailable(PyrsiaError, LookupError):
+    """A package's artifact is not in the log, not upstream, or no one can provide it."""
+
+
+class BuildFailed(PyrsiaError):
+    """A package build (or the request for one) failed; nothing of it was committed."""
+
+
+class PluginFailed(PyrsiaError):
+    """A plugin raised, hung or returned garbage; ``plugin`` names it (and its distribution)."""
+
+    def __init__(self, plugin: str, reason: str) -> None:
+        super().__init__(f"plugin {plugin} failed: {reason}")
+        self.plugin = plugin
+        self.reason = reason

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, ClassVar
@@ -19,14 +27,19 @@ import attrs
 
 from ._digest import Digest
 from ._identity import Signer, Verifier
-from .errors import StoreClosed, UsageError
+from .errors import PluginFailed, StoreClosed, UsageError
 
 __all__ = [
+    "ASGIApp",
     "BlobInfo",
     "BlobSource",
     "BlobStore",
+    "BuildInfo",
+    "BuiltArtifact",
     "Clock",
     "KeyValueStore",
+    "LoggedArtifact",
+    "PackageHost",
     "PackageType",
     "PeerAddress",
     "PeerBlob",
@@ -334,12 +347,128 @@ class Upstream(Resource):
         """
 
 
+#: An ASGI application (``scope, receive, send``); the core does not import any ASGI library.
+ASGIApp = Callable[
+    [
+        MutableMapping[str, Any],
+        Callable[[], Awaitable[MutableMapping[str, Any]]],
+        Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+
+#: Largest artifact a package type may hand to the node from :meth:`PackageType.build`.
+MAX_BUILT_ARTIFACT = 2 * 1024**3
+#: Most artifacts one package build may produce.
+MAX_BUILT_ARTIFACTS = 10_000
+
+
+@attrs.frozen
+class BuiltArtifact:
+    """One artifact of a package, as a package type's :meth:`~PackageType.build` yields it.
+
+    ``artifact_id`` becomes the log record's ``package_specific_artifact_id`` (for Maven
+    the file's repository path). The node re-hashes ``data`` and refuses the build if it
+    is not ``digest``.
+    """
+
+    artifact_id: str
+    digest: Digest
+    data: bytes = attrs.field(repr=False)
+    media_type: str = "application/octet-stream"
+
+
+@attrs.frozen
+class LoggedArtifact:
+    """An artifact the transparency log vouches for (from an ``AddArtifact`` record)."""
+
+    package_id: str
+    artifact_id: str
+    digest: Digest
+    timestamp: int
+    num_artifacts: int
+
+
+@attrs.frozen
+class BuildInfo:
+    """Where a build requested through a :class:`PackageHost` stands.
+
+    ``status`` is ``SUCCESS`` (committed to the log), ``EXISTS`` (already in the log),
+    ``REQUESTED`` (a regular node forwarded it to a build node; its records arrive later
+    through the ledger), ``NOT_FOUND`` (the upstream does not have the package) or
+    ``FAILED`` (``reason`` says why, naming the plugin when the plugin failed).
+    """
+
+    build_id: str
+    package_id: str
+    status: str
+    reason: str = ""
+
+
+class PackageHost(ABC):
+    """What a node offers a package-type plugin; one host per plugin.
+
+    The node implements it; a plugin receives it in :meth:`PackageType.asgi_app`. Every
+    lookup is bound to the plugin's ``record_type``: a plugin sees and builds its own
+    packages only. Everything a host returns is vouched for by the transparency log.
+    """
+
+    @property
+    @abstractmethod
+    def node_id(self) -> str:
+        """This node's id."""
+
+    @property
+    @abstractmethod
+    def is_build_node(self) -> bool:
+        """Whether this node builds (regular nodes forward build requests)."""
+
+    @abstractmethod
+    async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
+        """The logged artifacts of a package (latest record per artifact id); ``[]`` if none."""
+
+    @abstractmethod
+    async def package_ids(self, prefix: str) -> list[str]:
+        """Logged package ids of this type that start with ``prefix``, sorted."""
+
+    @abstractmethod
+    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
+        """The artifact's bytes, re-hashed against the log before they are returned.
+
+        From the local store, else from a peer, else (build node) rebuilt from the
+        upstream. Raises :class:`~pyrsia_core.errors.ArtifactUnavailable` if no verified
+        copy can be had (e.g. the upstream now serves different bytes).
+        """
+
+    @abstractmethod
+    async def build(self, package_id: str) -> BuildInfo:
+        """Build a package (or join its running build) through the node's commit path.
+
+        On a build node this calls the plugin's :meth:`PackageType.build`, stores the
+        verified artifacts and commits one record per artifact (with consensus when
+        there are several build nodes); it returns when the build has ended. A regular
+        node forwards the request to a build node and returns ``REQUESTED``.
+        """
+
+
 class PackageType(ABC):
-    """What a package type (Docker, Maven, ...) knows of its artifacts. Pure and sync."""
+    """What a package type (Docker, Maven, ...) knows of its artifacts.
+
+    The pure part (:meth:`parse_package_id`, :meth:`references`) is sync and does no
+    I/O. A package type that serves its own clients and builds on a miss also sets
+    :attr:`mount_path` and implements :meth:`asgi_app` and :meth:`_build`: the node
+    mounts the app under the path, and runs :meth:`build` (on build nodes, and on
+    validators re-checking a proposed block) with a timeout. A plugin that raises,
+    hangs or returns garbage fails that request only, with an error naming it.
+    """
 
     #: The plugin name (``docker``) and the ``package_type`` value in log records (``Docker``).
     name: ClassVar[str] = ""
     record_type: ClassVar[str] = ""
+    #: URL path the node mounts :meth:`asgi_app` under (``/maven2``); ``""``: no own routes.
+    mount_path: ClassVar[str] = ""
+    #: The package-id parameter of the node API and CLI (``pyrsia build maven --gav``).
+    id_param: ClassVar[str] = "id"
 
     @abstractmethod
     def parse_package_id(self, text: str) -> str:
@@ -348,6 +477,71 @@ class PackageType(ABC):
     @abstractmethod
     def references(self, content: bytes, media_type: str) -> list[tuple[Digest, str]]:
         """Digests (with media types) that a manifest-like artifact points to."""
+
+    # -- serving and building (optional) -------------------------------------------------
+
+    def asgi_app(self, host: PackageHost) -> ASGIApp | None:
+        """The ASGI app serving this type's clients under :attr:`mount_path`, or ``None``.
+
+        The app sees the mount path in ``scope["root_path"]``; it reads logged artifacts
+        and requests builds through ``host`` only.
+        """
+        return None
+
+    @property
+    def can_build(self) -> bool:
+        """Whether this package type implements :meth:`_build`."""
+        return type(self)._build is not PackageType._build
+
+    def _build(self, package_id: str) -> AsyncIterator[BuiltArtifact]:
+        """Fetch the package from the upstream and yield its artifacts (to override).
+
+        Deterministic: building the same package from the same upstream yields the same
+        set of (artifact id, digest). Raise :class:`~pyrsia_core.errors.ArtifactUnavailable`
+        when the upstream does not have it, another ``PyrsiaError`` on other failures.
+        """
+        raise UsageError(f"package type {self.name!r} does not build packages")
+
+    async def build(self, package_id: str) -> list[BuiltArtifact]:
+        """Build ``package_id`` (normalised first) and check what the plugin returned.
+
+        Every artifact must be a :class:`BuiltArtifact` whose bytes hash to its digest,
+        with a unique, non-empty id; at least one, at most :data:`MAX_BUILT_ARTIFACTS`.
+        Exceptions other than ``PyrsiaError`` and garbage become
+        :class:`~pyrsia_core.errors.PluginFailed` naming the plugin.
+        """
+        from .errors import PyrsiaError
+
+        package_id = self.parse_package_id(package_id)
+        out: list[BuiltArtifact] = []
+        seen: set[str] = set()
+        try:
+            async for item in self._build(package_id):
+                if not isinstance(item, BuiltArtifact):
+                    raise PluginFailed(self.name, f"build yielded {type(item).__name__}, "
+                                       "not a BuiltArtifact")
+                if not isinstance(item.data, bytes) or len(item.data) > MAX_BUILT_ARTIFACT:
+                    raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has no "
+                                       "bytes or is too large")
+                if not isinstance(item.artifact_id, str) or not item.artifact_id or (
+                    item.artifact_id in seen
+                ):
+                    raise PluginFailed(self.name, "artifact ids must be unique non-empty "
+                                       f"strings, got {item.artifact_id!r:.100}")
+                if not isinstance(item.digest, Digest) or Digest.of(item.data) != item.digest:
+                    raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} does "
+                                       "not hash to the digest the plugin gave")
+                seen.add(item.artifact_id)
+                out.append(item)
+                if len(out) > MAX_BUILT_ARTIFACTS:
+                    raise PluginFailed(self.name, "build yielded too many artifacts")
+        except PyrsiaError:
+            raise
+        except Exception as exc:
+            raise PluginFailed(self.name, f"build raised {type(exc).__name__}: {exc}") from exc
+        if not out:
+            raise PluginFailed(self.name, f"build of {package_id!r:.100} yielded no artifacts")
+        return out
 
 
 # --------------------------------------------------------------------------- time

@@ -62,6 +62,8 @@ class NodeApi:
     """``/api/ping``, ``/api/status``, ``/api/peers``, builds and inspect-log."""
 
     service: DockerService
+    #: The node's PackageService (package-type plugins: ``/api/build/maven`` etc.), if any.
+    packages: Any = None
 
     @property
     def node(self) -> Any:
@@ -123,6 +125,27 @@ class NodeApi:
         else:
             raise ApiError(404, f"no route for {path[:200]}")
 
+    def _plugin(self, package_type: str) -> Any:
+        """The package-type plugin serving ``package_type``, or ``None`` for docker."""
+        if package_type == "docker":
+            return None
+        pt = self.packages.get(package_type) if self.packages is not None else None
+        if pt is None:
+            known = ["docker", *(sorted(self.packages.hosts) if self.packages else [])]
+            raise ApiError(400, f"unknown package type {package_type!r} (known: "
+                           f"{', '.join(known)})")
+        return pt
+
+    def _package_id(self, pt: Any, text: Any) -> str:
+        from ._packages import _parse
+
+        if not text or not isinstance(text, str):
+            raise ApiError(400, f"a {pt.id_param} is required for {pt.name} packages")
+        try:
+            return _parse(pt, text)
+        except ValueError as exc:
+            raise ApiError(400, f"invalid {pt.id_param} {text!r:.200}: {exc}") from None
+
     def _image(self, package_type: str, text: str | None) -> ImageRef:
         if package_type != "docker":
             raise ApiError(400, f"unknown package type {package_type!r} (known: docker)")
@@ -140,6 +163,10 @@ class NodeApi:
             raise ApiError(400, f"request body must be a JSON object: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
+        pt = self._plugin(package_type)
+        if pt is not None:
+            await self._plugin_build(send, pt, self._package_id(pt, body.get(pt.id_param)))
+            return
         ref = self._image(package_type, body.get("image"))
         if await self.service.tag_digest(ref) is not None or (
             ref.digest is not None and await self.service.in_log(ref, ref.digest)
@@ -154,6 +181,28 @@ class NodeApi:
             return
         build = self.service.request_build(ref)
         await send_json(send, 202, build.to_json())
+
+    async def _plugin_build(self, send: Send, pt: Any, package_id: str) -> None:
+        if await self.node.records_for_package(pt.record_type, package_id):
+            raise ApiError(409, f"Artifact already exists: {package_id} is in the "
+                           "transparency log")
+        if not self.node.is_build_node:
+            try:
+                await send_json(send, 202, await self.packages.forward_build(pt, package_id))
+            except PyrsiaError as exc:
+                raise ApiError(503, f"this node is not a build node, and {exc}") from None
+            return
+        build = self.packages.start_build(pt, package_id)
+        await send_json(send, 202, build.to_json())
+
+    async def _settle(self, record_type: str, package_id: str, limit: float = 5.0) -> None:
+        """Wait (bounded) for a running build of the package to commit."""
+        import anyio
+
+        running = self.node.inflight.get((record_type, package_id))
+        if running is not None:
+            with anyio.move_on_after(limit):
+                await running.done.wait()
 
     async def _authorize(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Propose an AddNode record: the peer becomes an authorized build node."""
@@ -190,7 +239,12 @@ class NodeApi:
 
     async def _inspect(self, scope: Scope, send: Send, package_type: str) -> None:
         query = _query(scope)
-        ref = self._image(package_type, query.get("image"))
+        pt = self._plugin(package_type)
+        if pt is not None:
+            record_type, package_id = pt.record_type, self._package_id(pt, query.get(pt.id_param))
+        else:
+            ref = self._image(package_type, query.get("image"))
+            record_type, package_id = RECORD_TYPE, ref.package_id
         fmt = query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise ApiError(400, "format must be json or csv")
@@ -201,11 +255,13 @@ class NodeApi:
             if unknown:
                 raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; fields are "
                                f"{', '.join(FIELD_NAMES)}")
-        await self.service.settle(ref.package_id)
-        stored: list[StoredRecord] = await self.node.records_for_package(RECORD_TYPE,
-                                                                         ref.package_id)
+        if pt is None:
+            await self.service.settle(package_id)
+        else:
+            await self._settle(record_type, package_id)
+        stored: list[StoredRecord] = await self.node.records_for_package(record_type, package_id)
         if not stored:
-            raise ApiError(404, f"no transparency log records for {ref.package_id}")
+            raise ApiError(404, f"no transparency log records for {package_id}")
         if _flag(query, "latest"):
             top = max(r.height for r in stored)
             stored = [r for r in stored if r.height == top]

@@ -18,6 +18,8 @@ class NodeApp:
     oci: OciApp
     api: NodeApi
     p2p: Any = None  # the transport's ASGI app for peers, mounted at /p2p
+    #: Package-type plugins' apps by mount path (``/maven2``), each behind a GuardedApp.
+    packages: dict[str, Any] = attrs.Factory(dict)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -35,5 +37,11 @@ class NodeApp:
             child["root_path"] = scope.get("root_path", "") + "/p2p"
             await self.p2p(child, receive, send)
         else:
+            for prefix, app in self.packages.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    child = dict(scope)
+                    child["root_path"] = scope.get("root_path", "") + prefix
+                    await app(child, receive, send)
+                    return
             await send_json(send, 404, {"errors": [{"code": "NOT_FOUND",
                                                     "message": f"no route for {path[:200]}"}]})

@@ -87,6 +87,10 @@ class NodeConfig:
     max_upload_rate: float | None = None  # bytes per second
     public_url: str = ""
     sync_interval: float = 5.0
+    #: Per package-type plugin config (``{"maven": {"upstream": URL}}``), given to its factory.
+    package_options: dict[str, dict[str, str]] = attrs.Factory(dict)
+    #: Seconds a package-type plugin may take to build or to answer (then it fails alone).
+    plugin_timeout: float = 120.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

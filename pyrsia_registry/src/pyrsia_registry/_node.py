@@ -180,9 +180,12 @@ class Node:
         )
         for name in core_plugins.available("pyrsia.package_type"):
             try:
-                node.package_types[name] = core_plugins.create("pyrsia.package_type", name)
-            except PyrsiaError as exc:
-                log.error("package type plugin %r failed to load: %s", name, exc)
+                node.package_types[name] = core_plugins.create(
+                    "pyrsia.package_type", name, config.package_options.get(name, {})
+                )
+            except Exception as exc:  # a broken plugin is left out; the node still starts
+                log.error("package type plugin %r failed to load: %s: %s", name,
+                          type(exc).__name__, exc)
         log.info(
             "Node %s ready: ledger height %d, %d records, data in %s",
             signer.node_id,

@@ -19,6 +19,7 @@ from ._docker import DockerService
 from ._node import Node
 from ._oci import OciApp
 from ._p2p import PeerConfig, PeerService
+from ._packages import PackageService
 
 __all__ = ["RunningNode", "run_node", "start_node"]
 
@@ -31,6 +32,8 @@ class RunningNode:
     app: NodeApp
     service: DockerService
     port: int | None = None
+    #: The package-type plugins (Maven, ...): their builds and rebuild checks.
+    packages: PackageService | None = None
 
     @property
     def url(self) -> str:
@@ -77,14 +80,23 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             peers = PeerService(node, transport, peer_config)
             node.peers = peers
             node.commit_listeners.append(lambda committed: _spawn(tg, peers.gossip, committed))
+            packages = PackageService(node, tg, timeout=config.plugin_timeout)
+
+            async def rebuild_check(block: Any) -> bool:
+                # Each record is rebuilt by its own package type (Docker, or a plugin).
+                return await service.rebuild_check(block) and await packages.rebuild_check(
+                    block)
+
             consensus = ConsensusRunner(
-                node, service.rebuild_check, lambda t, b, ids: _send_all(tg, peers, t, b, ids)
+                node, rebuild_check, lambda t, b, ids: _send_all(tg, peers, t, b, ids)
             )
             node.consensus = consensus
-            node.build_request_handler = service.handle_build_request
+            node.build_request_handler = packages.build_request_handler(
+                service.handle_build_request)
             p2p_app = transport.asgi_app(peers.handle, peers.blob_source)
-            app = NodeApp(OciApp(service), NodeApi(service), p2p_app)
-            running = RunningNode(node, app, service)
+            app = NodeApp(OciApp(service), NodeApi(service, packages), p2p_app,
+                          packages.mounts())
+            running = RunningNode(node, app, service, packages=packages)
             if serve_http:
                 from ._server import serve
 

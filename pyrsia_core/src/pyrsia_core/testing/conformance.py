@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any, ClassVar, Final
 
@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from .._digest import Digest
 from ..errors import (
+    ArtifactUnavailable,
     BlobNotFound,
     DigestMismatch,
     PyrsiaError,
@@ -37,10 +38,15 @@ from ..errors import (
     UsageError,
 )
 from ..interfaces import (
+    ASGIApp,
     BlobInfo,
     BlobSource,
     BlobStore,
+    BuildInfo,
+    BuiltArtifact,
     KeyValueStore,
+    LoggedArtifact,
+    PackageHost,
     PackageType,
     PeerAddress,
     PeerBlob,
@@ -56,6 +62,7 @@ from ._network import store_blob_source
 __all__ = [
     "BlobStoreConformance",
     "KeyValueStoreConformance",
+    "MemoryPackageHost",
     "PackageTypeConformance",
     "PeerTransportConformance",
     "TransportPair",
@@ -1717,6 +1724,89 @@ _FUZZ_SETTINGS: Final = settings(
 )
 
 
+class MemoryPackageHost(PackageHost):
+    """A :class:`PackageHost` in memory: a log of artifacts, builds run in-line.
+
+    For testing a package type's app without a node: ``build`` runs the package
+    type's checked :meth:`~PackageType.build` and "commits" its artifacts here.
+    """
+
+    def __init__(self, package_type: PackageType, *, build_node: bool = True) -> None:
+        self.package_type = package_type
+        self.build_node = build_node
+        self.log: dict[str, list[LoggedArtifact]] = {}
+        self.blobs: dict[Digest, bytes] = {}
+        self.builds: list[str] = []
+
+    @property
+    def node_id(self) -> str:
+        return "0" * 64
+
+    @property
+    def is_build_node(self) -> bool:
+        return self.build_node
+
+    async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
+        return list(self.log.get(package_id, []))
+
+    async def package_ids(self, prefix: str) -> list[str]:
+        return sorted(p for p in self.log if p.startswith(prefix))
+
+    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
+        if artifact not in self.log.get(artifact.package_id, []):
+            raise ArtifactUnavailable(f"{artifact.artifact_id!r} is not in the log")
+        data = self.blobs.get(artifact.digest)
+        if data is None or Digest.of(data) != artifact.digest:
+            raise ArtifactUnavailable(f"{artifact.artifact_id!r} is not available")
+        return data
+
+    async def build(self, package_id: str) -> BuildInfo:
+        package_id = self.package_type.parse_package_id(package_id)
+        if package_id in self.log:
+            return BuildInfo("", package_id, "EXISTS")
+        if not self.build_node:
+            return BuildInfo("", package_id, "REQUESTED")
+        self.builds.append(package_id)
+        build_id = str(len(self.builds))
+        try:
+            built = await self.package_type.build(package_id)
+        except ArtifactUnavailable as exc:
+            return BuildInfo(build_id, package_id, "NOT_FOUND", str(exc))
+        except PyrsiaError as exc:
+            return BuildInfo(build_id, package_id, "FAILED", str(exc))
+        for item in built:
+            self.blobs[item.digest] = item.data
+        self.log[package_id] = [
+            LoggedArtifact(package_id, item.artifact_id, item.digest, 0, len(built))
+            for item in built
+        ]
+        return BuildInfo(build_id, package_id, "SUCCESS")
+
+
+async def asgi_request(
+    app: ASGIApp, method: str, path: str, *, root_path: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """Call an ASGI app once, in-line: ``(status, headers, body)``."""
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": root_path, "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    assert sent and sent[0]["type"] == "http.response.start", f"no response start: {sent!r:.300}"
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
+    headers = {k.decode().lower(): v.decode() for k, v in sent[0].get("headers", [])}
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return sent[0]["status"], headers, body
+
+
 class PackageTypeConformance:
     """The contract of :class:`~pyrsia_core.interfaces.PackageType`, as pytest tests.
 
@@ -1770,6 +1860,22 @@ class PackageTypeConformance:
         return _GARBAGE
 
     @pytest.fixture
+    def builds(self) -> Sequence[tuple[str, Mapping[str, Digest | str]]]:
+        """``(package id, {artifact id: digest})`` a building package type must produce."""
+        return ()
+
+    @pytest.fixture
+    def missing_packages(self) -> Sequence[str]:
+        """Valid package ids the upstream does not have (``ArtifactUnavailable``)."""
+        return ()
+
+    @pytest.fixture
+    def requests(self) -> Sequence[tuple[str, str, int, bytes | None]]:
+        """``(method, path, status, body or None)`` the type's app (if any) must answer,
+        with a :class:`MemoryPackageHost` that builds on a miss; paths include the mount."""
+        return ()
+
+    @pytest.fixture
     def media_types(
         self, samples: Sequence[tuple[bytes, str, Sequence[Digest | str]]]
     ) -> list[str]:
@@ -1808,6 +1914,73 @@ class PackageTypeConformance:
         except Exception as exc:
             pytest.fail(f"parse_package_id({text!r}) raised {type(exc).__name__}: {exc}")
         assert isinstance(normal, str) and normal
+
+    # -- serving and building
+
+    def test_serving_contract(self, package_type: PackageType) -> None:
+        mount, param = package_type.mount_path, package_type.id_param
+        assert isinstance(mount, str) and isinstance(param, str)
+        assert param.isidentifier(), "id_param names an API/CLI parameter"
+        host = MemoryPackageHost(package_type)
+        app = package_type.asgi_app(host)
+        if mount:
+            assert mount.startswith("/") and mount != "/" and not mount.endswith("/")
+            assert not mount.startswith(("/v2", "/api", "/p2p")), "reserved by the node"
+            assert callable(app), "a package type with a mount_path serves an ASGI app"
+        else:
+            assert app is None, "an app needs a mount_path"
+
+    @pytest.mark.anyio
+    async def test_build(
+        self,
+        package_type: PackageType,
+        builds: Sequence[tuple[str, Mapping[str, Digest | str]]],
+        missing_packages: Sequence[str],
+        valid_ids: Sequence[str],
+    ) -> None:
+        if not package_type.can_build:
+            assert not builds, "the 'builds' fixture lists builds, but _build is not overridden"
+            with pytest.raises(UsageError):
+                await package_type.build(valid_ids[0])
+            return
+        assert builds, "a package type that builds needs the 'builds' fixture"
+        for package_id, expected in builds:
+            first = await package_type.build(package_id)
+            assert all(isinstance(item, BuiltArtifact) for item in first)
+            want = {aid: d if isinstance(d, Digest) else Digest.parse(d)
+                    for aid, d in expected.items()}
+            assert {item.artifact_id: item.digest for item in first} == want
+            for item in first:
+                assert Digest.of(item.data) == item.digest
+            # Deterministic: validators rebuild and must get the same set.
+            again = await package_type.build(package_id)
+            assert {(i.artifact_id, i.digest) for i in again} == {
+                (i.artifact_id, i.digest) for i in first}
+        for package_id in missing_packages:
+            with pytest.raises(ArtifactUnavailable):
+                await package_type.build(package_id)
+        with pytest.raises(ValueError):
+            await package_type.build("")
+
+    @pytest.mark.anyio
+    async def test_requests(
+        self,
+        package_type: PackageType,
+        requests: Sequence[tuple[str, str, int, bytes | None]],
+    ) -> None:
+        host = MemoryPackageHost(package_type)
+        app = package_type.asgi_app(host)
+        if app is None:
+            assert not requests, "the 'requests' fixture lists requests, but there is no app"
+            return
+        for method, path, status, body in requests:
+            got_status, _, got_body = await asgi_request(
+                app, method, path, root_path=package_type.mount_path)
+            assert got_status == status, (method, path, got_status, got_body[:300])
+            if body is not None:
+                assert got_body == body, (method, path)
+            if method == "HEAD":
+                assert got_body == b""
 
     # -- references
 
