@@ -93,6 +93,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
         config = NodeConfig(
             host=args.host,
@@ -107,6 +108,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             max_upload_rate=parse_rate(args.max_upload_rate) if args.max_upload_rate else None,
             public_url=args.public_url,
             transport=args.transport,
+            quic_port=args.quic_port,
             sync_interval=args.sync_interval,
             blob_store=args.blob_store,
             package_options=_package_options(args.package_option),
@@ -389,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap the bandwidth used to serve peers, e.g. 10MB/s")
     start.add_argument("--public-url", default="",
                        help="the address peers use to reach this node (default http://HOST:PORT)")
-    start.add_argument("--transport", default="http", help="peer transport plugin (default http)")
+    start.add_argument("--transport", default="http",
+                       help="peer transport plugin(s), comma-separated: http, quic or http,quic "
+                       "(default http)")
+    start.add_argument("--quic-port", type=int, default=None,
+                       help="UDP port of the quic transport (default: the same number as --port)")
     start.add_argument("--sync-interval", type=float, default=5.0, help=argparse.SUPPRESS)
     start.add_argument("--kv-store", default="leveldb",
                        help="key-value store plugin for the ledger (default leveldb)")

@@ -81,7 +81,10 @@ class NodeConfig:
     blob_store: str = "fs"
     peers: tuple[str, ...] = ()
     build_node: bool = True
+    #: Peer transport plugin(s), comma-separated: "http", "quic" or "http,quic".
     transport: str = "http"
+    #: UDP port of the QUIC transport (None: the same number as ``port``; 0: a free one).
+    quic_port: int | None = None
     listen_only: bool = False
     no_serve: bool = False
     max_upload_rate: float | None = None  # bytes per second
@@ -95,5 +98,7 @@ class NodeConfig:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port} is not in 0..65535")
+        if self.quic_port is not None and not 0 <= self.quic_port <= 65535:
+            raise UsageError(f"QUIC port {self.quic_port} is not in 0..65535")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise UsageError(f"upstream {self.upstream!r} must be an http:// or https:// URL")

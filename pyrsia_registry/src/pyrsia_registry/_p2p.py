@@ -112,8 +112,20 @@ class PeerService:
 
     # ------------------------------------------------------------------ bookkeeping
 
+    def _speaks(self, address: str) -> bool:
+        """Whether a transport of this node speaks one of ``address``'s schemes."""
+        speaks = getattr(self.transport, "speaks", None)
+        if speaks is None or speaks(address):
+            return True
+        log.debug("Skipping peer address %s: no transport of this node speaks it", address)
+        return False
+
     def _saw(self, node_id: str, address: str) -> None:
-        if node_id == self.node.node_id or not _ADDRESS.fullmatch(address):
+        if (
+            node_id == self.node.node_id
+            or not _ADDRESS.fullmatch(address)
+            or not self._speaks(address)
+        ):
             return
         st = self.stats.get(node_id)
         if st is None:
@@ -389,7 +401,12 @@ class PeerService:
                             c.address, "FIND_NODE", {"target": target.hex()}, {"NODES"}
                         )
                         provs = None
-                    lookup.on_response(c, _contacts(env.body.get("contacts")), provs)
+                    contacts = [
+                        x for x in _contacts(env.body.get("contacts")) if self._speaks(x.address)
+                    ]
+                    if provs is not None:
+                        provs = [x for x in provs if self._speaks(x.address)]
+                    lookup.on_response(c, contacts, provs)
                 except (PyrsiaError, ValueError) as exc:
                     log.debug("lookup query to %s failed: %s", c.address, exc)
                     self._failed(c)

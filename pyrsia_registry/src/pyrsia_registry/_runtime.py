@@ -20,6 +20,7 @@ from ._node import Node
 from ._oci import OciApp
 from ._p2p import PeerConfig, PeerService
 from ._packages import PackageService
+from ._transports import create_transports
 
 __all__ = ["RunningNode", "run_node", "start_node"]
 
@@ -46,10 +47,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
 
     Usable from any anyio program: ``async with start_node(cfg) as running: ...``.
     """
-    from pyrsia_core import plugins
-
-
-    transport = plugins.create("pyrsia.transport", config.transport, {})
+    transport = create_transports(config.transport, _transport_options(config))
     peer_config = PeerConfig(
         peers=tuple(config.peers),
         listen_only=config.listen_only,
@@ -107,6 +105,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 if not config.public_url:
                     peers.config.public_url = url
                 log.info("Pyrsia node listening on %s", url)
+            await _start_listeners(tg, config, transport, peers, p2p_app is not None and serve_http)
             await tg.start(peers.run)
             await tg.start(consensus.run)
             try:
@@ -119,6 +118,29 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 await node.peers.aclose()
             await transport.aclose()
         await node.aclose()
+
+
+def _transport_options(config: NodeConfig) -> dict[str, dict[str, str]]:
+    quic_port = config.port if config.quic_port is None else config.quic_port
+    return {"quic": {"host": config.host, "port": str(quic_port)}}
+
+
+async def _start_listeners(
+    tg: anyio.abc.TaskGroup,
+    config: NodeConfig,
+    transport: Any,
+    peers: PeerService,
+    http_peers: bool,
+) -> None:
+    """Start the transports with their own listener (QUIC); advertise every address."""
+    urls = [peers.config.public_url] if http_peers else []
+    for name, listener in transport.listeners():
+        port = await tg.start(listener.serve, peers.handle, peers.blob_source)
+        url = f"{name}://{config.host}:{port}"
+        urls.append(url)
+        log.info("Pyrsia node listening for peers on %s", url)
+    if not config.public_url and urls:
+        peers.config.public_url = ",".join(urls)
 
 
 async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
