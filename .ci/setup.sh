@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine (run as root):
-# the upstream registry, the container clients, nginx for benchmarks, and nox.
+# the upstream registry, the container clients, nginx for benchmarks, Maven, and nox.
 set -euo pipefail
 need=()
-for pkg in docker-registry skopeo podman nginx-light curl; do
+# maven + libmaven-dependency-plugin-java + junit4: the mvn client test's upstream
+# (/usr/share/maven-repo holds the dependency plugin and what it needs).
+for pkg in docker-registry skopeo podman nginx-light curl maven libmaven-dependency-plugin-java junit4; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -135,6 +135,15 @@ async def test_maven_build_serve_cache_and_log(
             assert "not found upstream" in missing.json()["errors"][0]["message"]
             sources = await client.get(f"/maven2/{HELLO_DIR}/hello-1.0-sources.jar")
             assert sources.status_code == 404
+            # A classifier file the default build lacks is built (and logged) on request.
+            tests_jar = f"{HELLO_DIR}/hello-1.0-tests.jar"
+            (root / tests_jar).write_bytes(b"PK tests of hello")
+            got = await client.get(f"/maven2/{tests_jar}")
+            assert got.status_code == 200 and got.content == b"PK tests of hello"
+            stored = await running.node.records_for_package("Maven2", HELLO)
+            assert sorted(r.signed.record.package_specific_artifact_id for r in stored) == \
+                sorted([jar_path, pom_path, tests_jar])
+            assert await running.packages.rebuild_check(_block(stored)) is True
             for bad in ("/maven2/com/example/hello/1.0/other-1.0.jar",
                         "/maven2/a/../b/1/b-1.jar", "/maven2/x.jar",
                         "/maven2/com/example/snap/1.0-SNAPSHOT/snap-1.0-SNAPSHOT.jar"):

@@ -441,13 +441,14 @@ class PackageHost(ABC):
         """
 
     @abstractmethod
-    async def build(self, package_id: str) -> BuildInfo:
+    async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
         """Build a package (or join its running build) through the node's commit path.
 
         On a build node this calls the plugin's :meth:`PackageType.build`, stores the
-        verified artifacts and commits one record per artifact (with consensus when
-        there are several build nodes); it returns when the build has ended. A regular
-        node forwards the request to a build node and returns ``REQUESTED``.
+        verified artifacts and commits one record per artifact not yet logged (with
+        consensus when there are several build nodes); it returns when the build has
+        ended. ``EXISTS`` if the package (and each of ``artifact_ids``) is already
+        logged. A regular node forwards the request to a build node (``REQUESTED``).
         """
 
 
@@ -493,30 +494,37 @@ class PackageType(ABC):
         """Whether this package type implements :meth:`_build`."""
         return type(self)._build is not PackageType._build
 
-    def _build(self, package_id: str) -> AsyncIterator[BuiltArtifact]:
+    def _build(self, package_id: str, artifact_ids: Sequence[str]) -> AsyncIterator[BuiltArtifact]:
         """Fetch the package from the upstream and yield its artifacts (to override).
 
-        Deterministic: building the same package from the same upstream yields the same
-        set of (artifact id, digest). Raise :class:`~pyrsia_core.errors.ArtifactUnavailable`
-        when the upstream does not have it, another ``PyrsiaError`` on other failures.
+        Yields the package's default artifacts plus every one of ``artifact_ids`` (files
+        a client asked for that the default set lacks, e.g. a Maven classifier jar; and
+        what a validator rebuilds). Deterministic: the same request to the same upstream
+        yields the same (artifact id, digest) pairs. Raise
+        :class:`~pyrsia_core.errors.ArtifactUnavailable` when the upstream does not have
+        the package or a requested artifact, another ``PyrsiaError`` on other failures.
         """
         raise UsageError(f"package type {self.name!r} does not build packages")
 
-    async def build(self, package_id: str) -> list[BuiltArtifact]:
+    async def build(
+        self, package_id: str, *, artifact_ids: Sequence[str] = ()
+    ) -> list[BuiltArtifact]:
         """Build ``package_id`` (normalised first) and check what the plugin returned.
 
         Every artifact must be a :class:`BuiltArtifact` whose bytes hash to its digest,
-        with a unique, non-empty id; at least one, at most :data:`MAX_BUILT_ARTIFACTS`.
-        Exceptions other than ``PyrsiaError`` and garbage become
-        :class:`~pyrsia_core.errors.PluginFailed` naming the plugin.
+        with a unique, non-empty id; at least one, at most :data:`MAX_BUILT_ARTIFACTS`;
+        every requested ``artifact_ids`` among them. Exceptions other than
+        ``PyrsiaError`` and garbage become :class:`~pyrsia_core.errors.PluginFailed`
+        naming the plugin.
         """
         from .errors import PyrsiaError
 
         package_id = self.parse_package_id(package_id)
+        wanted = list(dict.fromkeys(artifact_ids))
         out: list[BuiltArtifact] = []
         seen: set[str] = set()
         try:
-            async for item in self._build(package_id):
+            async for item in self._build(package_id, wanted):
                 if not isinstance(item, BuiltArtifact):
                     raise PluginFailed(self.name, f"build yielded {type(item).__name__}, "
                                        "not a BuiltArtifact")
@@ -541,6 +549,10 @@ class PackageType(ABC):
             raise PluginFailed(self.name, f"build raised {type(exc).__name__}: {exc}") from exc
         if not out:
             raise PluginFailed(self.name, f"build of {package_id!r:.100} yielded no artifacts")
+        missing = [a for a in wanted if a not in seen]
+        if missing:
+            raise PluginFailed(self.name, f"build of {package_id!r:.100} did not yield the "
+                               f"requested {missing[0]!r:.100}")
         return out
 
 

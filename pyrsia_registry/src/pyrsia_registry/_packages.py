@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import anyio
@@ -144,7 +144,8 @@ class PluginHost(PackageHost):
                                           "peer provides it")
             # A build node fetches it again from the upstream: the bytes must still be
             # the ones the log vouches for.
-            built = await self.service.run_plugin_build(self.package_type, artifact.package_id)
+            built = await self.service.run_plugin_build(self.package_type, artifact.package_id,
+                                                        [artifact.artifact_id])
             for item in built:
                 if item.artifact_id == artifact.artifact_id and item.digest == digest:
                     await self.node.make_room(len(item.data))
@@ -158,8 +159,8 @@ class PluginHost(PackageHost):
                 f"the upstream no longer provides {artifact.artifact_id} with the logged digest "
                 f"{digest} (tampered or changed upstream); not served")
 
-    async def build(self, package_id: str) -> BuildInfo:
-        return await self.service.build(self.package_type, package_id)
+    async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
+        return await self.service.build(self.package_type, package_id, artifact_ids)
 
 
 @attrs.define(eq=False)
@@ -214,12 +215,14 @@ class PackageService:
 
     # -- builds --------------------------------------------------------------------------
 
-    async def run_plugin_build(self, pt: PackageType, package_id: str) -> list[BuiltArtifact]:
+    async def run_plugin_build(
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+    ) -> list[BuiltArtifact]:
         """The plugin's checked build, bounded by the timeout; failures name the plugin."""
         label = plugin_label(pt.name)
         try:
             with anyio.fail_after(self.timeout):
-                return await pt.build(package_id)
+                return await pt.build(package_id, artifact_ids=artifact_ids)
         except TimeoutError:
             raise PluginFailed(label, f"build of {package_id!r:.200} did not finish within "
                                f"{self.timeout:g} s") from None
@@ -232,43 +235,70 @@ class PackageService:
         except Exception as exc:  # the rim maps most; parse_package_id may still raise
             raise PluginFailed(label, f"{type(exc).__name__}: {exc}") from None
 
-    async def build(self, pt: PackageType, package_id: str) -> BuildInfo:
+    async def _logged(self, pt: PackageType, package_id: str) -> dict[str, str]:
+        """``artifact id -> hash`` of a package's logged artifacts."""
+        return {r.signed.record.package_specific_artifact_id: r.signed.record.artifact_hash
+                for r in await self.node.records_for_package(pt.record_type, package_id)
+                if r.signed.record.operation == Operation.ADD_ARTIFACT}
+
+    async def build(
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+    ) -> BuildInfo:
         """Build (or join the build of) ``package_id``; see :meth:`PackageHost.build`."""
         try:
             package_id = _parse(pt, package_id)
         except ValueError as exc:
             return BuildInfo("", str(package_id)[:200], "FAILED", f"invalid package id: {exc}")
-        if await self.node.records_for_package(pt.record_type, package_id):
+        wanted = [a for a in artifact_ids if isinstance(a, str)][:100]
+        logged = await self._logged(pt, package_id)
+        if logged and all(a in logged for a in wanted):
             return BuildInfo("", package_id, "EXISTS", "Artifact already exists")
         if not self.node.is_build_node:
             try:
-                status = await self.forward_build(pt, package_id)
+                status = await self.forward_build(pt, package_id, wanted)
             except PyrsiaError as exc:
                 return BuildInfo("", package_id, "FAILED", f"no build could be requested: {exc}")
             return BuildInfo(str(status.get("build_id", "")), package_id, "REQUESTED",
                              str(status.get("status", "")))
-        running = self.start_build(pt, package_id)
-        await running.done.wait()
-        if running.status == "SUCCESS":
-            return BuildInfo(running.id, package_id, "SUCCESS")
-        status = "NOT_FOUND" if running.result == "NOT_FOUND" else "FAILED"
-        return BuildInfo(running.id, package_id, status, running.reason)
+        for _ in range(2):  # a joined build may have been for other artifacts
+            running = self.start_build(pt, package_id, wanted)
+            await running.done.wait()
+            if running.status != "SUCCESS":
+                status = "NOT_FOUND" if running.result == "NOT_FOUND" else "FAILED"
+                return BuildInfo(running.id, package_id, status, running.reason)
+            logged = await self._logged(pt, package_id)
+            if all(a in logged for a in wanted):
+                break
+        return BuildInfo(running.id, package_id, "SUCCESS")
 
-    def start_build(self, pt: PackageType, package_id: str) -> Build:
+    def start_build(
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+    ) -> Build:
         if self.task_group is None:
             raise BuildFailed("the node is not running")
 
         async def run(build: Build) -> int:
-            return await self._build(pt, package_id, build)
+            return await self._build(pt, package_id, list(artifact_ids), build)
 
         return self.node.start_build(pt.record_type, package_id, run, self.task_group)
 
-    async def _build(self, pt: PackageType, package_id: str, build: Build) -> int:
+    async def _build(
+        self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build
+    ) -> int:
         try:
-            built = await self.run_plugin_build(pt, package_id)
+            built = await self.run_plugin_build(pt, package_id, artifact_ids)
         except ArtifactUnavailable:
             build.result = "NOT_FOUND"
             raise
+        logged = await self._logged(pt, package_id)
+        for item in built:
+            if item.artifact_id in logged and logged[item.artifact_id] != item.digest.hex:
+                raise BuildFailed(f"the upstream now serves other bytes for {item.artifact_id} "
+                                  "than the log vouches for; nothing committed")
+        built = [item for item in built if item.artifact_id not in logged]
+        if not built:
+            build.records = 0
+            return self.node.log_store.ledger.height
         created = await self._store(built)
         try:
             now = int(self.node.clock.now())
@@ -311,9 +341,10 @@ class PackageService:
         return created
 
     async def rebuild_check(self, block: Block) -> bool:
-        """Did this node, building every plugin package of ``block`` itself, get the same
-        (artifact id, hash) set? Docker and node records are checked elsewhere; an
-        artifact of a type no plugin here builds is not vouched for."""
+        """Did this node, building every plugin package of ``block`` itself (asking for
+        each claimed artifact), get the claimed hash for every claimed artifact? Docker
+        and node records are checked elsewhere; an artifact of a type no plugin here
+        builds is not vouched for."""
         packages: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for sr in block.records:
             r = sr.record
@@ -329,9 +360,10 @@ class PackageService:
                             record_type, package_id)
                 return False
             try:
-                built = await self.run_plugin_build(pt, package_id)
+                built = await self.run_plugin_build(pt, package_id,
+                                                    sorted(aid for aid, _ in claimed))
                 mine = {(item.artifact_id, item.digest.hex) for item in built}
-                if mine != claimed:
+                if not claimed <= mine:
                     log.warning("Proposal claims hashes for %s %s that differ from this "
                                 "node's build", record_type, package_id)
                     return False
@@ -357,14 +389,21 @@ class PackageService:
             if not self.node.is_build_node:
                 raise BuildFailed("this node is not a build node")
             package_id = _parse(pt, str(body.get("package_id", "")))
-            if await self.node.records_for_package(pt.record_type, package_id):
+            wanted = body.get("artifact_ids", [])
+            if not isinstance(wanted, list) or len(wanted) > 100 or not all(
+                    isinstance(a, str) for a in wanted):
+                raise ValueError("artifact_ids must be a list of at most 100 strings")
+            logged = await self._logged(pt, package_id)
+            if logged and all(a in logged for a in wanted):
                 return {"status": "EXISTS", "package_specific_id": package_id,
                         "reason": "Artifact already exists"}
-            return self.start_build(pt, package_id).to_json()
+            return self.start_build(pt, package_id, wanted).to_json()
 
         return handle
 
-    async def forward_build(self, pt: PackageType, package_id: str) -> dict[str, Any]:
+    async def forward_build(
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """On a regular node: send the build request to an authorized build node."""
         peers = self.node.peers
         errors = []
@@ -374,7 +413,8 @@ class PackageService:
                 continue
             try:
                 env = await peers.rpc(address, "BUILD_REQUEST",
-                                      {"package_type": pt.name, "package_id": package_id},
+                                      {"package_type": pt.name, "package_id": package_id,
+                                       "artifact_ids": list(artifact_ids)},
                                       {"BUILD_STATUS"})
             except PyrsiaError as exc:
                 errors.append(f"{nid[:16]}: {exc}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -127,9 +127,23 @@ class MavenPackageType(PackageType):
         if text and len(text[0]) == 40 and text[0].lower() != hashlib.sha1(data).hexdigest():
             raise MavenUpstreamError(f"upstream {path} does not match its published .sha1")
 
-    async def _build(self, package_id: str) -> AsyncIterator[BuiltArtifact]:
-        """The GAV's POM and (unless its packaging is ``pom``) main artifact."""
+    async def _build(
+        self, package_id: str, artifact_ids: Sequence[str]
+    ) -> AsyncIterator[BuiltArtifact]:
+        """The GAV's POM, its main artifact (unless packaging ``pom``; if the upstream has
+        it) and every requested file of the GAV (e.g. a classifier jar)."""
         gav = Gav.parse(package_id)
+        wanted: list[str] = []
+        for artifact_id in artifact_ids:
+            try:
+                request = parse_path(artifact_id)
+            except ValueError as exc:
+                raise ArtifactUnavailable(f"{artifact_id!r:.200} is not a Maven file: "
+                                          f"{exc}") from None
+            if not isinstance(request, FileRequest) or request.gav != gav or (
+                    request.checksum is not None or request.path != artifact_id):
+                raise ArtifactUnavailable(f"{artifact_id!r:.200} is not a file of {gav}")
+            wanted.append(artifact_id)
         async with self._client() as client:
             pom_bytes = await self._get(client, gav.pom_path)
             if pom_bytes is None:
@@ -143,17 +157,22 @@ class MavenPackageType(PackageType):
             log.info("Fetched %s from the Maven upstream (%d bytes)", gav.pom_path,
                      len(pom_bytes))
             yield BuiltArtifact(gav.pom_path, Digest.of(pom_bytes), pom_bytes, POM_TYPE)
+            done = {gav.pom_path}
             ext = pom.extension
-            if ext is None:
-                return
-            path = gav.path(ext)
-            data = await self._get(client, path)
-            if data is None:
-                log.info("%s has no %s upstream; only its POM is logged", gav, path)
-                return
-            await self._checked(client, path, data)
-            log.info("Fetched %s from the Maven upstream (%d bytes)", path, len(data))
-            yield BuiltArtifact(path, Digest.of(data), data, _content_type(path))
+            main = gav.path(ext) if ext is not None else None
+            for path in ([main] if main else []) + wanted:
+                if path in done:
+                    continue
+                done.add(path)
+                data = await self._get(client, path)
+                if data is None:
+                    if path in wanted:
+                        raise ArtifactUnavailable(f"{path} not found upstream")
+                    log.info("%s has no %s upstream; only its POM is logged", gav, path)
+                    continue
+                await self._checked(client, path, data)
+                log.info("Fetched %s from the Maven upstream (%d bytes)", path, len(data))
+                yield BuiltArtifact(path, Digest.of(data), data, _content_type(path))
 
     async def upstream_metadata(self, path: str) -> Any:
         """The upstream's ``maven-metadata.xml`` at ``path`` (parsed), or ``None``."""
@@ -219,12 +238,14 @@ class MavenApp:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})
 
-    async def _artifacts(self, gav: Gav) -> tuple[list[LoggedArtifact], str]:
+    async def _artifacts(self, gav: Gav, path: str) -> tuple[list[LoggedArtifact], str]:
+        """The GAV's logged files; built first if ``path`` (or the GAV) is not logged."""
         package_id = str(gav)
         artifacts = await self.host.artifacts(package_id)
-        if artifacts:
+        if any(a.artifact_id == path for a in artifacts):
             return artifacts, ""
-        info = await self.host.build(package_id)
+        # A GAV not logged yet, or a file the default build lacks (a classifier jar).
+        info = await self.host.build(package_id, artifact_ids=[path])
         if info.status in ("SUCCESS", "EXISTS"):
             return await self.host.artifacts(package_id), ""
         if info.status == "REQUESTED":
@@ -235,7 +256,7 @@ class MavenApp:
         raise ArtifactUnavailable(f"build of {gav} failed: {info.reason}")
 
     async def _file(self, request: FileRequest) -> tuple[int, bytes, str]:
-        artifacts, why = await self._artifacts(request.gav)
+        artifacts, why = await self._artifacts(request.gav, request.path)
         match = [a for a in artifacts if a.artifact_id == request.path]
         if not match:
             return 404, (why or f"{request.path} is not part of {request.gav} in the "

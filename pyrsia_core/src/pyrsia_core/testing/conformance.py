@@ -1760,26 +1760,27 @@ class MemoryPackageHost(PackageHost):
             raise ArtifactUnavailable(f"{artifact.artifact_id!r} is not available")
         return data
 
-    async def build(self, package_id: str) -> BuildInfo:
+    async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
         package_id = self.package_type.parse_package_id(package_id)
-        if package_id in self.log:
+        logged = {a.artifact_id: a for a in self.log.get(package_id, [])}
+        if logged and all(a in logged for a in artifact_ids):
             return BuildInfo("", package_id, "EXISTS")
         if not self.build_node:
             return BuildInfo("", package_id, "REQUESTED")
         self.builds.append(package_id)
         build_id = str(len(self.builds))
         try:
-            built = await self.package_type.build(package_id)
+            built = await self.package_type.build(package_id, artifact_ids=artifact_ids)
         except ArtifactUnavailable as exc:
             return BuildInfo(build_id, package_id, "NOT_FOUND", str(exc))
         except PyrsiaError as exc:
             return BuildInfo(build_id, package_id, "FAILED", str(exc))
-        for item in built:
+        new = [item for item in built if item.artifact_id not in logged]
+        for item in new:
             self.blobs[item.digest] = item.data
-        self.log[package_id] = [
-            LoggedArtifact(package_id, item.artifact_id, item.digest, 0, len(built))
-            for item in built
-        ]
+            logged[item.artifact_id] = LoggedArtifact(package_id, item.artifact_id, item.digest,
+                                                      0, len(new))
+        self.log[package_id] = list(logged.values())
         return BuildInfo(build_id, package_id, "SUCCESS")
 
 
