@@ -124,7 +124,7 @@ async def test_bad_plugin_fails_alone(bad_installed: None, tmp_path: Path) -> No
                 build_id = resp.json()["build_id"]
                 status: dict[str, Any] = {}
                 with anyio.fail_after(TIMEOUT + 10):
-                    while status.get("status", "RUNNING") == "RUNNING":  # noqa: ASYNC110
+                    while status.get("status", "RUNNING") == "RUNNING":
                         await anyio.sleep(0.05)
                         status = (await client.get(f"/api/builds/{build_id}")).json()
                 assert status["status"] == "FAILED", status
@@ -149,6 +149,7 @@ async def test_node_starts_when_a_plugin_factory_raises(
     bad_installed: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pyrsia_pkg_bad import BadPackageType
+
     from pyrsia_registry import NodeConfig, start_node
 
     def explode(config: Any) -> Any:
