@@ -719,7 +719,10 @@ class _Outbox:
     ignored: list[tuple[Message | None, str]] = attrs.Factory(list)
 
     def freeze(self) -> Output:
-        return Output(list(self.broadcast), self.committed, list(self.ignored))
+        # One input may re-send a message more than once (a restored vote, a relayed
+        # proof of lock); the peers need it once.
+        unique = list({id(m): m for m in self.broadcast}.values())
+        return Output(unique, self.committed, list(self.ignored))
 
 
 @attrs.define(eq=False)

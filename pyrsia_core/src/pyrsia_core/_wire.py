@@ -53,7 +53,7 @@ MESSAGE_TYPES: Final = frozenset(
         "GET_BLOCKS", "BLOCKS",
         "NEW_BLOCK",
         "BUILD_REQUEST", "BUILD_STATUS", "GET_BUILD",
-        "CONSENSUS", "PENDING",
+        "CONSENSUS", "PENDING", "VOUCH",
         "ERROR",
     }
 )

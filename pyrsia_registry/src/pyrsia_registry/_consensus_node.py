@@ -23,6 +23,7 @@ import attrs
 from pyrsia_core._consensus import (
     MessageError,
     Output,
+    Proposal,
     TendermintMachine,
     Timeouts,
     message_from_json,
@@ -37,7 +38,14 @@ __all__ = ["ConsensusRunner"]
 
 log = logging.getLogger("pyrsia.consensus")
 MAX_PENDING = 100_000
+MAX_CONSENSUS_BATCH = 64  # messages in one CONSENSUS request (the receiver's limit too)
 SNAPSHOT_KEY = b"c/snapshot"
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    event: anyio.Event = attrs.Factory(anyio.Event)
+    block: CommittedBlock | None = None
 
 
 @attrs.define(eq=False)
@@ -55,10 +63,22 @@ class ConsensusRunner:
     _inbox: list[tuple[str, Any]] = attrs.Factory(list)
     _wake: anyio.Event = attrs.Factory(anyio.Event)
     _checks: dict[str, bool | None] = attrs.Factory(dict)
-    _committed: anyio.Event = attrs.Factory(anyio.Event)
     _tg: anyio.abc.TaskGroup | None = None
     #: Other build nodes' pending records this node rebuilt itself with equal hashes.
     vouched: set[str] = attrs.Factory(set)
+    #: submit() calls waiting for their block, by the id of their first record.
+    _waiters: dict[str, _Waiter] = attrs.Factory(dict)
+    #: Who rebuilt each pending record with equal hashes (its builder, this node, and
+    #: the build nodes that said so with VOUCH), and when it became pending here.
+    vouchers: dict[str, set[str]] = attrs.Factory(dict)
+    _pending_since: dict[str, float] = attrs.Factory(dict)
+    #: Rebuilds of pending records in progress (record id -> done).
+    _vouching: dict[str, anyio.Event] = attrs.Factory(dict)
+    #: How long a proposer waits for a quorum of vouches before it proposes records
+    #: that only it (and their builder) rebuilt.
+    vouch_wait: float = 0.5
+    #: When this node first saw a proposal of the committed block (for the log).
+    _proposed_at: dict[str, float] = attrs.Factory(dict)
 
     # -- inputs from the network and the node ----------------------------------------
 
@@ -66,6 +86,11 @@ class ConsensusRunner:
         """A consensus message from a peer (queued; the machine checks everything)."""
         if len(self._inbox) > 10_000:
             raise ValueError("consensus inbox is full")
+        if sender not in self.node.log_store.ledger.validators:
+            # Dropped here, so that no outsider can start a height or fill the inbox.
+            log.info("Consensus ignored a message from %s: the sender is not a build node",
+                     sender[:16])
+            return
         self._inbox.append((sender, message))
         self._wake.set()
 
@@ -87,11 +112,30 @@ class ConsensusRunner:
             if sr.record.node_id not in validators:
                 raise ValueError("a pending record must be by a build node")
             if len(self.pending) < MAX_PENDING and sr.record.id not in self.pending:
-                self.pending[sr.record.id] = sr
+                self._add(sr)
+                self.vouchers[sr.record.id].add(sender)
                 fresh.append(sr)
                 added += 1
         if added and self._tg is not None:
+            for sr in fresh:
+                self._vouching[sr.record.id] = anyio.Event()
             self._tg.start_soon(self._vouch, fresh)
+
+    def _add(self, sr: SignedRecord) -> None:
+        self.pending[sr.record.id] = sr
+        self.vouchers.setdefault(sr.record.id, {sr.record.node_id})
+        self._pending_since.setdefault(sr.record.id, self.node.clock.monotonic())
+
+    def add_vouch(self, ids: Any, sender: str) -> None:
+        """Another build node says it rebuilt these pending records with equal hashes."""
+        if not isinstance(ids, list) or len(ids) > 10_000:
+            raise ValueError("VOUCH needs a list of at most 10000 record ids")
+        if sender not in self.node.log_store.ledger.validators:
+            raise ValueError("only build nodes vouch")
+        for rid in ids:
+            if isinstance(rid, str) and rid in self.vouchers:
+                self.vouchers[rid].add(sender)
+        self._wake.set()
 
     async def _vouch(self, records: list[SignedRecord]) -> None:
         """Rebuild another build node's records now, so this node can propose them if its
@@ -110,52 +154,59 @@ class ConsensusRunner:
         except Exception as exc:
             log.warning("Rebuild of pending records failed: %s", exc)
             ok = False
+        finally:
+            for sr in records:
+                done = self._vouching.pop(sr.record.id, None)
+                if done is not None:
+                    done.set()
         if ok:
-            self.vouched.update(sr.record.id for sr in records)
+            ids = [sr.record.id for sr in records]
+            self.vouched.update(ids)
+            for rid in ids:
+                if rid in self.vouchers:
+                    self.vouchers[rid].add(self.node.node_id)
             packages = sorted({sr.record.package_specific_id for sr in records})
             log.info("Rebuilt and vouched for %d pending record(s) of %s", len(records),
                      ", ".join(packages))
+            others = [v for v in self.node.log_store.ledger.validators.ordered()
+                      if v != self.node.node_id]
+            await self.send("VOUCH", {"records": ids}, others)
             self._wake.set()
 
     async def submit(self, records: list[SignedRecord], *, wait: float = 120.0) -> CommittedBlock:
         """Have ``records`` committed by the build nodes; return the block that holds them."""
-        for sr in records:
-            self.pending[sr.record.id] = sr
-        others = [
-            v for v in self.node.log_store.ledger.validators.ordered() if v != self.node.node_id
-        ]
-        await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
-        self._wake.set()
-        ids = {sr.record.id for sr in records}
+        # A build's records are committed together: wait for the block holding the first.
+        # The waiter exists before anything is sent, so no commit can slip past it.
+        first = records[0].record.id
+        waiter = self._waiters[first] = _Waiter()
         started = self.node.clock.monotonic()
-        with anyio.move_on_after(wait):
-            while True:
-                found = await self._block_holding(ids)
-                if found is not None:
-                    log.info(
-                        "Consensus latency: %d record(s) of %s committed in block %d %.1f ms "
-                        "after the build finished",
-                        len(records),
-                        ", ".join(sorted({sr.record.package_specific_id for sr in records})),
-                        found.block.height,
-                        (self.node.clock.monotonic() - started) * 1000,
-                    )
-                    return found
-                await self._committed.wait()
-        raise BuildError(
-            "the build nodes did not reach consensus on this build in time (more than a third "
-            "may be down or disagree)"
+        try:
+            for sr in records:
+                self._add(sr)
+            others = [
+                v for v in self.node.log_store.ledger.validators.ordered()
+                if v != self.node.node_id
+            ]
+            await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
+            self._wake.set()
+            with anyio.move_on_after(wait):
+                await waiter.event.wait()
+        finally:
+            self._waiters.pop(first, None)
+        if waiter.block is None:
+            raise BuildError(
+                "the build nodes did not reach consensus on this build in time (more than a "
+                "third may be down or disagree)"
+            )
+        log.info(
+            "Consensus latency: %d record(s) of %s committed in block %d %.1f ms "
+            "after the build finished",
+            len(records),
+            ", ".join(sorted({sr.record.package_specific_id for sr in records})),
+            waiter.block.block.height,
+            (self.node.clock.monotonic() - started) * 1000,
         )
-
-    async def _block_holding(self, ids: set[str]) -> CommittedBlock | None:
-        ledger = self.node.log_store.ledger
-        # Records are looked up by their first id; a block holds all of a build's records.
-        first = next(iter(ids))
-        for sr_height in range(ledger.height, max(0, ledger.height - 50), -1):
-            committed = await self.node.log_store.block(sr_height)
-            if committed is not None and any(r.record.id == first for r in committed.block.records):
-                return committed
-        return None
+        return waiter.block
 
     # -- the machine's callbacks -------------------------------------------------------
 
@@ -168,10 +219,22 @@ class ConsensusRunner:
         """
         ledger = self.node.log_store.ledger
         own = self.node.node_id
-        records = [
+        mine = [
             sr
             for sr in self.pending.values()
             if sr.record.node_id == own or sr.record.id in self.vouched
+        ]
+        # Propose what a quorum already rebuilt: the others then prevote at once instead
+        # of rebuilding while the round runs. Records that wait longer than vouch_wait
+        # for that (lost VOUCH messages, a slow builder) are proposed all the same; the
+        # validators then rebuild them before they vote, as always.
+        quorum = ledger.validators.threshold
+        clock = self.node.clock.monotonic()
+        records = [
+            sr
+            for sr in mine
+            if len(self.vouchers.get(sr.record.id, ())) >= quorum
+            or clock - self._pending_since.get(sr.record.id, clock) >= self.vouch_wait
         ]
         if not records:
             return None
@@ -193,8 +256,19 @@ class ConsensusRunner:
         return None
 
     async def _run_check(self, block: Block) -> None:
+        # Rebuilds of these records already under way (from PENDING) are awaited, not
+        # repeated; only what this node has not rebuilt is rebuilt now.
+        for sr in block.records:
+            running = self._vouching.get(sr.record.id)
+            if running is not None:
+                await running.wait()
+        own = self.node.node_id
+        rest = tuple(
+            sr for sr in block.records
+            if sr.record.node_id != own and sr.record.id not in self.vouched
+        )
         try:
-            ok = await self.rebuild(block)
+            ok = True if not rest else await self.rebuild(attrs.evolve(block, records=rest))
         except Exception as exc:  # a failed rebuild is a "no", never a crash
             log.warning("Rebuild of block %d failed: %s", block.height, exc)
             ok = False
@@ -235,8 +309,12 @@ class ConsensusRunner:
         for sr in committed.block.records:
             self.pending.pop(sr.record.id, None)
             self.vouched.discard(sr.record.id)
-        self._committed.set()
-        self._committed = anyio.Event()
+            self.vouchers.pop(sr.record.id, None)
+            self._pending_since.pop(sr.record.id, None)
+            waiter = self._waiters.get(sr.record.id)
+            if waiter is not None:
+                waiter.block = committed
+                waiter.event.set()
         self._wake.set()
 
     async def _run_height(self) -> None:
@@ -246,15 +324,31 @@ class ConsensusRunner:
         if machine is None:
             await self._sleep_until_woken(None)
             return
+        resumed = False
         stored = await self.node.kv.get(SNAPSHOT_KEY)
         if stored is not None:
             try:
                 snapshot = canonical_loads(stored)
                 if snapshot.get("height") == height:
                     machine.restore(snapshot["state"])
+                    resumed = True
                     log.info("Resumed consensus at height %d from the stored snapshot", height)
             except (EncodingError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.error("Ignoring an unreadable consensus snapshot: %s", exc)
+        if not resumed:
+            # Like Tendermint without empty blocks: a height starts (and its propose timer
+            # runs) only once there is something to commit -- records pending here, or a
+            # validator that already started this height. An idle network does not spin
+            # through rounds whose timeouts grow, so a build arriving later meets round 0
+            # with a fresh timer, and its proposer has the whole timeout to rebuild it.
+            while (
+                not self.pending
+                and not self._started_elsewhere(height)
+                and self.node.log_store.ledger.height < height
+            ):
+                await self._sleep_until_woken(None)
+            if self.node.log_store.ledger.height >= height:
+                return
         now = self.node.clock.now()
         await self._apply(machine.start(now))
         while self.node.log_store.ledger.height < height:
@@ -268,6 +362,10 @@ class ConsensusRunner:
                 if message.height > height:
                     self._inbox.append((sender, raw))  # for a later height
                     continue
+                log.debug("recv %s h%d r%d from %s", type(message).__name__, message.height,
+                          getattr(message, "round", -1), sender[:8])
+                if isinstance(message, Proposal):
+                    self._proposed_at.setdefault(message.block_hash, self.node.clock.monotonic())
                 await self._apply(machine.receive(message, self.node.clock.now()))
                 if self.node.log_store.ledger.height >= height:
                     return
@@ -280,6 +378,13 @@ class ConsensusRunner:
                 await self._apply(machine.handle_timer(now))
             await self._sleep_until_woken(None if deadline is None else deadline - now)
 
+    def _started_elsewhere(self, height: int) -> bool:
+        """Has a consensus message for ``height`` (or later) arrived?"""
+        return any(
+            isinstance(raw, dict) and type(raw.get("height")) is int and raw["height"] >= height
+            for _, raw in self._inbox
+        )
+
     async def _sleep_until_woken(self, delay: float | None) -> None:
         with anyio.move_on_after(0.5 if delay is None else max(0.0, delay)):
             await self._wake.wait()
@@ -291,6 +396,9 @@ class ConsensusRunner:
             # Duplicates are routine (re-broadcasts); anything else is worth a line.
             level = logging.DEBUG if "duplicate" in reason else logging.INFO
             log.log(level, "Consensus ignored a message from %s: %s", who, reason)
+        for message in out.broadcast:
+            if isinstance(message, Proposal):
+                self._proposed_at.setdefault(message.block_hash, self.node.clock.monotonic())
         if out.broadcast and self.machine is not None:
             # Write-ahead: what this node signed is on disk before anyone sees it, so a
             # restarted build node resumes its round and lock and never equivocates.
@@ -302,8 +410,12 @@ class ConsensusRunner:
             others = [
                 v for v in self.node.log_store.ledger.validators.ordered() if v != self.node.node_id
             ]
-            for message in out.broadcast:
-                await self.send("CONSENSUS", {"message": message.to_json()}, others)
+            # One request per validator for everything this input produced.
+            for start in range(0, len(out.broadcast), MAX_CONSENSUS_BATCH):
+                batch = out.broadcast[start : start + MAX_CONSENSUS_BATCH]
+                log.debug("send %s", ", ".join(
+                    f"{type(m).__name__} h{m.height} r{getattr(m, 'round', -1)}" for m in batch))
+                await self.send("CONSENSUS", {"messages": [m.to_json() for m in batch]}, others)
         if out.committed is not None:
             await self._commit(out.committed)
 
@@ -316,10 +428,14 @@ class ConsensusRunner:
             log.error("Consensus decided a block the ledger rejects: %s", exc)
             return
         await self.node.kv.delete(SNAPSHOT_KEY)
+        proposed = self._proposed_at.get(committed.block.hash)
+        self._proposed_at.clear()
         log.info(
-            "Consensus committed block %d (%d records) with a quorum certificate",
+            "Consensus committed block %d (%d records) with a quorum certificate%s",
             committed.block.height,
             len(committed.block.records),
+            "" if proposed is None
+            else f", {(self.node.clock.monotonic() - proposed) * 1000:.1f} ms after its proposal",
         )
         for listener in self.node.commit_listeners:
             await listener(committed)

@@ -44,6 +44,7 @@ K = 20
 ALPHA = 3
 MAX_BLOCKS_PER_REPLY = 256
 MAX_REPLY_BYTES = 6 * 1024 * 1024
+MAX_CONSENSUS_BATCH = 64
 PROVIDER_TTL = 24 * 3600.0
 REPUBLISH_INTERVAL = 12 * 3600.0
 CHUNK = 1024 * 1024
@@ -284,12 +285,21 @@ class PeerService:
         if env.type == "CONSENSUS":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
-            consensus.deliver(env.sender, body.get("message"))
+            messages = body.get("messages", [body.get("message")])
+            if not isinstance(messages, list) or not 0 < len(messages) <= MAX_CONSENSUS_BATCH:
+                raise ValueError(f"CONSENSUS carries 1 to {MAX_CONSENSUS_BATCH} messages")
+            for message in messages:
+                consensus.deliver(env.sender, message)
             return "OK", {}
         if env.type == "PENDING":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
             consensus.add_pending(body.get("records"), env.sender)
+            return "OK", {}
+        if env.type == "VOUCH":
+            if consensus is None:
+                raise ValueError("this node runs no consensus")
+            consensus.add_vouch(body.get("records"), env.sender)
             return "OK", {}
         if env.type == "BUILD_REQUEST":
             return "BUILD_STATUS", await self.node.handle_build_request(body)
