@@ -264,8 +264,8 @@ class PackageService:
             running = self.start_build(pt, package_id, wanted)
             await running.done.wait()
             if running.status != "SUCCESS":
-                status = "NOT_FOUND" if running.result == "NOT_FOUND" else "FAILED"
-                return BuildInfo(running.id, package_id, status, running.reason)
+                outcome = "NOT_FOUND" if running.result == "NOT_FOUND" else "FAILED"
+                return BuildInfo(running.id, package_id, outcome, running.reason)
             logged = await self._logged(pt, package_id)
             if all(a in logged for a in wanted):
                 break

@@ -318,5 +318,5 @@ def metadata_xml(
             ET.SubElement(p, "prefix").text = prefix
             ET.SubElement(p, "artifactId").text = art
     ET.indent(root)
-    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8",
-                                                                     xml_declaration=False) + b"\n"
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body + b"\n"
