@@ -324,6 +324,13 @@ async def test_fetch_blob_whole_and_from_offsets(transport: HttpTransport) -> No
                     assert got == data[offset:]
                 with pytest.raises(TransportError, match="beyond"):
                     await client.open_blob(digest, offset=len(data) + 1)
+                # One part: only that range travels (the body ends there).
+                for offset, length in ((0, MiB), (MiB, MiB), (3 * MiB, 200), (5, 1)):
+                    blob = await client.open_blob(digest, offset=offset, length=length)
+                    assert (blob.size, blob.offset) == (len(data), offset)
+                    assert await read_all(blob.body) == data[offset : offset + length]
+                with pytest.raises(UsageError):
+                    await client.open_blob(digest, length=0)
 
 
 async def test_empty_blob(transport: HttpTransport) -> None:
@@ -651,8 +658,20 @@ async def test_app_routes(style: str) -> None:
                 assert response.status_code == 200 and response.content == b""
                 assert response.headers["content-length"] == str(len(data))
 
-                # Other Range forms are ignored: the whole blob.
+                # A closed range (one part of a blob), clipped to the blob's end.
                 response = await http.get(f"{base}/blobs/{digest}", headers={"range": "bytes=0-3"})
+                assert (response.status_code, response.content) == (206, data[:4])
+                assert response.headers["content-range"] == f"bytes 0-3/{len(data)}"
+                response = await http.get(f"{base}/blobs/{digest}", headers={"range": "bytes=5-7"})
+                assert (response.status_code, response.content) == (206, data[5:8])
+                response = await http.get(f"{base}/blobs/{digest}",
+                                          headers={"range": "bytes=5-999"})
+                assert (response.status_code, response.content) == (206, data[5:])
+                response = await http.get(f"{base}/blobs/{digest}", headers={"range": "bytes=7-5"})
+                assert response.status_code == 416
+                # Other Range forms are ignored: the whole blob.
+                response = await http.get(f"{base}/blobs/{digest}",
+                                          headers={"range": "bytes=-3"})
                 assert (response.status_code, response.content) == (200, data)
 
                 response = await http.get(f"{base}/blobs/{digest}", headers={"range": "bytes=99-"})

@@ -41,12 +41,14 @@ from ._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from ._parts import PARTS_RECORD_TYPE, PartHasher, PartList, PartListError
 from ._records import NODE_PACKAGE_TYPE, RECORD_FIELDS, Operation, Record, SignedRecord
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NODE_PACKAGE_TYPE",
+    "PARTS_RECORD_TYPE",
     "RECORD_FIELDS",
     "Block",
     "Checkpoint",
@@ -62,6 +64,9 @@ __all__ = [
     "NoteSignature",
     "NoteVerifier",
     "Operation",
+    "PartHasher",
+    "PartList",
+    "PartListError",
     "PublicKey",
     "Record",
     "SignedNote",

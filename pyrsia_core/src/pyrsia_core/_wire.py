@@ -54,6 +54,7 @@ MESSAGE_TYPES: Final = frozenset(
         "NEW_BLOCK",
         "BUILD_REQUEST", "BUILD_STATUS", "GET_BUILD",
         "CONSENSUS", "PENDING", "VOUCH",
+        "GET_PARTS", "PARTS",
         "ERROR",
     }
 )

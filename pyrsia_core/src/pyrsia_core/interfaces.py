@@ -291,9 +291,19 @@ class PeerClient(Resource):
         """Stream a blob from the peer. The caller re-verifies every byte."""
 
     async def open_blob(
-        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+        self,
+        digest: Digest,
+        *,
+        offset: int = 0,
+        timeout: float = 30.0,
+        length: int | None = None,
     ) -> PeerBlob:
-        """Like :meth:`fetch_blob`, plus the blob's size when the transport knows it."""
+        """Like :meth:`fetch_blob`, plus the blob's size when the transport knows it.
+
+        ``length`` says that only that many bytes from ``offset`` are wanted (one part of
+        a blob, from a peer that may hold only that part): a transport that can asks the
+        peer for just that range; the caller stops reading after ``length`` bytes anyway.
+        """
         return PeerBlob(None, offset, self.fetch_blob(digest, offset=offset, timeout=timeout))
 
 

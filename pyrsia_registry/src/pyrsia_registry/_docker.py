@@ -387,11 +387,16 @@ class DockerService:
             )
             for artifact_id, digest in artifacts
         ]
-        committed = await self.node.commit(records)
+        # Large blobs also get a logged part list, so nodes fetching them at once can
+        # share verified parts (swarm fetch); it rides in the same block.
+        part_records = await self.node.part_list_records([d for _, d in artifacts], now)
+        committed = await self.node.commit(records + part_records)
         build.records = len(records)
         if self.node.peers is not None and self.task_group is not None:
             self.task_group.start_soon(
-                self.node.peers.announce, list(dict.fromkeys(d for _, d in artifacts))
+                self.node.peers.announce,
+                list(dict.fromkeys(d for _, d in artifacts))
+                + [Digest.parse("sha256:" + r.artifact_hash) for r in part_records],
             )
         log.info(
             "Built %s: %d artifacts, block %d", ref.package_id, len(records), committed.block.height

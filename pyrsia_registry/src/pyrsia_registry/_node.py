@@ -28,10 +28,14 @@ from pyrsia_core.errors import (
 from pyrsia_core.interfaces import BlobInfo, BlobStore, KeyValueStore, SystemClock, Upstream
 
 from pyrsia_core import (
+    PARTS_RECORD_TYPE,
+    Block,
     CommittedBlock,
     Digest,
     Ed25519Signer,
     LogStore,
+    PartHasher,
+    PartList,
     Record,
     SignedRecord,
     StoredRecord,
@@ -119,6 +123,8 @@ class Node:
     consensus: Any = None  # the ConsensusRunner, on a build node among several
     #: Handles a BUILD_REQUEST from a peer (set by the runtime): body -> build status.
     build_request_handler: Any = None
+    #: Blobs of at least this many bytes get a logged part list (swarm fetch).
+    part_threshold: int = 8 << 20
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -383,6 +389,59 @@ class Node:
                 await touch(digest)
             except (StoreError, BlobNotFound):
                 pass
+
+    # -- part lists (swarm fetch of large blobs) ------------------------------------
+
+    async def part_list(self, digest: Digest) -> PartList:
+        """The part list of a stored blob, read from the store (its document is stored
+        too, so this node serves it). Parts are of the protocol's fixed size, so every
+        node computes the same list."""
+        hasher = PartHasher()
+        async for chunk in self.blobs.open(digest):
+            hasher.update(chunk)
+        parts = hasher.finish(digest)
+        if await self.blobs.stat(parts.digest) is None:
+            await self.blobs.put_bytes(parts.to_bytes(), expected=parts.digest)
+        return parts
+
+    async def part_list_records(self, digests: list[Digest], timestamp: int) -> list[Record]:
+        """Records logging the part lists of the large blobs among ``digests``."""
+        out: list[Record] = []
+        for digest in dict.fromkeys(digests):
+            info = await self.blobs.stat(digest)
+            if info is None or info.size < self.part_threshold:
+                continue
+            parts = await self.part_list(digest)
+            out.append(Record.new(
+                signer=self.signer, package_type=PARTS_RECORD_TYPE,
+                package_specific_id=str(digest),
+                package_specific_artifact_id=f"{digest}#parts",
+                artifact_hash=parts.digest.hex, num_artifacts=1, timestamp=timestamp,
+            ))
+        return out
+
+    async def check_part_lists(self, block: Block) -> bool:
+        """A validator's check of the part-list records in ``block``: the list of its own
+        copy of each blob must hash to the logged value."""
+        for sr in block.records:
+            r = sr.record
+            if r.package_type != PARTS_RECORD_TYPE:
+                continue
+            try:
+                digest = Digest.parse(r.package_specific_id)
+            except ValueError:
+                return False
+            if await self.blobs.stat(digest) is None:
+                log.warning("Cannot check the part list of %s: this node does not hold it",
+                            digest)
+                return False
+            claimed = r.artifact_hash
+            mine = await self.part_list(digest)
+            if mine.digest.hex != claimed:
+                log.warning("Proposal claims a part list for %s that differs from this "
+                            "node's", digest)
+                return False
+        return True
 
     async def local_blob(self, digest: Digest) -> BlobInfo | None:
         return await self.blobs.stat(digest)

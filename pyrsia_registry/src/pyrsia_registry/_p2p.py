@@ -33,9 +33,10 @@ from pyrsia_core.errors import (
 )
 from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, PeerTransport
 
-from pyrsia_core import CommittedBlock, Digest
+from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, PartListError
 
 from ._node import Node
+from ._swarm import PartialBlob, SwarmFetch
 
 __all__ = ["PeerConfig", "PeerService"]
 
@@ -96,6 +97,8 @@ class PeerService:
     _sync_lock: anyio.Lock = attrs.Factory(anyio.Lock)
     _tg: anyio.abc.TaskGroup | None = None
     _rng: random.Random = attrs.Factory(random.Random)
+    #: Large blobs being fetched in parts (digest hex -> verified parts so far).
+    partials: dict[str, PartialBlob] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -296,6 +299,8 @@ class PeerService:
                 raise ValueError("this node runs no consensus")
             consensus.add_pending(body.get("records"), env.sender)
             return "OK", {}
+        if env.type == "GET_PARTS":
+            return "PARTS", {"have": await self._have(Digest.parse(str(body.get("digest"))))}
         if env.type == "VOUCH":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
@@ -315,7 +320,17 @@ class PeerService:
         if self.config.no_serve:
             return None
         info = await self.node.local_blob(digest)
-        if info is None or not await self.node.records_for_artifact(digest):
+        if info is None:
+            partial = self.partials.get(digest.hex)
+            if partial is None:
+                return None
+            # Parts of a blob still arriving: only verified ones, from a part boundary.
+            run = partial.run_from(offset)
+            if run <= 0:
+                return None
+            return PeerBlob(size=partial.parts.size, offset=offset,
+                            body=self._upload_partial(partial, offset, run))
+        if not await self.node.records_for_artifact(digest):
             return None
         if offset < 0 or offset > info.size:
             return None
@@ -325,6 +340,29 @@ class PeerService:
             body=self._upload(digest, offset, info.size - offset),
             path=info.path if self.bucket is None else None,
         )
+
+    async def _have(self, digest: Digest) -> str:
+        """Which parts of ``digest`` this node serves: "all", a bitmap, or "" (none)."""
+        if self.config.no_serve:
+            return ""
+        if await self.node.local_blob(digest) is not None:
+            return "all"
+        partial = self.partials.get(digest.hex)
+        return partial.bitmap() if partial is not None else ""
+
+    async def _upload_partial(
+        self, partial: PartialBlob, offset: int, count: int
+    ) -> AsyncIterator[bytes]:
+        self.uploads_inflight += 1
+        try:
+            async for piece in partial.read(offset, count):
+                if self.bucket is not None:
+                    delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
+                    if delay > 0:
+                        await anyio.sleep(delay)
+                yield piece
+        finally:
+            self.uploads_inflight -= 1
 
     async def _upload(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
         self.uploads_inflight += 1
@@ -624,6 +662,9 @@ class PeerService:
         If the assembled bytes do not match, every contributor is suspect: each is then
         asked alone for the whole blob, so the liar is found and the blob still arrives.
         """
+        parts = await self._part_list(digest)
+        if parts is not None:
+            return await self._swarm(digest, parts)
         providers = self._rank(await self.find_providers(digest), digest.raw)
         if not providers:
             raise TransportError(f"no peer provides {digest}")
@@ -648,6 +689,31 @@ class PeerService:
         )
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
+        return info
+
+    async def _part_list(self, digest: Digest) -> PartList | None:
+        """The logged part list of ``digest``, if it has one (fetched and verified)."""
+        records = await self.node.log_store.records_for_package(PARTS_RECORD_TYPE, str(digest))
+        if not records:
+            return None
+        doc_digest = Digest.parse("sha256:" + records[-1].signed.record.artifact_hash)
+        if await self.node.local_blob(doc_digest) is None:
+            await self.fetch(doc_digest)  # small: fetched whole, verified by its digest
+        data = b"".join([c async for c in self.node.blobs.open(doc_digest)])
+        parts = PartList.from_bytes(data, expected=doc_digest)
+        if parts.blob != digest:
+            raise PartListError(f"the part list logged for {digest} names {parts.blob}")
+        return parts
+
+    async def _swarm(self, digest: Digest, parts: PartList) -> BlobInfo:
+        await self.node.make_room(parts.size)
+        partial = PartialBlob(parts, self.node.config.data_dir / "partial" / digest.hex)
+        self.partials[digest.hex] = partial
+        try:
+            info = await SwarmFetch(self, digest, parts, partial).run()
+        finally:
+            del self.partials[digest.hex]
+            partial.close()
         return info
 
     async def _fetch_strict(

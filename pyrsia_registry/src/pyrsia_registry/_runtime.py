@@ -11,6 +11,8 @@ import anyio
 import anyio.abc
 import attrs
 
+from pyrsia_core import PARTS_RECORD_TYPE
+
 from ._api import NodeApi
 from ._app import NodeApp
 from ._config import NodeConfig
@@ -81,9 +83,17 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             packages = PackageService(node, tg, timeout=config.plugin_timeout)
 
             async def rebuild_check(block: Any) -> bool:
-                # Each record is rebuilt by its own package type (Docker, or a plugin).
-                return await service.rebuild_check(block) and await packages.rebuild_check(
-                    block)
+                # Each record is rebuilt by its own package type (Docker, or a plugin);
+                # then the part lists of large blobs are recomputed from this node's copy.
+                plain = tuple(
+                    r for r in block.records if r.record.package_type != PARTS_RECORD_TYPE
+                )
+                if plain:
+                    built = attrs.evolve(block, records=plain)
+                    if not (await service.rebuild_check(built)
+                            and await packages.rebuild_check(built)):
+                        return False
+                return await node.check_part_lists(block)
 
             consensus = ConsensusRunner(
                 node, rebuild_check, lambda t, b, ids: _send_all(tg, peers, t, b, ids)

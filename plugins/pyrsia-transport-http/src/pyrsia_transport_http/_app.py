@@ -5,9 +5,10 @@ Routes (relative to the mount point):
 * ``POST /rpc``: the request body is one core-encoded frame (at most ``max_frame_size``
   bytes, else ``413``); the handler's reply is the ``200`` body. A handler exception is a
   ``500`` with a short text (logged on ``pyrsia.transport.http``).
-* ``GET|HEAD /blobs/sha256:<hex>``: the blob, or its tail with ``Range: bytes=N-``
-  (``206`` + ``Content-Range``; ``416`` + ``Content-Range: bytes */size`` when ``N`` is not
-  below the size). Other ``Range`` forms are ignored (the whole blob, ``200``). ``404`` when
+* ``GET|HEAD /blobs/sha256:<hex>``: the blob, or its tail with ``Range: bytes=N-``, or
+  bytes ``N`` to ``M`` with ``Range: bytes=N-M`` (``206`` + ``Content-Range``; ``416`` +
+  ``Content-Range: bytes */size`` when ``N`` is not below the size or ``M < N``). Other
+  ``Range`` forms are ignored (the whole blob, ``200``). ``404`` when
   the node's :data:`~pyrsia_core.interfaces.BlobSource` returns ``None``.
 
 The app works when mounted (the path is read relative to ``scope["root_path"]``) and when
@@ -38,7 +39,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_RANGE: Final = re.compile(r"\s*bytes\s*=\s*(\d{1,19})\s*-\s*", re.ASCII)
+_RANGE: Final = re.compile(r"\s*bytes\s*=\s*(\d{1,19})\s*-\s*(\d{1,19})?\s*", re.ASCII)
 _OCTETS: Final = (b"content-type", b"application/octet-stream")
 
 
@@ -139,7 +140,7 @@ class PeerApp:
         except DigestError:
             await _text(send, 400, "malformed digest")
             return
-        ranged = _range_offset(scope)
+        ranged, last = _range(scope)
         offset = ranged or 0
         try:
             blob = await self.blobs(digest, offset)
@@ -151,7 +152,9 @@ class PeerApp:
             await _text(send, 404, "blob not found")
             return
         try:
-            await self._send_blob(scope, receive, send, digest, blob, offset, ranged is not None)
+            await self._send_blob(
+                scope, receive, send, digest, blob, offset, ranged is not None, last
+            )
         finally:
             await _aclose_body(blob.body)
 
@@ -164,6 +167,7 @@ class PeerApp:
         blob: PeerBlob,
         offset: int,
         ranged: bool,
+        last: int | None = None,
     ) -> None:
         size = blob.size
         if blob.offset != offset or (size is None and offset):
@@ -184,10 +188,15 @@ class PeerApp:
                 headers = [(b"content-range", b"bytes */%d" % size)]
                 await _text(send, 416, "range not satisfiable", headers)
                 return
-            count = size - offset
+            if last is not None and last < offset:
+                headers = [(b"content-range", b"bytes */%d" % size)]
+                await _text(send, 416, "range not satisfiable", headers)
+                return
+            end = size - 1 if last is None else min(last, size - 1)
+            count = end - offset + 1
             headers.append((b"content-length", b"%d" % count))
             if ranged:
-                headers.append((b"content-range", b"bytes %d-%d/%d" % (offset, size - 1, size)))
+                headers.append((b"content-range", b"bytes %d-%d/%d" % (offset, end, size)))
         status = 206 if ranged else 200
         start = {"type": "http.response.start", "status": status, "headers": headers}
         if scope["method"] == "HEAD" or count == 0:
@@ -207,7 +216,8 @@ class PeerApp:
                 logger.debug("Zero-copy send of %s to %s failed: %r", digest, _client(scope), exc)
                 raise
             return
-        await self._stream(scope, receive, send, digest, blob.body, start, count)
+        limited = size is not None and last is not None and last < size - 1
+        await self._stream(scope, receive, send, digest, blob.body, start, count, limited)
 
     async def _stream(
         self,
@@ -218,6 +228,7 @@ class PeerApp:
         body: AsyncIterator[bytes],
         start: Message,
         count: int | None,
+        limited: bool = False,
     ) -> None:
         # Pull the first chunk before answering: a source that fails at once is a clean 500.
         try:
@@ -230,7 +241,7 @@ class PeerApp:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
             try:
-                await _copy(send, body, start, first, count)
+                await _copy(send, body, start, first, count, limited)
             except OSError as exc:  # the client went away
                 logger.debug("Sending %s to %s stopped: %r", digest, _client(scope), exc)
             except Exception as exc:
@@ -243,17 +254,28 @@ class PeerApp:
 
 
 async def _copy(
-    send: Send, body: AsyncIterator[bytes], start: Message, first: bytes | None, count: int | None
+    send: Send,
+    body: AsyncIterator[bytes],
+    start: Message,
+    first: bytes | None,
+    count: int | None,
+    limited: bool = False,
 ) -> None:
+    """Send ``count`` bytes of ``body``; with ``limited`` (a range that ends before the
+    blob does), the body's bytes past ``count`` are not read."""
     await send(start)
     sent = 0
     chunk = first
     while chunk is not None:
         if chunk:
             if count is not None and sent + len(chunk) > count:
-                raise BlobSourceError(f"the blob body is longer than its size ({count} bytes)")
+                if not limited:
+                    raise BlobSourceError(f"the blob body is longer than its size ({count} bytes)")
+                chunk = chunk[: count - sent]
             await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
             sent += len(chunk)
+            if limited and sent == count:
+                break
         try:
             chunk = await _next_chunk(body)
         except Exception as exc:  # not OSError from send(): that means the client left
@@ -317,13 +339,16 @@ def _content_length(scope: Scope) -> int | None:
     return int(value)
 
 
-def _range_offset(scope: Scope) -> int | None:
-    """``N`` of a ``Range: bytes=N-`` header; ``None`` for no header or another form."""
+def _range(scope: Scope) -> tuple[int | None, int | None]:
+    """``(N, M)`` of a ``Range: bytes=N-M`` header (``M`` may be absent: ``None``);
+    ``(None, None)`` for no header or another form."""
     value = _header(scope, b"range")
     if value is None:
-        return None
+        return None, None
     match = _RANGE.fullmatch(value.decode("latin-1"))
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None, None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def _client(scope: Scope) -> str:

@@ -257,21 +257,30 @@ class HttpPeerClient(PeerClient):
         *,
         offset: int = 0,
         timeout: float = 30.0,  # noqa: ASYNC109 (the ABC's signature)
+        length: int | None = None,
     ) -> PeerBlob:
         """Start a blob fetch: the peer has answered, and ``size`` is the whole blob's size.
 
-        The caller drains ``body`` or closes it (``await body.aclose()``); until then it
-        holds a pooled connection.
+        With ``length``, only bytes ``offset .. offset+length-1`` are asked for
+        (``Range: bytes=N-M``). The caller drains ``body`` or closes it
+        (``await body.aclose()``); until then it holds a pooled connection.
         """
         self._check_open()
         _check_blob_args(digest, offset, timeout)
-        body = await self._open(digest, offset, timeout)
+        if length is not None and (type(length) is not int or length < 1):
+            raise UsageError(f"length must be an integer >= 1, got {length!r}")
+        body = await self._open(digest, offset, timeout, length)
         return PeerBlob(size=body.size, offset=offset, body=body)
 
-    async def _open(self, digest: Digest, offset: int, seconds: float) -> BlobBody:
+    async def _open(
+        self, digest: Digest, offset: int, seconds: float, length: int | None = None
+    ) -> BlobBody:
         http = self._http()
         where = self._where
-        headers = {"range": f"bytes={offset}-"} if offset else {}
+        if length is not None:
+            headers = {"range": f"bytes={offset}-{offset + length - 1}"}
+        else:
+            headers = {"range": f"bytes={offset}-"} if offset else {}
         response: httpx.Response | None = None
         try:
             try:
@@ -283,7 +292,9 @@ class HttpPeerClient(PeerClient):
                         timeout=self.transport._timeouts(seconds),
                     )
                     response = await http.send(request, stream=True)
-                    size, remaining = await _blob_extent(response, digest, offset, where)
+                    size, remaining = await _blob_extent(
+                        response, digest, offset, where, length
+                    )
             except TimeoutError:
                 raise TransportError(
                     f"peer {where} did not answer for {digest} within {seconds:g} s"
@@ -474,7 +485,8 @@ async def _read_capped(response: httpx.Response, cap: int, where: str) -> bytes:
 
 
 async def _blob_extent(
-    response: httpx.Response, digest: Digest, offset: int, where: str
+    response: httpx.Response, digest: Digest, offset: int, where: str,
+    wanted: int | None = None,
 ) -> tuple[int | None, int | None]:
     """``(size, bytes to come)`` of a blob response, or raise for a response we can't use."""
     status = response.status_code
@@ -483,6 +495,23 @@ async def _blob_extent(
         if offset:
             raise TransportError(f"peer {where} ignored the Range request for {digest}")
         return length, length
+    if status == 206 and wanted is not None:
+        value = response.headers.get("content-range", "")
+        match = _CONTENT_RANGE.fullmatch(value.strip())
+        if match is None:
+            raise TransportError(f"peer {where} sent a malformed Content-Range {value!r:.80}")
+        first, last, size = (int(g) for g in match.groups())
+        if first != offset:
+            raise TransportError(
+                f"peer {where} sent {digest} from byte {first}, not from {offset} as asked"
+            )
+        count = last - first + 1
+        if (
+            last >= size or last < first or count > wanted
+            or (length is not None and length != count)
+        ):
+            raise TransportError(f"peer {where} sent an inconsistent Content-Range {value!r:.80}")
+        return size, count
     if status == 206:
         value = response.headers.get("content-range", "")
         match = _CONTENT_RANGE.fullmatch(value.strip())

@@ -359,19 +359,26 @@ class QuicPeerClient(PeerClient):
         *,
         offset: int = 0,
         timeout: float = 30.0,  # noqa: ASYNC109 (the ABC's signature)
+        length: int | None = None,
     ) -> PeerBlob:
         """Start a blob fetch: the peer has answered, and ``size`` is the whole blob's size.
 
-        The caller drains ``body`` or closes it (``await body.aclose()``).
+        With ``length`` the first credit the peer gets is at most ``length`` bytes, so it
+        sends little past what is wanted. The caller drains ``body`` or closes it
+        (``await body.aclose()``).
         """
         self._check_open()
         _check_blob_args(digest, offset, timeout)
-        body = await self._open(digest, offset, timeout)
+        body = await self._open(digest, offset, timeout, length)
         return PeerBlob(size=body.size, offset=offset, body=body)
 
-    async def _open(self, digest: Digest, offset: int, seconds: float) -> QuicBlobBody:
+    async def _open(
+        self, digest: Digest, offset: int, seconds: float, length: int | None = None
+    ) -> QuicBlobBody:
         where = self._where
         window = self.transport.window
+        if length is not None and length > 0:
+            window = min(window, length)
         conn: ClientConn | None = None
         stream: Stream | None = None
         try:

@@ -426,8 +426,11 @@ class MemoryPeerClient(PeerClient):
         return _BlobStream(self, digest, offset, None)
 
     async def open_blob(
-        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0,
+        length: int | None = None,
     ) -> PeerBlob:
+        # ``length`` is a hint a transport may ignore (the caller stops reading): this
+        # one does, so callers are tested against transports that send the whole tail.
         self._check_fetch(digest, offset, timeout)
         blob = await self._open(digest, offset)
         return PeerBlob(blob.size, offset, _BlobStream(self, digest, offset, blob))

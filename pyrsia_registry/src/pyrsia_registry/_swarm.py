@@ -1,0 +1,323 @@
+"""Swarm fetch: a large blob in verified parts from every node that holds some of it.
+
+When several nodes fetch the same large blob at once, one provider's upload link is
+the bottleneck. A blob whose *part list* is in the log (see
+:class:`pyrsia_core.PartList`) is therefore fetched part by part, from any node that
+holds the part -- including nodes that are fetching it too -- and every part is checked
+against the logged list before it is written or served on. Parts are chosen rarest
+first (ties at random), each from the least busy holder, a few at a time; holders
+say which parts they have (``GET_PARTS``). A holder that sends a wrong part is
+reported and not asked again for this blob. Once every part is in, the whole blob is
+hashed into the store against its logged digest, as any fetched blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+from pyrsia_core.errors import PeerMisbehaved, PyrsiaError, TransportError
+from pyrsia_core.interfaces import BlobInfo, PeerBlob
+
+from pyrsia_core import Digest, PartList
+
+if TYPE_CHECKING:
+    from ._p2p import PeerService
+
+__all__ = ["PartialBlob", "SwarmFetch"]
+
+log = logging.getLogger("pyrsia.p2p")
+
+#: Parts in flight at once for one blob, and from one holder.
+PARTS_IN_FLIGHT = 6
+PER_HOLDER = 2
+#: How often holders are asked which parts they have, and providers looked up again.
+POLL_INTERVAL = 0.3
+LOOKUP_INTERVAL = 2.0
+SERVE_PIECE = 256 * 1024
+
+
+@attrs.define(eq=False)
+class PartialBlob:
+    """A blob being assembled on disk; only verified parts are marked (and served)."""
+
+    parts: PartList
+    path: Path
+    have: bytearray = attrs.field(init=False)
+    count: int = 0
+    _fd: int = attrs.field(init=False, default=-1)
+
+    def __attrs_post_init__(self) -> None:
+        self.have = bytearray(len(self.parts))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, self.parts.size)
+
+    def write(self, index: int, data: bytes) -> None:
+        """Store part ``index`` (already checked against the part list)."""
+        if self.have[index]:
+            return
+        offset, _ = self.parts.span(index)
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            offset += n
+            view = view[n:]
+        self.have[index] = 1
+        self.count += 1
+
+    @property
+    def complete(self) -> bool:
+        return self.count == len(self.parts)
+
+    def bitmap(self) -> str:
+        """Which parts are here: bit ``i`` of the big-endian hex number is part ``i``."""
+        value = 0
+        for i, flag in enumerate(self.have):
+            if flag:
+                value |= 1 << i
+        return format(value, "x")
+
+    def run_from(self, offset: int) -> int:
+        """Bytes from ``offset`` (a part boundary) that are verified and contiguous."""
+        size = self.parts.part_size
+        if offset % size:
+            return 0
+        index, end = offset // size, offset
+        while index < len(self.have) and self.have[index]:
+            end = min(self.parts.size, (index + 1) * size)
+            index += 1
+        return end - offset
+
+    async def read(self, offset: int, count: int) -> AsyncIterator[bytes]:
+        while count > 0:
+            piece = os.pread(self._fd, min(SERVE_PIECE, count), offset)
+            if not piece:
+                raise OSError(f"partial blob {self.path} is shorter than expected")
+            offset += len(piece)
+            count -= len(piece)
+            yield piece
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The whole blob, for hashing into the store."""
+        offset = 0
+        while offset < self.parts.size:
+            piece = await anyio.to_thread.run_sync(
+                os.pread, self._fd, min(4 << 20, self.parts.size - offset), offset
+            )
+            if not piece:
+                raise OSError(f"partial blob {self.path} is shorter than expected")
+            offset += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+def parse_bitmap(value: Any, parts: int) -> bytearray | None:
+    """A holder's ``have`` answer: ``"all"``, or the hex bitmap of :meth:`bitmap`."""
+    if value == "all":
+        return bytearray(b"\x01" * parts)
+    if not isinstance(value, str) or len(value) > parts // 4 + 2:
+        return None
+    try:
+        number = int(value, 16) if value else 0
+    except ValueError:
+        return None
+    return bytearray((number >> i) & 1 for i in range(parts))
+
+
+@attrs.define(eq=False)
+class _Holder:
+    node_id: str
+    address: str
+    have: bytearray
+    inflight: int = 0
+    throughput: float = 0.0
+    banned: bool = False
+    polled: float = 0.0
+
+
+@attrs.define(eq=False)
+class SwarmFetch:
+    """One swarm fetch of ``digest`` by ``peers``' node."""
+
+    peers: PeerService
+    digest: Digest
+    parts: PartList
+    partial: PartialBlob
+    holders: dict[str, _Holder] = attrs.Factory(dict)
+    inflight: set[int] = attrs.Factory(set)
+    served_by: dict[str, int] = attrs.Factory(dict)
+    #: Bytes of verified parts received (progress, for the stall check).
+    received: int = 0
+    _wake: anyio.Event = attrs.Factory(anyio.Event)
+    _rng: random.Random = attrs.Factory(random.Random)
+
+    async def run(self) -> BlobInfo:
+        started = time.monotonic()
+        slots = anyio.Semaphore(PARTS_IN_FLIGHT)
+        progress, progress_at = -1, started
+        stalled: TransportError | None = None
+        async with anyio.create_task_group() as tg:
+            # Others fetching it too can find this node at once and get its parts.
+            tg.start_soon(self._announce)
+            tg.start_soon(self._watch_holders)
+            while not self.partial.complete:
+                now = time.monotonic()
+                if self.received != progress:
+                    progress, progress_at = self.received, now
+                elif now - progress_at > 2 * self.peers.config.blob_timeout:
+                    stalled = TransportError(
+                        f"no peer sent a good part of {self.digest} for "
+                        f"{now - progress_at:.0f} s ({self.partial.count} of "
+                        f"{len(self.parts)} parts in)"
+                    )
+                    break
+                await slots.acquire()
+                choice = self._pick()
+                if choice is None:
+                    slots.release()
+                    with anyio.move_on_after(0.2):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                index, holder = choice
+                self.inflight.add(index)
+                holder.inflight += 1
+                tg.start_soon(self._fetch_part, index, holder, slots)
+            tg.cancel_scope.cancel()
+        if stalled is not None:
+            raise stalled
+        info = await self.peers.node.store_stream(self.partial.chunks(), self.digest,
+                                                  self.parts.size)
+        log.info(
+            "Blob %s pulled from peers in %d verified parts (%s), %.1f s",
+            self.digest,
+            len(self.parts),
+            ", ".join(f"{n[:16]}: {c}" for n, c in sorted(self.served_by.items())),
+            time.monotonic() - started,
+        )
+        return info
+
+    # -- which part next, from whom ------------------------------------------------------
+
+    def _pick(self) -> tuple[int, _Holder] | None:
+        usable = [h for h in self.holders.values() if not h.banned]
+        best: tuple[int, float] | None = None
+        choice: tuple[int, _Holder] | None = None
+        for index, flag in enumerate(self.partial.have):
+            if flag or index in self.inflight:
+                continue
+            holding = [h for h in usable if h.have[index]]
+            free = [h for h in holding if h.inflight < PER_HOLDER]
+            if not free:
+                continue
+            # Rarest first; random among equals, so fetchers spread over the parts.
+            key = (len(holding), self._rng.random())
+            if best is None or key < best:
+                best = key
+                free.sort(key=lambda h: (h.inflight, -h.throughput, self._rng.random()))
+                choice = (index, free[0])
+        return choice
+
+    async def _fetch_part(self, index: int, holder: _Holder, slots: anyio.Semaphore) -> None:
+        offset, length = self.parts.span(index)
+        started = time.monotonic()
+        try:
+            client = await self.peers._client(holder.address)
+            blob: PeerBlob = await client.open_blob(
+                self.digest, offset=offset, length=length, timeout=self.peers.config.blob_timeout
+            )
+            buf = bytearray()
+            body = blob.body
+            try:
+                while len(buf) < length:
+                    # A holder that sends nothing for blob_timeout is given up on; a
+                    # slow one (rate-limited, busy) is not.
+                    with anyio.fail_after(self.peers.config.blob_timeout):
+                        chunk = await anext(body, None)
+                    if chunk is None:
+                        break
+                    buf += chunk
+            finally:
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            data = bytes(buf[:length])
+            if not self.parts.check(index, data):
+                raise PeerMisbehaved(holder.node_id, f"sent a wrong part {index} of {self.digest}")
+            self.partial.write(index, data)
+            self.received += len(data)
+            self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
+            rate = length / max(time.monotonic() - started, 1e-3)
+            holder.throughput = rate if not holder.throughput else (
+                0.7 * holder.throughput + 0.3 * rate)
+        except PeerMisbehaved as exc:
+            holder.banned = True
+            self.peers._blame(holder.node_id, exc.reason)
+        except (PyrsiaError, OSError, TimeoutError) as exc:
+            # A holder that fails is not asked for this part again until it says it has it.
+            holder.have[index] = 0
+            log.debug("Part %d of %s from %s failed: %s", index, self.digest,
+                      holder.node_id[:16], exc)
+        finally:
+            holder.inflight -= 1
+            self.inflight.discard(index)
+            slots.release()
+            self._wake.set()
+
+    async def _announce(self) -> None:
+        try:
+            await self.peers.announce([self.digest])
+        except PyrsiaError as exc:
+            log.debug("Announcing %s failed: %s", self.digest, exc)
+
+    # -- who holds what --------------------------------------------------------------------
+
+    async def _watch_holders(self) -> None:
+        last_lookup = 0.0
+        while True:
+            now = time.monotonic()
+            if now - last_lookup >= LOOKUP_INTERVAL:
+                last_lookup = now
+                try:
+                    contacts = await self.peers.find_providers(self.digest)
+                except PyrsiaError as exc:
+                    log.debug("Provider lookup for %s failed: %s", self.digest, exc)
+                    contacts = []
+                for c in contacts:
+                    nid = c.node_id.hex()
+                    if nid not in self.holders:
+                        self.holders[nid] = _Holder(nid, c.address, bytearray(len(self.parts)))
+            async with anyio.create_task_group() as tg:
+                for holder in list(self.holders.values()):
+                    if not holder.banned and not all(holder.have):
+                        tg.start_soon(self._poll, holder)
+            self._wake.set()
+            await anyio.sleep(POLL_INTERVAL)
+
+    async def _poll(self, holder: _Holder) -> None:
+        try:
+            env = await self.peers.rpc(holder.address, "GET_PARTS", {"digest": str(self.digest)},
+                                       {"PARTS"})
+        except (PyrsiaError, ValueError) as exc:
+            log.debug("GET_PARTS to %s failed: %s", holder.node_id[:16], exc)
+            return
+        have = parse_bitmap(env.body.get("have"), len(self.parts))
+        if have is None:
+            self.peers._blame(holder.node_id, "sent a malformed part bitmap")
+            holder.banned = True
+            return
+        holder.have = have
+        holder.polled = time.monotonic()
