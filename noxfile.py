@@ -61,6 +61,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_serve.py")
     session.run("python", "bench/bench_pull.py")
     session.run("python", "bench/bench_p2p.py")
+    session.run("python", "bench/bench_swarm.py")
     session.run("python", "bench/bench_quic.py")
     session.run("python", "bench/bench_consensus.py")
     session.run("python", "bench/sim_kademlia.py")

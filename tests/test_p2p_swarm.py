@@ -189,3 +189,72 @@ async def test_validators_recompute_part_lists(swarm: Swarm) -> None:
     assert not await swarm.seeder.check_part_lists(proposal)
     # A node without the blob cannot vouch for its part list.
     assert not await swarm.fetchers[0].check_part_lists(block.block)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+async def _seed_blob(data_dir: Path, blob: bytes, digest: Digest) -> None:
+    node = await Node.open(NodeConfig(data_dir=data_dir, upstream=None))
+    try:
+        await node.blobs.put_bytes(blob, expected=digest)
+        now = int(node.clock.now())
+        records = [Record.new(
+            signer=node.signer, package_type="Docker", package_specific_id="big:1.0",
+            package_specific_artifact_id=f"library/big@{digest}", artifact_hash=digest.hex,
+            num_artifacts=1, timestamp=now)]
+        records += await node.part_list_records([digest], now)  # 24 MiB >= the 8 MiB default
+        assert len(records) == 2
+        await node.commit(records)
+    finally:
+        await node.aclose()
+
+
+def test_swarm_between_node_processes(tmp_path: Path) -> None:
+    """A seeder and three fetchers as `pyrsia node start` processes; every upload capped.
+
+    The three pull the blob through their OCI APIs at once; each gets the right bytes,
+    and the fetchers' logs show parts served by other fetchers, not only the seeder.
+    """
+    import hashlib
+    import subprocess
+    import time
+
+    import httpx
+    from support.node import NodeProcess
+
+    blob = random.Random(5).randbytes(24 * MiB + 777)
+    digest = Digest.of(blob)
+    seeder_dir = tmp_path / "seed"
+    anyio.run(_seed_blob, seeder_dir / "data", blob, digest)
+    fast = ("--sync-interval", "0.5", "--max-upload-rate", "6MB/s")
+    with NodeProcess(seeder_dir, upstream=None, extra=fast) as seeder:
+        fetchers = [NodeProcess(tmp_path / f"f{i}", upstream=None,
+                                extra=(*fast, "--peer", seeder.url)) for i in range(3)]
+        try:
+            for f in fetchers:
+                f.start()
+            deadline = time.monotonic() + 60
+            while any(httpx.get(f"{f.url}/api/status", timeout=10).json()["ledger_height"] < 1
+                      for f in fetchers):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            outs = [tmp_path / f"out{i}" for i in range(3)]
+            procs = [subprocess.Popen(["curl", "-sf", "--max-time", "120", "-o", str(out),
+                                       f"{f.url}/v2/library/big/blobs/{digest}"])
+                     for f, out in zip(fetchers, outs, strict=True)]
+            assert [p.wait() for p in procs] == [0, 0, 0]
+            for out in outs:
+                assert hashlib.sha256(out.read_bytes()).hexdigest() == digest.hex
+            seeder_id = httpx.get(f"{seeder.url}/api/status", timeout=10).json()["node_id"]
+            served = ""
+            for f in fetchers:
+                log = f.log()
+                assert "verified parts" in log, log[-3000:]
+                served += log.split("verified parts (")[1].split(")")[0] + ", "
+            others = [item for item in served.split(", ")
+                      if item and not item.startswith(seeder_id[:16])]
+            assert others, f"every part came from the seeder: {served}"
+        finally:
+            for f in fetchers:
+                f.stop()

@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 import attrs
 from pyrsia_core._kademlia import Contact, Lookup, ProviderStore, RoutingTable
+from pyrsia_core._parts import DEFAULT_PART_SIZE
 from pyrsia_core._ratelimit import TokenBucket
 from pyrsia_core._wire import Envelope, ReplayGuard, open_frame, seal
 from pyrsia_core.errors import (
@@ -99,6 +100,8 @@ class PeerService:
     _rng: random.Random = attrs.Factory(random.Random)
     #: Large blobs being fetched in parts (digest hex -> verified parts so far).
     partials: dict[str, PartialBlob] = attrs.Factory(dict)
+    swarms: dict[str, SwarmFetch] = attrs.Factory(dict)
+    _sending: dict[str, dict[int, int]] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -300,7 +303,17 @@ class PeerService:
             consensus.add_pending(body.get("records"), env.sender)
             return "OK", {}
         if env.type == "GET_PARTS":
-            return "PARTS", {"have": await self._have(Digest.parse(str(body.get("digest"))))}
+            digest = Digest.parse(str(body.get("digest")))
+            swarm = self.swarms.get(digest.hex)
+            if swarm is not None:
+                swarm.learn(env.sender, env.address)
+            sending = self._sending.get(digest.hex, {})
+            return "PARTS", {
+                "have": await self._have(digest),
+                # Parts on their way to someone: soon held there too (fetchers then
+                # prefer other rare parts, so the seeder sends each part about once).
+                "sending": format(sum(1 << i for i in sending), "x") if sending else "",
+            }
         if env.type == "VOUCH":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
@@ -354,6 +367,8 @@ class PeerService:
         self, partial: PartialBlob, offset: int, count: int
     ) -> AsyncIterator[bytes]:
         self.uploads_inflight += 1
+        digest = partial.parts.blob
+        sending = self._sending_part(digest, offset, +1)
         try:
             async for piece in partial.read(offset, count):
                 if self.bucket is not None:
@@ -363,9 +378,12 @@ class PeerService:
                 yield piece
         finally:
             self.uploads_inflight -= 1
+            if sending:
+                self._sending_part(digest, offset, -1)
 
     async def _upload(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
         self.uploads_inflight += 1
+        sending = self._sending_part(digest, offset, +1)
         try:
             async for chunk in self.node.blobs.open(digest, offset=offset, length=count):
                 for pos in range(0, len(chunk), 256 * 1024):
@@ -377,6 +395,21 @@ class PeerService:
                     yield piece
         finally:
             self.uploads_inflight -= 1
+            if sending:
+                self._sending_part(digest, offset, -1)
+
+    def _sending_part(self, digest: Digest, offset: int, change: int) -> bool:
+        """Count uploads that start at a part boundary (a swarm fetcher's part request)."""
+        if offset % DEFAULT_PART_SIZE:
+            return False
+        index = offset // DEFAULT_PART_SIZE
+        counts = self._sending.setdefault(digest.hex, {})
+        counts[index] = counts.get(index, 0) + change
+        if counts[index] <= 0:
+            del counts[index]
+            if not counts:
+                del self._sending[digest.hex]
+        return True
 
     # ------------------------------------------------------------------ client side
 
@@ -709,9 +742,11 @@ class PeerService:
         await self.node.make_room(parts.size)
         partial = PartialBlob(parts, self.node.config.data_dir / "partial" / digest.hex)
         self.partials[digest.hex] = partial
+        swarm = self.swarms[digest.hex] = SwarmFetch(self, digest, parts, partial)
         try:
-            info = await SwarmFetch(self, digest, parts, partial).run()
+            info = await swarm.run()
         finally:
+            del self.swarms[digest.hex]
             del self.partials[digest.hex]
             partial.close()
         return info

@@ -37,10 +37,10 @@ log = logging.getLogger("pyrsia.p2p")
 
 #: Parts in flight at once for one blob, and from one holder.
 PARTS_IN_FLIGHT = 6
-PER_HOLDER = 2
+PER_HOLDER = 1
 #: How often holders are asked which parts they have, and providers looked up again.
-POLL_INTERVAL = 0.3
-LOOKUP_INTERVAL = 2.0
+POLL_INTERVAL = 0.5
+LOOKUP_INTERVAL = 4.0
 SERVE_PIECE = 256 * 1024
 
 
@@ -142,6 +142,7 @@ class _Holder:
     node_id: str
     address: str
     have: bytearray
+    sending: bytearray = attrs.Factory(bytearray)
     inflight: int = 0
     throughput: float = 0.0
     banned: bool = False
@@ -223,8 +224,10 @@ class SwarmFetch:
             free = [h for h in holding if h.inflight < PER_HOLDER]
             if not free:
                 continue
-            # Rarest first; random among equals, so fetchers spread over the parts.
-            key = (len(holding), self._rng.random())
+            # Rarest first, counting a part a holder is sending elsewhere as one more
+            # holder soon; random among equals, so fetchers spread over the parts.
+            soon = sum(1 for h in holding if index < len(h.sending) and h.sending[index])
+            key = (len(holding) + soon, self._rng.random())
             if best is None or key < best:
                 best = key
                 free.sort(key=lambda h: (h.inflight, -h.throughput, self._rng.random()))
@@ -285,12 +288,22 @@ class SwarmFetch:
 
     # -- who holds what --------------------------------------------------------------------
 
+    def learn(self, node_id: str, address: str) -> None:
+        """A peer asked this node for parts of the blob: it fetches it too, so it will
+        hold parts soon -- poll it like any holder."""
+        if node_id != self.peers.node.node_id and node_id not in self.holders:
+            self.holders[node_id] = _Holder(node_id, address, bytearray(len(self.parts)))
+
     async def _watch_holders(self) -> None:
-        last_lookup = 0.0
+        last_lookup = -LOOKUP_INTERVAL
+        lookups = 0
         while True:
             now = time.monotonic()
-            if now - last_lookup >= LOOKUP_INTERVAL:
+            # Look providers up at once, again soon (others announce as they start),
+            # then now and then.
+            if now - last_lookup >= (1.0 if lookups == 1 else LOOKUP_INTERVAL):
                 last_lookup = now
+                lookups += 1
                 try:
                     contacts = await self.peers.find_providers(self.digest)
                 except PyrsiaError as exc:
@@ -320,4 +333,5 @@ class SwarmFetch:
             holder.banned = True
             return
         holder.have = have
+        holder.sending = parse_bitmap(env.body.get("sending", ""), len(self.parts)) or bytearray()
         holder.polled = time.monotonic()
