@@ -313,6 +313,7 @@ class PeerService:
                 # Parts on their way to someone: soon held there too (fetchers then
                 # prefer other rare parts, so the seeder sends each part about once).
                 "sending": format(sum(1 << i for i in sending), "x") if sending else "",
+                "uploads": self.uploads_inflight,
             }
         if env.type == "VOUCH":
             if consensus is None:

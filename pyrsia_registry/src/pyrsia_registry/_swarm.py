@@ -35,9 +35,14 @@ __all__ = ["PartialBlob", "SwarmFetch"]
 
 log = logging.getLogger("pyrsia.p2p")
 
-#: Parts in flight at once for one blob, and from one holder.
+#: Parts in flight at once for one blob, and from one holder: one from a holder that
+#: is uploading to others (so a busy seeder spreads its parts over the fetchers), a
+#: few from an idle one (so a lone fetcher is not bound by one request at a time).
 PARTS_IN_FLIGHT = 6
 PER_HOLDER = 1
+PER_IDLE_HOLDER = 2
+#: Parts one request may cover while this node is the only one fetching the blob.
+MAX_RUN = 32
 #: How often holders are asked which parts they have, and providers looked up again.
 POLL_INTERVAL = 0.5
 LOOKUP_INTERVAL = 4.0
@@ -96,6 +101,13 @@ class PartialBlob:
             index += 1
         return end - offset
 
+    def read_part(self, index: int) -> bytes:
+        offset, length = self.parts.span(index)
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"partial blob {self.path} is shorter than expected")
+        return data
+
     async def read(self, offset: int, count: int) -> AsyncIterator[bytes]:
         while count > 0:
             piece = os.pread(self._fd, min(SERVE_PIECE, count), offset)
@@ -144,6 +156,8 @@ class _Holder:
     have: bytearray
     sending: bytearray = attrs.Factory(bytearray)
     inflight: int = 0
+    others: int = 0  # uploads the holder reported to others than us at the last poll
+    learned: bool = False  # it asked us for parts: it is fetching the blob too
     throughput: float = 0.0
     banned: bool = False
     polled: float = 0.0
@@ -163,6 +177,9 @@ class SwarmFetch:
     #: Bytes of verified parts received (progress, for the stall check).
     received: int = 0
     _wake: anyio.Event = attrs.Factory(anyio.Event)
+    _written: anyio.Event = attrs.Factory(anyio.Event)
+    _crowded: bool = False
+    _first_part_at: float = 0.0
     _rng: random.Random = attrs.Factory(random.Random)
 
     async def run(self) -> BlobInfo:
@@ -170,10 +187,13 @@ class SwarmFetch:
         slots = anyio.Semaphore(PARTS_IN_FLIGHT)
         progress, progress_at = -1, started
         stalled: TransportError | None = None
+        stored: list[BlobInfo] = []
         async with anyio.create_task_group() as tg:
             # Others fetching it too can find this node at once and get its parts.
             tg.start_soon(self._announce)
             tg.start_soon(self._watch_holders)
+            # The store hashes and writes the parts in order while they arrive.
+            tg.start_soon(self._store, stored)
             while not self.partial.complete:
                 now = time.monotonic()
                 if self.received != progress:
@@ -193,27 +213,88 @@ class SwarmFetch:
                         await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
-                index, holder = choice
-                self.inflight.add(index)
+                index, count, holder = choice
+                self.inflight.update(range(index, index + count))
                 holder.inflight += 1
-                tg.start_soon(self._fetch_part, index, holder, slots)
-            tg.cancel_scope.cancel()
+                tg.start_soon(self._fetch_run, index, count, holder, slots)
+            all_parts_at = time.monotonic()
+            if stalled is not None:
+                tg.cancel_scope.cancel()
+            else:
+                while not stored:  # the store finishes with the last part
+                    await self._written.wait()
+                tg.cancel_scope.cancel()
         if stalled is not None:
             raise stalled
-        info = await self.peers.node.store_stream(self.partial.chunks(), self.digest,
-                                                  self.parts.size)
         log.info(
-            "Blob %s pulled from peers in %d verified parts (%s), %.1f s",
+            "Blob %s pulled from peers in %d verified parts (%s), %.1f s (first part after "
+            "%.2f s, all parts after %.2f s)",
             self.digest,
             len(self.parts),
             ", ".join(f"{n[:16]}: {c}" for n, c in sorted(self.served_by.items())),
             time.monotonic() - started,
+            self._first_part_at - started,
+            all_parts_at - started,
         )
-        return info
+        return stored[0]
+
+    async def _store(self, stored: list[BlobInfo]) -> None:
+        stored.append(await self.peers.node.store_stream(
+            self._in_order(), self.digest, self.parts.size))
+        self._written.set()
+
+    async def _in_order(self) -> AsyncIterator[bytes]:
+        for index in range(len(self.parts)):
+            while not self.partial.have[index]:
+                await self._written.wait()
+            yield self.partial.read_part(index)
+
+    def _part_written(self) -> None:
+        if not self._first_part_at:
+            self._first_part_at = time.monotonic()
+        self._written.set()
+        self._written = anyio.Event()
 
     # -- which part next, from whom ------------------------------------------------------
 
-    def _pick(self) -> tuple[int, _Holder] | None:
+    @property
+    def crowded(self) -> bool:
+        """Do other nodes fetch this blob too (a holder with only some parts, or one that
+        uploads to others)? Then parts go rarest first, one per request; alone, runs of
+        parts are streamed in order."""
+        if not self._crowded:
+            self._crowded = any(
+                h.others or (h.polled and not all(h.have)) or h.learned
+                for h in self.holders.values()
+            )
+        return self._crowded
+
+    def _pick(self) -> tuple[int, int, _Holder] | None:
+        """(first part, parts, holder) to fetch next, or None."""
+        if self.crowded:
+            choice = self._pick_part()
+            return None if choice is None else (choice[0], 1, choice[1])
+        # Alone: the lowest part we lack, then the parts after it, from a free holder.
+        have, n = self.partial.have, len(self.parts)
+        free = [h for h in self.holders.values()
+                if not h.banned and h.polled and h.inflight < PER_IDLE_HOLDER]
+        if not free:
+            return None
+        for index in range(n):
+            if have[index] or index in self.inflight:
+                continue
+            holders = [h for h in free if h.have[index]]
+            if not holders:
+                continue
+            holder = max(holders, key=lambda h: (h.throughput, self._rng.random()))
+            count = 1
+            while (count < MAX_RUN and index + count < n and not have[index + count]
+                   and index + count not in self.inflight and holder.have[index + count]):
+                count += 1
+            return index, count, holder
+        return None
+
+    def _pick_part(self) -> tuple[int, _Holder] | None:
         usable = [h for h in self.holders.values() if not h.banned]
         best: tuple[int, float] | None = None
         choice: tuple[int, _Holder] | None = None
@@ -221,7 +302,8 @@ class SwarmFetch:
             if flag or index in self.inflight:
                 continue
             holding = [h for h in usable if h.have[index]]
-            free = [h for h in holding if h.inflight < PER_HOLDER]
+            free = [h for h in holding
+                    if h.inflight < (PER_IDLE_HOLDER if h.others == 0 else PER_HOLDER)]
             if not free:
                 continue
             # Rarest first, counting a part a holder is sending elsewhere as one more
@@ -234,36 +316,58 @@ class SwarmFetch:
                 choice = (index, free[0])
         return choice
 
-    async def _fetch_part(self, index: int, holder: _Holder, slots: anyio.Semaphore) -> None:
-        offset, length = self.parts.span(index)
+    async def _fetch_run(
+        self, first: int, count: int, holder: _Holder, slots: anyio.Semaphore
+    ) -> None:
+        """Parts ``first .. first+count-1`` from ``holder`` in one request; each part is
+        checked, written and offered to others as soon as its last byte is in."""
+        offset = self.parts.span(first)[0]
+        last_offset, last_length = self.parts.span(first + count - 1)
+        wanted = last_offset + last_length - offset
+        index, end = first, first + count
         started = time.monotonic()
         try:
             client = await self.peers._client(holder.address)
             blob: PeerBlob = await client.open_blob(
-                self.digest, offset=offset, length=length, timeout=self.peers.config.blob_timeout
+                self.digest, offset=offset, length=wanted, timeout=self.peers.config.blob_timeout
             )
-            buf = bytearray()
             body = blob.body
+            buf = bytearray()
             try:
-                while len(buf) < length:
+                while index < end:
                     # A holder that sends nothing for blob_timeout is given up on; a
                     # slow one (rate-limited, busy) is not.
                     with anyio.fail_after(self.peers.config.blob_timeout):
                         chunk = await anext(body, None)
                     if chunk is None:
-                        break
+                        raise TransportError(f"{holder.node_id[:16]} ended part {index} early")
                     buf += chunk
+                    length = self.parts.span(index)[1]
+                    while len(buf) >= length:
+                        data = bytes(buf[:length])
+                        del buf[:length]
+                        if not self.parts.check(index, data):
+                            raise PeerMisbehaved(
+                                holder.node_id, f"sent a wrong part {index} of {self.digest}")
+                        self.partial.write(index, data)
+                        self.received += length
+                        self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
+                        self.inflight.discard(index)
+                        self._part_written()
+                        self._wake.set()
+                        index += 1
+                        if index < end and count > 1 and self.crowded:
+                            # Others fetch it too: give the rest of the run back, so
+                            # parts go rarest first from now on.
+                            end = index
+                        if index == end:
+                            break
+                        length = self.parts.span(index)[1]
             finally:
                 aclose = getattr(body, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            data = bytes(buf[:length])
-            if not self.parts.check(index, data):
-                raise PeerMisbehaved(holder.node_id, f"sent a wrong part {index} of {self.digest}")
-            self.partial.write(index, data)
-            self.received += len(data)
-            self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
-            rate = length / max(time.monotonic() - started, 1e-3)
+            rate = wanted / max(time.monotonic() - started, 1e-3)
             holder.throughput = rate if not holder.throughput else (
                 0.7 * holder.throughput + 0.3 * rate)
         except PeerMisbehaved as exc:
@@ -271,12 +375,14 @@ class SwarmFetch:
             self.peers._blame(holder.node_id, exc.reason)
         except (PyrsiaError, OSError, TimeoutError) as exc:
             # A holder that fails is not asked for this part again until it says it has it.
-            holder.have[index] = 0
+            if index < len(holder.have):
+                holder.have[index] = 0
             log.debug("Part %d of %s from %s failed: %s", index, self.digest,
                       holder.node_id[:16], exc)
         finally:
             holder.inflight -= 1
-            self.inflight.discard(index)
+            for i in range(index, first + count):
+                self.inflight.discard(i)  # the parts of the run not received
             slots.release()
             self._wake.set()
 
@@ -291,8 +397,14 @@ class SwarmFetch:
     def learn(self, node_id: str, address: str) -> None:
         """A peer asked this node for parts of the blob: it fetches it too, so it will
         hold parts soon -- poll it like any holder."""
-        if node_id != self.peers.node.node_id and node_id not in self.holders:
-            self.holders[node_id] = _Holder(node_id, address, bytearray(len(self.parts)))
+        if node_id == self.peers.node.node_id:
+            return
+        holder = self.holders.get(node_id)
+        if holder is None:
+            holder = self.holders[node_id] = _Holder(
+                node_id, address, bytearray(len(self.parts)))
+        holder.learned = True
+        self._wake.set()
 
     async def _watch_holders(self) -> None:
         last_lookup = -LOOKUP_INTERVAL
@@ -333,5 +445,7 @@ class SwarmFetch:
             holder.banned = True
             return
         holder.have = have
+        uploads = env.body.get("uploads")
+        holder.others = max(0, uploads - holder.inflight) if type(uploads) is int else 1
         holder.sending = parse_bitmap(env.body.get("sending", ""), len(self.parts)) or bytearray()
         holder.polled = time.monotonic()
