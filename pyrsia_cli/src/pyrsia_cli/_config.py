@@ -53,7 +53,7 @@ def validate_port(text: str | int) -> int:
 
 
 def validate_disk_space(text: str) -> str:
-    from pyrsia_registry._config import parse_size  # the node's own parser (imported lazily)
+    from pyrsia_registry import parse_size  # the node's own parser (imported lazily)
 
     try:
         parse_size(text)

@@ -83,9 +83,8 @@ def _json_or_fail(resp: httpx.Response, what: str) -> Any:
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     import anyio
-    from pyrsia_registry._config import default_data_dir, parse_rate
 
-    from pyrsia_registry import NodeConfig, parse_size, run_node
+    from pyrsia_registry import NodeConfig, default_data_dir, parse_rate, parse_size, run_node
 
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -297,8 +296,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import anyio
     from pyrsia_core.errors import PyrsiaError
-    from pyrsia_registry._config import default_data_dir
-    from pyrsia_registry._verify_offline import verify_offline
+
+    from pyrsia_registry import default_data_dir, verify_offline
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     try:
@@ -320,7 +319,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     cfg = CliConfig.load()
     token = args.token
     if not token:
-        from pyrsia_registry._config import default_data_dir
+        from pyrsia_registry import default_data_dir
 
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
         try:

@@ -63,6 +63,7 @@ class PublicKey:
 
 
 def node_id_of(raw_public_key: bytes) -> str:
+    """A node's id: the lowercase hex SHA-256 of its raw 32-byte Ed25519 public key."""
     return hashlib.sha256(raw_public_key).hexdigest()
 
 

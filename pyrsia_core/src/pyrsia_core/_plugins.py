@@ -39,6 +39,8 @@ GROUPS: Final = (
 
 @attrs.frozen
 class PluginSpec:
+    """One plugin found through its entry point: group, name, target and distribution."""
+
     group: str
     name: str
     value: str  # "module:attr" -- not imported yet

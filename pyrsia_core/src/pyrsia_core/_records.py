@@ -25,6 +25,8 @@ __all__ = [
 
 
 class Operation:
+    """The ``operation`` values of log records (the seed's names)."""
+
     ADD_ARTIFACT: Final = "AddArtifact"
     REMOVE_ARTIFACT: Final = "RemoveArtifact"
     ADD_NODE: Final = "AddNode"

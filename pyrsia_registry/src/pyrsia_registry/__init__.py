@@ -6,7 +6,7 @@
 
 from ._api import NodeApi, format_records
 from ._app import NodeApp
-from ._config import NodeConfig, default_data_dir, format_size, parse_size
+from ._config import NodeConfig, default_data_dir, format_size, parse_rate, parse_size
 from ._docker import DockerService
 from ._node import Build, BuildError, Node, NotInLog
 from ._oci import OciApp
@@ -32,6 +32,7 @@ __all__ = [
     "default_data_dir",
     "format_records",
     "format_size",
+    "parse_rate",
     "parse_size",
     "run_node",
     "start_node",

@@ -15,6 +15,9 @@ __all__ = ["NodeApp"]
 
 @attrs.define(eq=False)
 class NodeApp:
+    """The node's HTTP surface as one ASGI app: the OCI API at ``/v2``, the node API at
+    ``/api``, the peer transport's app at ``/p2p`` and package-type plugins' mounts."""
+
     oci: OciApp
     api: NodeApi
     p2p: Any = None  # the transport's ASGI app for peers, mounted at /p2p

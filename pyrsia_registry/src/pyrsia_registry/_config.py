@@ -55,6 +55,7 @@ def parse_rate(text: str) -> float:
 
 
 def format_size(n: int) -> str:
+    """``1536`` -> ``"1.54 KB"``: sizes as the CLI prints them (decimal units)."""
     for unit in ("TB", "GB", "MB", "KB"):
         if n >= _UNITS[unit]:
             return f"{n / _UNITS[unit]:.2f} {unit}"
@@ -62,6 +63,7 @@ def format_size(n: int) -> str:
 
 
 def default_data_dir() -> Path:
+    """``$PYRSIA_HOME`` if set, else the user's data directory (``~/.local/share/pyrsia``)."""
     home = os.environ.get("PYRSIA_HOME")
     if home:
         return Path(home)
@@ -72,6 +74,8 @@ def default_data_dir() -> Path:
 
 @attrs.define
 class NodeConfig:
+    """Everything a node is started with; the CLI's ``pyrsia node start`` options map onto it."""
+
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     data_dir: Path = attrs.field(factory=default_data_dir, converter=Path)

@@ -61,6 +61,8 @@ class NotInLog(PyrsiaError, LookupError):
 
 @attrs.define
 class Build:
+    """One build of a package: its id, status (RUNNING, SUCCESS, FAILED), reason and block."""
+
     id: str
     package_type: str
     package_id: str

@@ -31,6 +31,8 @@ log = logging.getLogger("pyrsia.node")
 
 @attrs.define(eq=False)
 class RunningNode:
+    """A node started by :func:`start_node`: the node, its ASGI app and its HTTP port."""
+
     node: Node
     app: NodeApp
     service: DockerService

@@ -29,6 +29,8 @@ class VerifyFailed(PyrsiaError):
 
 @attrs.define
 class VerifyReport:
+    """What :func:`verify_offline` checked for one package: records, proofs, checkpoint."""
+
     package_id: str
     ledger_height: int
     log_size: int

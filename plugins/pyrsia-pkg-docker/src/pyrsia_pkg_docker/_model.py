@@ -56,6 +56,7 @@ class ManifestError(PyrsiaError, ValueError):
 
 
 def validate_repository(name: str) -> str:
+    """Return ``name`` if it is a valid repository name (OCI distribution grammar), else raise."""
     if not name or len(name) > MAX_NAME_LENGTH:
         raise ReferenceError_(f"repository name must be 1 to {MAX_NAME_LENGTH} characters")
     if not _REPOSITORY.fullmatch(name):
@@ -64,6 +65,7 @@ def validate_repository(name: str) -> str:
 
 
 def validate_tag(tag: str) -> str:
+    """Return ``tag`` if it is a valid tag (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``), else raise."""
     if not _TAG.fullmatch(tag):
         raise ReferenceError_(f"invalid tag {tag[:80]!r}")
     return tag
@@ -128,6 +130,8 @@ class ImageRef:
 
 @attrs.frozen
 class Descriptor:
+    """An OCI content descriptor: media type, digest, size (and platform in an index)."""
+
     media_type: str
     digest: Digest
     size: int
@@ -210,6 +214,7 @@ def _descriptor(d: Any) -> Descriptor:
 def choose_platform(
     manifest: Manifest, *, os: str = "linux", architecture: str = "amd64"
 ) -> Descriptor | None:
+    """The entry of an index for ``os``/``architecture``, or ``None``."""
     for d in manifest.manifests:
         p = d.platform or {}
         if p.get("os") == os and p.get("architecture") == architecture:

@@ -263,6 +263,7 @@ class Metadata:
 
 
 def parse_metadata(content: bytes) -> Metadata:
+    """Parse a ``maven-metadata.xml`` (size-capped, no DTDs or entities); raise ``PomError``."""
     root = _parse_xml(content, MAX_METADATA, "maven-metadata.xml")
     if _local(root.tag) != "metadata":
         raise PomError("not maven-metadata.xml: the root element is not <metadata>")
