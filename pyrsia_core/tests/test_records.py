@@ -133,3 +133,24 @@ def test_signed_record_bytes_are_canonical() -> None:
 
     for sr in artifact_records(signer(3), 5):
         assert sr.to_bytes() == canonical_json(sr.to_json())
+
+
+def test_a_verified_signature_is_remembered_only_for_the_same_bytes() -> None:
+    import attrs
+    from pyrsia_core._records import VERIFIED
+
+    (sr,) = artifact_records(signer(7), 1)
+    sr.verify()
+    assert VERIFIED.key(sr) in VERIFIED
+    sr.verify()  # remembered: not checked again
+    # Same id and signature, other content: a different key, checked, refused.
+    forged = SignedRecord(attrs.evolve(sr.record, artifact_hash="ab" * 32), sr.signature)
+    assert VERIFIED.key(forged) not in VERIFIED
+    with pytest.raises(SignatureError):
+        forged.verify()
+    with pytest.raises(SignatureError):
+        forged.verify()  # a failure is never remembered
+    # Same record, another signature.
+    other = SignedRecord(sr.record, bytes(64))
+    with pytest.raises(SignatureError):
+        other.verify()

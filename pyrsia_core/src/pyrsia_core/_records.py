@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -225,6 +226,38 @@ _VERIFIERS: dict[str, Ed25519Verifier] = {}
 _MAX_CACHED_VERIFIERS: Final = 1024
 
 
+class _VerifiedCache:
+    """Signatures already checked, by SHA-256 over (key, signature, signed bytes).
+
+    A build node meets each record several times (pending, in a proposal, in the
+    committed block); the first check is enough. The key covers every signed byte,
+    so only the exact record that verified hits. Bounded: oldest half dropped when full.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._seen: dict[bytes, None] = {}
+
+    @staticmethod
+    def key(sr: SignedRecord) -> bytes:
+        h = hashlib.sha256(sr.record.node_public_key.encode())
+        h.update(sr.signature)
+        h.update(sr.record.canonical())
+        return h.digest()
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._seen
+
+    def add(self, key: bytes) -> None:
+        if len(self._seen) >= self.size:
+            for old in list(self._seen)[: self.size // 2]:
+                del self._seen[old]
+        self._seen[key] = None
+
+
+VERIFIED: Final = _VerifiedCache()
+
+
 @attrs.frozen
 class SignedRecord:
     """A record plus its author's Ed25519 signature over :meth:`Record.canonical`."""
@@ -239,7 +272,18 @@ class SignedRecord:
         return cls(record, signer.sign(record.canonical()))
 
     def verify(self) -> None:
-        """Raise :class:`SignatureError` unless the signature is the named node's."""
+        """Raise :class:`SignatureError` unless the signature is the named node's.
+
+        A record that verified before (the same bytes, signature and key) is not
+        checked again.
+        """
+        seen = VERIFIED.key(self)
+        if seen in VERIFIED:
+            return
+        self._verify()
+        VERIFIED.add(seen)
+
+    def _verify(self) -> None:
         key = self.record.node_public_key
         verifier = _VERIFIERS.get(key)
         if verifier is None:

@@ -76,7 +76,7 @@ class ConsensusRunner:
     _vouching: dict[str, anyio.Event] = attrs.Factory(dict)
     #: How long a proposer waits for a quorum of vouches before it proposes records
     #: that only it (and their builder) rebuilt.
-    vouch_wait: float = 0.5
+    vouch_wait: float = 5.0
     #: When this node first saw a proposal of the committed block (for the log).
     _proposed_at: dict[str, float] = attrs.Factory(dict)
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from pyrsia_core._records import verify_records
+from pyrsia_core._records import VERIFIED, verify_records
 from pyrsia_core.errors import SignatureError
 
 from pyrsia_core import Ed25519Verifier, PublicKey, SignedRecord
@@ -31,6 +31,15 @@ def _verify_chunk(args: tuple[int, list[tuple[bytes, bytes, bytes]]]) -> str | N
     return None
 
 
+def _renumber(error: str, positions: Sequence[int]) -> str:
+    """``record 3: ...`` of a filtered list -> the record's number in the block."""
+    head, _, rest = error.partition(":")
+    try:
+        return f"record {positions[int(head.split()[1])]}:{rest}"
+    except (IndexError, ValueError):
+        return error
+
+
 class ParallelRecordVerifier:
     """Callable like :func:`pyrsia_core._records.verify_records`, using all cores for big blocks.
 
@@ -47,6 +56,22 @@ class ParallelRecordVerifier:
         if len(records) < self.threshold or self.workers < 2:
             verify_records(records)
             return
+        # Records this process verified before (pending, proposed) are not sent again.
+        keys = [VERIFIED.key(r) for r in records]
+        todo = [(i, r) for i, (r, k) in enumerate(zip(records, keys, strict=True))
+                if k not in VERIFIED]
+        if len(todo) < self.threshold:
+            for i, r in todo:
+                try:
+                    r.verify()
+                except SignatureError as exc:
+                    raise SignatureError(f"record {i} ({r.record.id}): {exc}") from None
+            return
+        # Big blocks come from ledger sync: their records are not met again, so they
+        # are not remembered.
+        self._parallel([r for _, r in todo], [i for i, _ in todo])
+
+    def _parallel(self, records: Sequence[SignedRecord], positions: Sequence[int]) -> None:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers)
         size = -(-len(records) // self.workers)
@@ -62,7 +87,7 @@ class ParallelRecordVerifier:
         ]
         for error in self._pool.map(_verify_chunk, chunks):
             if error is not None:
-                raise SignatureError(error)
+                raise SignatureError(_renumber(error, positions))
 
     def close(self) -> None:
         if self._pool is not None:
