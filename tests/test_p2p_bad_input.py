@@ -179,3 +179,17 @@ def test_consensus_batches_are_bounded(node: NodeProcess) -> None:
                            now=now())
         assert reply.type == "ERROR" and "1 to 64 messages" in reply.body["error"]
     still_works(node)
+
+
+def test_add_provider_batches_are_bounded_and_all_or_nothing(node: NodeProcess) -> None:
+    good = "ab" * 32
+    for body, reason in (({"keys": []}, "1 to 256 keys"), ({"keys": [good] * 257}, "1 to 256"),
+                         ({"keys": "x"}, "1 to 256"), ({"keys": [good, "zz"]}, "")):
+        reply = open_frame(rpc(node, seal(EVIL, "ADD_PROVIDER", body, address="x",
+                                          now=now())).content, now=now())
+        assert reply.type == "ERROR" and reason in reply.body["error"], reply.body
+    reply = open_frame(rpc(node, seal(EVIL, "ADD_PROVIDER", {"keys": [good, "cd" * 32]},
+                                      address="http://127.0.0.1:9", now=now())).content,
+                       now=now())
+    assert reply.type == "OK"
+    still_works(node)

@@ -47,6 +47,7 @@ ALPHA = 3
 MAX_BLOCKS_PER_REPLY = 256
 MAX_REPLY_BYTES = 6 * 1024 * 1024
 MAX_CONSENSUS_BATCH = 64
+MAX_PROVIDE_KEYS = 256
 PROVIDER_TTL = 24 * 3600.0
 REPUBLISH_INTERVAL = 12 * 3600.0
 CHUNK = 1024 * 1024
@@ -262,13 +263,14 @@ class PeerService:
                 "contacts": self._contacts_json(self.table.closest(key, K)),
             }
         if env.type == "ADD_PROVIDER":
-            key = _key(body.get("key"))
-            self.providers.add(
-                key,
-                Contact(_node_key(env.sender), env.address),
-                self.node.clock.monotonic(),
-                self.node.clock.monotonic() + PROVIDER_TTL,
-            )
+            raw_keys = body["keys"] if "keys" in body else [body.get("key")]
+            if not isinstance(raw_keys, list) or not 0 < len(raw_keys) <= MAX_PROVIDE_KEYS:
+                raise ValueError(f"ADD_PROVIDER names 1 to {MAX_PROVIDE_KEYS} keys")
+            keys = [_key(k) for k in raw_keys]  # all valid, or none is added
+            now = self.node.clock.monotonic()
+            for key in keys:
+                self.providers.add(key, Contact(_node_key(env.sender), env.address), now,
+                                   now + PROVIDER_TTL)
             return "OK", {}
         if env.type == "GET_GENESIS":
             genesis = await self.node.log_store.block(0)
@@ -638,22 +640,36 @@ class PeerService:
         """Tell the peers closest to each digest that this node provides it."""
         if self.config.no_serve or not len(self.table):
             return
-        for digest in digests:
+        # Which peers to tell about which keys: the k closest to each key. While this
+        # node knows at most k peers, those are all of them, and no lookup can find
+        # closer ones (the routing table's refresh finds new nodes); then each peer
+        # gets one ADD_PROVIDER naming every key.
+        small = len(self.table) <= K
+        everyone = self.table.closest(bytes(32), K) if small else []
+        tell_whom: dict[str, tuple[Contact, list[str]]] = {}
+        for digest in dict.fromkeys(digests):
             key = digest.raw
             self.providers.provide(key)
             self.providers.mark_published(key, self.node.clock.monotonic())
-            lookup = await self.lookup(key)
-            targets = lookup.result() or self.table.closest(key, K)
+            if small:
+                targets = everyone
+            else:
+                lookup = await self.lookup(key)
+                targets = lookup.result() or self.table.closest(key, K)
+            for c in targets:
+                tell_whom.setdefault(c.node_id.hex(), (c, []))[1].append(key.hex())
 
-            async def tell(c: Contact, key: bytes = key) -> None:
+        async def tell(c: Contact, keys: list[str]) -> None:
+            for start in range(0, len(keys), MAX_PROVIDE_KEYS):
                 try:
-                    await self.rpc(c.address, "ADD_PROVIDER", {"key": key.hex()}, {"OK"})
+                    await self.rpc(c.address, "ADD_PROVIDER",
+                                   {"keys": keys[start : start + MAX_PROVIDE_KEYS]}, {"OK"})
                 except (PyrsiaError, ValueError) as exc:
                     log.debug("ADD_PROVIDER to %s failed: %s", c.address, exc)
 
-            async with anyio.create_task_group() as tg:
-                for c in targets:
-                    tg.start_soon(tell, c)
+        async with anyio.create_task_group() as tg:
+            for c, keys in tell_whom.values():
+                tg.start_soon(tell, c, keys)
 
     async def find_providers(self, digest: Digest) -> list[Contact]:
         key = digest.raw
@@ -860,9 +876,7 @@ class PeerService:
         self.providers.expire(now)
         due = self.providers.due_for_republish(now, _node_key(self.node.node_id),
                                                REPUBLISH_INTERVAL)
-        for key in due[:64]:
-            await self.announce([Digest(key.hex())])
-            self.providers.mark_published(key, now)
+        await self.announce([Digest(key.hex()) for key in due[:256]])
 
     async def aclose(self) -> None:
         for client in self._clients.values():
