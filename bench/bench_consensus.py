@@ -169,7 +169,8 @@ def main() -> None:
             seconds = sum(ms for _, _, ms in blocks) / 1000
             print(f"   consensus: {len(blocks)} blocks, {in_blocks} records, "
                   f"{seconds * 1000:.0f} ms from proposals to commits = "
-                  f"{in_blocks / seconds:,.0f} records/s batched")
+                  f"{in_blocks / seconds:,.0f} records/s batched (goal >= 1,000/s)")
+            print(f"consensus_records_per_s={in_blocks / seconds:.0f}")
         print(f"the same {args.queued} images under a new tag (blobs already held, builds are "
               f"manifest fetches): {retag_records} records in {retag:.2f} s end to end = "
               f"{retag_records / retag:,.0f} records/s")
@@ -178,8 +179,8 @@ def main() -> None:
             seconds = sum(ms for _, _, ms in retag_blocks) / 1000
             print(f"   consensus: {len(retag_blocks)} blocks, {in_blocks} records, "
                   f"{seconds * 1000:.0f} ms from proposals to commits = "
-                  f"{in_blocks / seconds:,.0f} records/s batched (goal >= 1,000/s)")
-            print(f"consensus_records_per_s={in_blocks / seconds:.0f}")
+                  f"{in_blocks / seconds:,.0f} records/s (blocks as small as the builds "
+                  f"arrive)")
         print(f"retag_records_per_s={retag_records / retag:.0f}")
         print(f"consensus_latency_ms={statistics.median(after_last or latencies):.1f}")
     finally:
