@@ -15,10 +15,11 @@ from pathlib import Path
 import attrs
 import pytest
 from pyrsia_core.testing import MemoryNetwork
-from pyrsia_registry._p2p import PeerConfig, PeerService, PeerStats
+from pyrsia_registry._p2p import PeerService, PeerStats
+from support.memnodes import attach, memory_node
 
-from pyrsia_core import CommittedBlock, Digest, Record
-from pyrsia_registry import Node, NodeConfig
+from pyrsia_core import Digest, Record
+from pyrsia_registry import Node
 
 pytestmark = pytest.mark.anyio
 BLOB = random.Random(7).randbytes(1_000_003)
@@ -34,22 +35,11 @@ class Net:
     victim: Node
 
 
-async def _node(tmp: Path, name: str, genesis: CommittedBlock | None) -> Node:
-    config = NodeConfig(data_dir=tmp / name, kv_store="memory", blob_store="memory",
-                        upstream=None)
-
-    async def source() -> CommittedBlock:
-        assert genesis is not None
-        return genesis
-
-    return await Node.open(config, genesis_source=source if genesis else None)
-
-
 def _attach(net: MemoryNetwork, node: Node, address: str) -> PeerService:
-    peers = PeerService(node, net.transport(), PeerConfig(public_url=address, blob_timeout=5))
-    node.peers = peers
-    net.serve(address, peers.handle, peers.blob_source)
-    return peers
+    return attach(net, node, address, blob_timeout=5)
+
+
+_node = memory_node
 
 
 @pytest.fixture

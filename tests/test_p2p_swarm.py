@@ -18,8 +18,9 @@ import attrs
 import pytest
 from pyrsia_core.errors import PyrsiaError
 from pyrsia_core.testing import MemoryNetwork
-from pyrsia_registry._p2p import PeerConfig, PeerService
+from pyrsia_registry._p2p import PeerService
 from pyrsia_registry._swarm import PartialBlob, parse_bitmap
+from support.memnodes import attach, memory_node
 
 from pyrsia_core import (
     PARTS_RECORD_TYPE,
@@ -45,24 +46,13 @@ class Swarm:
 
 
 async def _node(tmp: Path, name: str, genesis: CommittedBlock | None) -> Node:
-    config = NodeConfig(data_dir=tmp / name, kv_store="memory", blob_store="memory",
-                        upstream=None)
-
-    async def source() -> CommittedBlock:
-        assert genesis is not None
-        return genesis
-
-    node = await Node.open(config, genesis_source=source if genesis else None)
+    node = await memory_node(tmp, name, genesis)
     node.part_threshold = 4 * MiB
     return node
 
 
 def _attach(net: MemoryNetwork, node: Node, address: str, rate: float | None) -> PeerService:
-    peers = PeerService(node, net.transport(), PeerConfig(
-        public_url=address, blob_timeout=2, max_upload_rate=rate))
-    node.peers = peers
-    net.serve(address, peers.handle, peers.blob_source)
-    return peers
+    return attach(net, node, address, blob_timeout=2, max_upload_rate=rate)
 
 
 @pytest.fixture

@@ -369,33 +369,31 @@ class PeerService:
     async def _upload_partial(
         self, partial: PartialBlob, offset: int, count: int
     ) -> AsyncIterator[bytes]:
+        async for piece in self._paced(partial.parts.blob, offset, partial.read(offset, count)):
+            yield piece
+
+    async def _upload(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
+        async def pieces() -> AsyncIterator[bytes]:
+            async for chunk in self.node.blobs.open(digest, offset=offset, length=count):
+                for pos in range(0, len(chunk), 256 * 1024):
+                    yield chunk[pos : pos + 256 * 1024]
+
+        async for piece in self._paced(digest, offset, pieces()):
+            yield piece
+
+    async def _paced(
+        self, digest: Digest, offset: int, pieces: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """An upload to a peer: counted (load, parts being sent), under the upload cap."""
         self.uploads_inflight += 1
-        digest = partial.parts.blob
         sending = self._sending_part(digest, offset, +1)
         try:
-            async for piece in partial.read(offset, count):
+            async for piece in pieces:
                 if self.bucket is not None:
                     delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
                     if delay > 0:
                         await anyio.sleep(delay)
                 yield piece
-        finally:
-            self.uploads_inflight -= 1
-            if sending:
-                self._sending_part(digest, offset, -1)
-
-    async def _upload(self, digest: Digest, offset: int, count: int) -> AsyncIterator[bytes]:
-        self.uploads_inflight += 1
-        sending = self._sending_part(digest, offset, +1)
-        try:
-            async for chunk in self.node.blobs.open(digest, offset=offset, length=count):
-                for pos in range(0, len(chunk), 256 * 1024):
-                    piece = chunk[pos : pos + 256 * 1024]
-                    if self.bucket is not None:
-                        delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
-                        if delay > 0:
-                            await anyio.sleep(delay)
-                    yield piece
         finally:
             self.uploads_inflight -= 1
             if sending:

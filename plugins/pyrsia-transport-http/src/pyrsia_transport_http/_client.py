@@ -495,23 +495,6 @@ async def _blob_extent(
         if offset:
             raise TransportError(f"peer {where} ignored the Range request for {digest}")
         return length, length
-    if status == 206 and wanted is not None:
-        value = response.headers.get("content-range", "")
-        match = _CONTENT_RANGE.fullmatch(value.strip())
-        if match is None:
-            raise TransportError(f"peer {where} sent a malformed Content-Range {value!r:.80}")
-        first, last, size = (int(g) for g in match.groups())
-        if first != offset:
-            raise TransportError(
-                f"peer {where} sent {digest} from byte {first}, not from {offset} as asked"
-            )
-        count = last - first + 1
-        if (
-            last >= size or last < first or count > wanted
-            or (length is not None and length != count)
-        ):
-            raise TransportError(f"peer {where} sent an inconsistent Content-Range {value!r:.80}")
-        return size, count
     if status == 206:
         value = response.headers.get("content-range", "")
         match = _CONTENT_RANGE.fullmatch(value.strip())
@@ -522,9 +505,16 @@ async def _blob_extent(
             raise TransportError(
                 f"peer {where} sent {digest} from byte {first}, not from {offset} as asked"
             )
-        if last != size - 1 or last < first or (length is not None and length != size - first):
+        count = last - first + 1
+        # The tail was asked for (no ``wanted``): it must run to the end of the blob.
+        # A range was asked for: at most that many bytes, within the blob.
+        if (
+            last >= size or last < first
+            or (count > wanted if wanted is not None else last != size - 1)
+            or (length is not None and length != count)
+        ):
             raise TransportError(f"peer {where} sent an inconsistent Content-Range {value!r:.80}")
-        return size, size - offset
+        return size, count
     if status == 416:
         value = response.headers.get("content-range", "")
         match = _UNSATISFIED_RANGE.fullmatch(value.strip())
