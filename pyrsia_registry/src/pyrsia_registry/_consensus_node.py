@@ -38,6 +38,7 @@ __all__ = ["ConsensusRunner"]
 
 log = logging.getLogger("pyrsia.consensus")
 MAX_PENDING = 100_000
+MAX_REBUILDS = 2  # other build nodes' builds rebuilt at once
 MAX_CONSENSUS_BATCH = 64  # messages in one CONSENSUS request (the receiver's limit too)
 SNAPSHOT_KEY = b"c/snapshot"
 
@@ -77,6 +78,7 @@ class ConsensusRunner:
     #: How long a proposer waits for a quorum of vouches before it proposes records
     #: that only it (and their builder) rebuilt.
     vouch_wait: float = 5.0
+    _rebuilds: anyio.Semaphore = attrs.Factory(lambda: anyio.Semaphore(MAX_REBUILDS))
     #: When this node first saw a proposal of the committed block (for the log).
     _proposed_at: dict[str, float] = attrs.Factory(dict)
 
@@ -150,7 +152,11 @@ class ConsensusRunner:
             root="0" * 64,
         )
         try:
-            ok = await self.rebuild(probe)
+            # A few rebuilds at a time: a build node asked to rebuild many builds at once
+            # keeps its event loop free for consensus messages (and is not faster for
+            # running them all together on the same cores).
+            async with self._rebuilds:
+                ok = await self.rebuild(probe)
         except Exception as exc:
             log.warning("Rebuild of pending records failed: %s", exc)
             ok = False
