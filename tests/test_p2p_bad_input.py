@@ -193,3 +193,12 @@ def test_add_provider_batches_are_bounded_and_all_or_nothing(node: NodeProcess) 
                        now=now())
     assert reply.type == "OK"
     still_works(node)
+
+
+def test_attached_lists_must_match_their_signed_count(node: NodeProcess) -> None:
+    for type_, attachment, count in (("CONSENSUS", b"[1,2]", 3), ("CONSENSUS", b"not json", 1),
+                                     ("PENDING", b'{"a":1}', 1), ("CONSENSUS", b"[]", 0)):
+        reply = open_frame(rpc(node, seal(EVIL, type_, {"count": count}, address="x", now=now(),
+                                          attachment=attachment)).content, now=now())
+        assert reply.type == "ERROR", (type_, attachment)
+    still_works(node)

@@ -40,7 +40,7 @@ MAX_SMALL_FRAME: Final = 256 * 1024
 #: Messages whose bodies may be large (block ranges); every other frame is capped small.
 LARGE_TYPES: Final = frozenset({"BLOCKS", "NEW_BLOCK", "GENESIS", "CONSENSUS", "PENDING"})
 #: Messages that may carry bulk bytes after the envelope (see :func:`seal`).
-ATTACHMENT_TYPES: Final = frozenset({"BLOCKS"})
+ATTACHMENT_TYPES: Final = frozenset({"BLOCKS", "CONSENSUS", "PENDING"})
 ATTACHMENT: Final = "attachment"
 MESSAGE_TYPES: Final = frozenset(
     {

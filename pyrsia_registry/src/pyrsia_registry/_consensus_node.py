@@ -13,6 +13,7 @@ hashes -- the ``build_check`` given to the machine, run in the background.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,6 +44,10 @@ MAX_CONSENSUS_BATCH = 64  # messages in one CONSENSUS request (the receiver's li
 SNAPSHOT_KEY = b"c/snapshot"
 
 
+def _json_list(items: list[Any]) -> bytes:
+    return json.dumps(items, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 @attrs.define(eq=False)
 class _Waiter:
     event: anyio.Event = attrs.Factory(anyio.Event)
@@ -55,7 +60,8 @@ class ConsensusRunner:
     #: ``(block) -> awaitable bool``: did this node rebuild every artifact with equal hashes?
     rebuild: Callable[[Block], Awaitable[bool]]
     #: ``(type, body, node ids)``: send a message to these validators.
-    send: Callable[[str, dict[str, Any], list[str]], Awaitable[None]]
+    #: With ``attachment=``, bulk bytes (a JSON list) sent after the signed envelope.
+    send: Callable[..., Awaitable[None]]
     timeouts: Timeouts = attrs.Factory(
         lambda: Timeouts(propose=1.0, prevote=0.5, precommit=0.5, poll=0.01)
     )
@@ -193,7 +199,8 @@ class ConsensusRunner:
                 v for v in self.node.log_store.ledger.validators.ordered()
                 if v != self.node.node_id
             ]
-            await self.send("PENDING", {"records": [sr.to_json() for sr in records]}, others)
+            await self.send("PENDING", {"count": len(records)}, others,
+                            attachment=_json_list([sr.to_json() for sr in records]))
             self._wake.set()
             with anyio.move_on_after(wait):
                 await waiter.event.wait()
@@ -421,7 +428,11 @@ class ConsensusRunner:
                 batch = out.broadcast[start : start + MAX_CONSENSUS_BATCH]
                 log.debug("send %s", ", ".join(
                     f"{type(m).__name__} h{m.height} r{getattr(m, 'round', -1)}" for m in batch))
-                await self.send("CONSENSUS", {"messages": [m.to_json() for m in batch]}, others)
+                # The messages travel as an attachment: each is signed by its author, and
+                # the envelope's signature covers the attachment's SHA-256, so neither
+                # side canonicalises a proposal's block again to sign or check it.
+                await self.send("CONSENSUS", {"count": len(batch)}, others,
+                                attachment=_json_list([m.to_json() for m in batch]))
         if out.committed is not None:
             await self._commit(out.committed)
 

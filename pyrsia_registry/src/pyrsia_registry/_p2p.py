@@ -293,7 +293,10 @@ class PeerService:
         if env.type == "CONSENSUS":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
-            messages = body.get("messages", [body.get("message")])
+            if env.attachment is not None:
+                messages = _attached_list(env)
+            else:
+                messages = body.get("messages", [body.get("message")])
             if not isinstance(messages, list) or not 0 < len(messages) <= MAX_CONSENSUS_BATCH:
                 raise ValueError(f"CONSENSUS carries 1 to {MAX_CONSENSUS_BATCH} messages")
             for message in messages:
@@ -302,7 +305,8 @@ class PeerService:
         if env.type == "PENDING":
             if consensus is None:
                 raise ValueError("this node runs no consensus")
-            consensus.add_pending(body.get("records"), env.sender)
+            records = _attached_list(env) if env.attachment is not None else body.get("records")
+            consensus.add_pending(records, env.sender)
             return "OK", {}
         if env.type == "GET_PARTS":
             digest = Digest.parse(str(body.get("digest")))
@@ -421,11 +425,13 @@ class PeerService:
         return client
 
     async def rpc(
-        self, address: str, type_: str, body: dict[str, Any], expect: set[str]
+        self, address: str, type_: str, body: dict[str, Any], expect: set[str],
+        attachment: bytes | None = None,
     ) -> Envelope:
         """Send a request and verify the signed reply (raises TransportError/PeerMisbehaved)."""
         client = await self._client(address)
-        reply = await client.request(self._seal(type_, body), timeout=self.config.rpc_timeout)
+        reply = await client.request(self._seal(type_, body, attachment),
+                                     timeout=self.config.rpc_timeout)
         env = open_frame(reply, now=self.now(), expect=expect | {"ERROR"})
         if env.type == "ERROR":
             raise TransportError(f"{address} refused {type_}: {env.body.get('error')}")
@@ -882,17 +888,22 @@ class PeerService:
         self._clients.clear()
 
 
-def _blocks_of(env: Envelope) -> list[Any]:
-    """The committed blocks (as JSON) a BLOCKS reply carries in its attachment."""
+def _attached_list(env: Envelope) -> list[Any]:
+    """The JSON list a message carries in its attachment (its body says how long)."""
     if env.attachment is None:
-        raise PeerMisbehaved(env.sender, "BLOCKS reply without its attachment")
+        raise PeerMisbehaved(env.sender, f"{env.type} without its attachment")
     try:
         raw = json.loads(env.attachment)
     except (ValueError, RecursionError):
-        raise PeerMisbehaved(env.sender, "BLOCKS attachment is not JSON") from None
+        raise PeerMisbehaved(env.sender, f"{env.type} attachment is not JSON") from None
     if not isinstance(raw, list) or len(raw) != env.body.get("count"):
-        raise PeerMisbehaved(env.sender, "BLOCKS attachment is not the announced list")
+        raise PeerMisbehaved(env.sender, f"{env.type} attachment is not the announced list")
     return raw
+
+
+def _blocks_of(env: Envelope) -> list[Any]:
+    """The committed blocks (as JSON) a BLOCKS reply carries in its attachment."""
+    return _attached_list(env)
 
 
 def _key(value: Any) -> bytes:

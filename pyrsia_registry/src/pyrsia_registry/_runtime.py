@@ -98,7 +98,8 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 return await node.check_part_lists(block)
 
             consensus = ConsensusRunner(
-                node, rebuild_check, lambda t, b, ids: _send_all(tg, peers, t, b, ids)
+                node, rebuild_check,
+                lambda t, b, ids, attachment=None: _send_all(tg, peers, t, b, ids, attachment),
             )
             node.consensus = consensus
             node.build_request_handler = packages.build_request_handler(
@@ -161,7 +162,7 @@ async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
 
 async def _send_all(
     tg: anyio.abc.TaskGroup, peers: PeerService, type_: str, body: dict[str, Any],
-    node_ids: list[str],
+    node_ids: list[str], attachment: bytes | None = None,
 ) -> None:
     """Send a consensus message to validators without waiting (a slow one stalls nobody)."""
 
@@ -171,7 +172,7 @@ async def _send_all(
             log.debug("no address known for validator %s", nid[:16])
             return
         try:
-            await peers.rpc(address, type_, body, {"OK"})
+            await peers.rpc(address, type_, body, {"OK"}, attachment)
         except Exception as exc:  # a validator that is down or refuses: consensus copes
             log.debug("%s to %s failed: %s", type_, nid[:16], exc)
 
