@@ -75,6 +75,8 @@ class ConsensusRunner:
     vouched: set[str] = attrs.Factory(set)
     #: submit() calls waiting for their block, by the id of their first record.
     _waiters: dict[str, _Waiter] = attrs.Factory(dict)
+    #: Ids of recently committed records: never pending or proposed again.
+    _committed_ids: dict[str, None] = attrs.Factory(dict)
     #: Who rebuilt each pending record with equal hashes (its builder, this node, and
     #: the build nodes that said so with VOUCH), and when it became pending here.
     vouchers: dict[str, set[str]] = attrs.Factory(dict)
@@ -119,6 +121,8 @@ class ConsensusRunner:
                 raise ValueError(f"bad pending record: {exc}") from None
             if sr.record.node_id not in validators:
                 raise ValueError("a pending record must be by a build node")
+            if sr.record.id in self._committed_ids:
+                continue  # a PENDING that arrived after the block holding it
             if len(self.pending) < MAX_PENDING and sr.record.id not in self.pending:
                 self._add(sr)
                 self.vouchers[sr.record.id].add(sender)
@@ -258,6 +262,11 @@ class ConsensusRunner:
         key = block.hash
         if key in self._checks:
             return self._checks[key]
+        if any(sr.record.id in self._committed_ids for sr in block.records):
+            log.warning("Proposed block %d repeats records already committed; voting nil",
+                        block.height)
+            self._checks[key] = False
+            return False
         own = self.node.node_id
         if all(sr.record.node_id == own or sr.record.id in self.vouched for sr in block.records):
             # Every record is this node's own build or one it already rebuilt itself.
@@ -319,7 +328,11 @@ class ConsensusRunner:
 
     def on_block(self, committed: CommittedBlock) -> None:
         """The ledger grew (a block from consensus, gossip or sync)."""
+        if len(self._committed_ids) > MAX_PENDING:
+            for old in list(self._committed_ids)[: MAX_PENDING // 2]:
+                del self._committed_ids[old]
         for sr in committed.block.records:
+            self._committed_ids[sr.record.id] = None
             self.pending.pop(sr.record.id, None)
             self.vouched.discard(sr.record.id)
             self.vouchers.pop(sr.record.id, None)
