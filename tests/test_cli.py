@@ -282,3 +282,16 @@ def test_node_start_port_in_use(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert f"127.0.0.1:{port}" in out.stderr and "in use" in out.stderr
     no_traceback(out.stderr)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("nonsense", "expected NAME.KEY=VALUE"),
+    ("quic.max_datagram_size=100", "max_datagram_size must be 1200..65000"),
+])
+def test_node_start_bad_transport_option(tmp_path: Path, option: str, message: str) -> None:
+    out = run_cli(tmp_path, "node", "start", "-p", str(free_port()), "--data-dir",
+                  str(tmp_path / "data"), "--no-upstream", "--transport", "http,quic",
+                  "--transport-option", option, timeout=30)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr
+    no_traceback(out.stderr)

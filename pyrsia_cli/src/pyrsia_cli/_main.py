@@ -111,6 +111,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             sync_interval=args.sync_interval,
             blob_store=args.blob_store,
             package_options=_package_options(args.package_option),
+            transport_options=_package_options(args.transport_option, "--transport-option",
+                                               "quic.max_datagram_size=8192"),
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -133,15 +135,17 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _package_options(items: list[str]) -> dict[str, dict[str, str]]:
+def _package_options(
+    items: list[str], flag: str = "--package-option",
+    example: str = "maven.upstream=https://repo1.maven.org/maven2",
+) -> dict[str, dict[str, str]]:
     """``["maven.upstream=URL"]`` -> ``{"maven": {"upstream": "URL"}}``."""
     out: dict[str, dict[str, str]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         name, dot, option = key.partition(".")
         if not sep or not dot or not name or not option:
-            raise ValueError(f"--package-option {item!r}: expected TYPE.KEY=VALUE, e.g. "
-                             "maven.upstream=https://repo1.maven.org/maven2")
+            raise ValueError(f"{flag} {item!r}: expected NAME.KEY=VALUE, e.g. {example}")
         out.setdefault(name, {})[option] = value
     return out
 
@@ -404,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="TYPE.KEY=VALUE",
                        help="config of a package-type plugin, e.g. "
                        "maven.upstream=https://repo1.maven.org/maven2 (repeatable)")
+    start.add_argument("--transport-option", action="append", default=[],
+                       metavar="TRANSPORT.KEY=VALUE",
+                       help="config of a transport plugin, e.g. quic.max_datagram_size=8192 "
+                       "(repeatable)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     start.set_defaults(func=cmd_node_start)

@@ -96,6 +96,8 @@ class NodeConfig:
     sync_interval: float = 5.0
     #: Per package-type plugin config (``{"maven": {"upstream": URL}}``), given to its factory.
     package_options: dict[str, dict[str, str]] = attrs.Factory(dict)
+    #: Config of transport plugins by name (``{"quic": {"max_datagram_size": "8192"}}``).
+    transport_options: dict[str, dict[str, str]] = attrs.Factory(dict)
     #: Seconds a package-type plugin may take to build or to answer (then it fails alone).
     plugin_timeout: float = 120.0
 

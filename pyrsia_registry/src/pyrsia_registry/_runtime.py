@@ -135,7 +135,9 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
 
 def _transport_options(config: NodeConfig) -> dict[str, dict[str, str]]:
     quic_port = config.port if config.quic_port is None else config.quic_port
-    return {"quic": {"host": config.host, "port": str(quic_port)}}
+    options = {name: dict(values) for name, values in config.transport_options.items()}
+    options.setdefault("quic", {}).update({"host": config.host, "port": str(quic_port)})
+    return options
 
 
 async def _start_listeners(
