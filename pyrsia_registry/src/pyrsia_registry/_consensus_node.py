@@ -86,6 +86,9 @@ class ConsensusRunner:
     #: How long a proposer waits for a quorum of vouches before it proposes records
     #: that only it (and their builder) rebuilt.
     vouch_wait: float = 5.0
+    #: How long a proposer holds ready records while more builds are on their way.
+    batch_wait: float = 0.2
+    _ready_since: dict[str, float] = attrs.Factory(dict)
     _rebuilds: anyio.Semaphore = attrs.Factory(lambda: anyio.Semaphore(MAX_REBUILDS))
     #: When this node first saw a proposal of the committed block (for the log).
     _proposed_at: dict[str, float] = attrs.Factory(dict)
@@ -255,6 +258,16 @@ class ConsensusRunner:
         ]
         if not records:
             return None
+        # Batching (Tendermint's timeout_commit, but only when it pays): while other
+        # builds are on their way here -- pending, rebuilt by this node or under way,
+        # not yet by a quorum -- hold ready records up to batch_wait, so one round
+        # commits them together. A build alone is proposed at once.
+        first_ready = min(self._ready_since.setdefault(sr.record.id, clock) for sr in records)
+        if clock - first_ready < self.batch_wait and len(records) < 10_000:
+            ready = {sr.record.id for sr in records}
+            if any(rid not in ready and clock - since < self.vouch_wait
+                   for rid, since in self._pending_since.items()):
+                return None
         records = records[:10_000]
         return ledger.propose(proposer=self.node.signer, records=records, timestamp=int(now))
 
@@ -337,6 +350,7 @@ class ConsensusRunner:
             self.vouched.discard(sr.record.id)
             self.vouchers.pop(sr.record.id, None)
             self._pending_since.pop(sr.record.id, None)
+            self._ready_since.pop(sr.record.id, None)
             waiter = self._waiters.get(sr.record.id)
             if waiter is not None:
                 waiter.block = committed
