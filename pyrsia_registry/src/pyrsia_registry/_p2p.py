@@ -754,9 +754,12 @@ class PeerService:
         if await self.node.local_blob(doc_digest) is None:
             await self.fetch(doc_digest)  # small: fetched whole, verified by its digest
         data = b"".join([c async for c in self.node.blobs.open(doc_digest)])
-        parts = PartList.from_bytes(data, expected=doc_digest)
+        try:
+            parts = PartList.from_bytes(data, expected=doc_digest)
+        except PartListError as exc:
+            raise TransportError(f"the part list logged for {digest} is unusable: {exc}") from None
         if parts.blob != digest:
-            raise PartListError(f"the part list logged for {digest} names {parts.blob}")
+            raise TransportError(f"the part list logged for {digest} names {parts.blob}")
         return parts
 
     async def _swarm(self, digest: Digest, parts: PartList) -> BlobInfo:
