@@ -854,6 +854,12 @@ class PeerService:
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Bootstrap, then keep the ledger current and the tables fresh until cancelled."""
+        # Parts of blobs a previous run was fetching when it stopped: never verified as a
+        # whole, not in the store; a new fetch starts over.
+        leftovers = self.node.config.data_dir / "partial"
+        if leftovers.is_dir():
+            for path in leftovers.iterdir():
+                path.unlink(missing_ok=True)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
