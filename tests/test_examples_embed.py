@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import site
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from pyrsia_core.testing.conformance import PackageTypeConformance
 from support.clients import skopeo
 from support.fixtures import SeededUpstream
 from support.net import free_port, wait_for_http
+from support.plugins import installed
 
 from pyrsia_core import Digest, plugins
 
@@ -95,32 +94,11 @@ def test_three_nodes(seeded_upstream: SeededUpstream) -> None:
 # --------------------------------------------------------------------------- (4) plugin
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, capture_output=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def hello_installed() -> Iterator[None]:
-    """Install the example plugin's distribution; uninstall it afterwards.
-
-    A fresh interpreter would read the editable install's ``.pth`` file at start;
-    ``site.addsitedir`` does the same for this one, so its module can be imported.
-    """
-    # Build with the hatchling at hand (no download) when there is one.
-    offline = ["--no-build-isolation"] if importlib.util.find_spec("hatchling") else []
-    _pip("install", "--no-deps", *offline, "-e", str(HELLO_DIST))
-    path_before = list(sys.path)
-    try:
-        site.addsitedir(sysconfig.get_paths()["purelib"])
-        importlib.invalidate_caches()
+    """The example plugin's distribution, installed for this module."""
+    with installed(HELLO_DIST, "pyrsia-pkg-hello", "pyrsia_pkg_hello", "hello"):
         yield
-    finally:
-        _pip("uninstall", "-y", "pyrsia-pkg-hello")
-        sys.path[:] = path_before
-        sys.modules.pop("pyrsia_pkg_hello", None)
-        importlib.invalidate_caches()
-        assert "hello" not in plugins.available("pyrsia.package_type")
 
 
 def _hello_manifest(*files: bytes) -> bytes:

@@ -7,12 +7,6 @@ reach its routes, its builds, and -- meanwhile -- Docker's and Maven's.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import site
-import subprocess
-import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +17,7 @@ import httpx
 import pytest
 from support.maven import maven_upstream, write_gav
 from support.net import free_port
+from support.plugins import installed
 
 from pyrsia_core import plugins
 
@@ -32,26 +27,10 @@ LABEL = "bad (pyrsia-pkg-bad 0.1.0)"
 TIMEOUT = 1.5
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, capture_output=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def bad_installed() -> Iterator[None]:
-    offline = ["--no-build-isolation"] if importlib.util.find_spec("hatchling") else []
-    _pip("install", "--no-deps", *offline, "-e", str(BAD_DIST))
-    path_before = list(sys.path)
-    try:
-        site.addsitedir(sysconfig.get_paths()["purelib"])
-        importlib.invalidate_caches()
+    with installed(BAD_DIST, "pyrsia-pkg-bad", "pyrsia_pkg_bad", "bad"):
         yield
-    finally:
-        _pip("uninstall", "-y", "pyrsia-pkg-bad")
-        sys.path[:] = path_before
-        sys.modules.pop("pyrsia_pkg_bad", None)
-        importlib.invalidate_caches()
-        assert "bad" not in plugins.available("pyrsia.package_type")
 
 
 def _plugin_error(resp: httpx.Response) -> str:

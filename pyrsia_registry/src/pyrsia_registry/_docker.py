@@ -480,26 +480,18 @@ class DockerService:
 
     async def forward_build(self, ref: ImageRef) -> dict[str, Any]:
         """On a regular node: send the build request to an authorized build node."""
-        peers = self.node.peers
-        errors = []
-        for nid in self.node.log_store.ledger.validators.ordered():
-            address = peers.address_of(nid) if peers is not None else None
-            if address is None:
-                continue
-            try:
-                env = await peers.rpc(address, "BUILD_REQUEST",
-                                      {"package_type": "docker", "image": ref.package_id},
-                                      {"BUILD_STATUS"})
-            except PyrsiaError as exc:
-                errors.append(f"{nid[:16]}: {exc}")
-                continue
-            status = dict(env.body)
-            status["build_node"] = nid
-            if "build_id" in status:
-                self.forwarded[str(status["build_id"])] = address
-            log.info("Sent a build request for %s to build node %s", ref.package_id, nid[:16])
-            return status
-        raise BuildError("no build node could be reached: " + ("; ".join(errors) or "none known"))
+        if self.node.peers is None:
+            raise BuildError("no build node could be reached: none known")
+        try:
+            status, address = await self.node.peers.request_build(
+                {"package_type": "docker", "image": ref.package_id})
+        except PyrsiaError as exc:
+            raise BuildError(str(exc)) from None
+        if "build_id" in status:
+            self.forwarded[str(status["build_id"])] = address
+        log.info("Sent a build request for %s to build node %s", ref.package_id,
+                 status["build_node"][:16])
+        return status
 
     async def forwarded_status(self, build_id: str) -> dict[str, Any] | None:
         address = self.forwarded.get(build_id)

@@ -445,6 +445,26 @@ class PeerService:
             )
         return env
 
+    async def request_build(self, body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Send a BUILD_REQUEST to the first authorized build node that answers; its build
+        status (with ``build_node``) and its address. Raises TransportError naming why
+        each build node failed."""
+        errors = []
+        for nid in self.node.log_store.ledger.validators.ordered():
+            address = self.address_of(nid)
+            if address is None:
+                continue
+            try:
+                env = await self.rpc(address, "BUILD_REQUEST", body, {"BUILD_STATUS"})
+            except PyrsiaError as exc:
+                errors.append(f"{nid[:16]}: {exc}")
+                continue
+            status = dict(env.body)
+            status["build_node"] = nid
+            return status, address
+        raise TransportError(
+            "no build node could be reached: " + ("; ".join(errors) or "none known"))
+
     async def ping(self, address: str) -> Envelope:
         return await self.rpc(address, "PING", {}, {"PONG"})
 

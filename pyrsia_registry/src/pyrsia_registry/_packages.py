@@ -405,27 +405,17 @@ class PackageService:
         self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
     ) -> dict[str, Any]:
         """On a regular node: send the build request to an authorized build node."""
-        peers = self.node.peers
-        errors = []
-        for nid in self.node.log_store.ledger.validators.ordered():
-            address = peers.address_of(nid) if peers is not None else None
-            if address is None:
-                continue
-            try:
-                env = await peers.rpc(address, "BUILD_REQUEST",
-                                      {"package_type": pt.name, "package_id": package_id,
-                                       "artifact_ids": list(artifact_ids)},
-                                      {"BUILD_STATUS"})
-            except PyrsiaError as exc:
-                errors.append(f"{nid[:16]}: {exc}")
-                continue
-            status = dict(env.body)
-            status["build_node"] = nid
-            log.info("Sent a build request for %s %s to build node %s", pt.name, package_id,
-                     nid[:16])
-            return status
-        raise BuildFailed("no build node could be reached: " + ("; ".join(errors)
-                                                                 or "none known"))
+        if self.node.peers is None:
+            raise BuildFailed("no build node could be reached: none known")
+        try:
+            status, _ = await self.node.peers.request_build(
+                {"package_type": pt.name, "package_id": package_id,
+                 "artifact_ids": list(artifact_ids)})
+        except PyrsiaError as exc:
+            raise BuildFailed(str(exc)) from None
+        log.info("Sent a build request for %s %s to build node %s", pt.name, package_id,
+                 status["build_node"][:16])
+        return status
 
 
 def _parse(pt: PackageType, text: str) -> str:
