@@ -27,7 +27,6 @@ from .errors import EncodingError
 __all__ = [
     "DEFAULT_PART_SIZE",
     "PARTS_RECORD_TYPE",
-    "PART_LIST_MEDIA_TYPE",
     "PartHasher",
     "PartList",
     "PartListError",
@@ -35,7 +34,6 @@ __all__ = [
 
 #: ``package_type`` of the records that log part lists.
 PARTS_RECORD_TYPE: Final = "Parts"
-PART_LIST_MEDIA_TYPE: Final = "application/vnd.pyrsia.parts.v1+json"
 DEFAULT_PART_SIZE: Final = 1 << 20
 MIN_PART_SIZE: Final = 64 * 1024
 MAX_PART_SIZE: Final = 64 << 20

@@ -117,18 +117,6 @@ class PartialBlob:
             count -= len(piece)
             yield piece
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The whole blob, for hashing into the store."""
-        offset = 0
-        while offset < self.parts.size:
-            piece = await anyio.to_thread.run_sync(
-                os.pread, self._fd, min(4 << 20, self.parts.size - offset), offset
-            )
-            if not piece:
-                raise OSError(f"partial blob {self.path} is shorter than expected")
-            offset += len(piece)
-            yield piece
-
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
