@@ -13,6 +13,7 @@ hashes -- the ``build_check`` given to the machine, run in the background.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from pyrsia_core.errors import BlockError, EncodingError, RecordError, Signature
 from pyrsia_core import Block, CommittedBlock, SignedRecord, canonical_json, canonical_loads
 
 from ._node import BuildError, Node
+from ._priority import urgent
 
 __all__ = ["ConsensusRunner"]
 
@@ -86,8 +88,11 @@ class ConsensusRunner:
     #: How long a proposer waits for a quorum of vouches before it proposes records
     #: that only it (and their builder) rebuilt.
     vouch_wait: float = 5.0
+    #: ... unless a build node missing from its vouchers sent a VOUCH this recently.
+    vouch_idle: float = 2.0
+    _last_vouch: dict[str, float] = attrs.Factory(dict)
     #: How long a proposer holds ready records while more builds are on their way.
-    batch_wait: float = 0.2
+    batch_wait: float = 1.0
     _ready_since: dict[str, float] = attrs.Factory(dict)
     _rebuilds: anyio.Semaphore = attrs.Factory(lambda: anyio.Semaphore(MAX_REBUILDS))
     #: When this node first saw a proposal of the committed block (for the log).
@@ -147,6 +152,7 @@ class ConsensusRunner:
             raise ValueError("VOUCH needs a list of at most 10000 record ids")
         if sender not in self.node.log_store.ledger.validators:
             raise ValueError("only build nodes vouch")
+        self._last_vouch[sender] = self.node.clock.monotonic()
         for rid in ids:
             if isinstance(rid, str) and rid in self.vouchers:
                 self.vouchers[rid].add(sender)
@@ -187,10 +193,13 @@ class ConsensusRunner:
             packages = sorted({sr.record.package_specific_id for sr in records})
             log.info("Rebuilt and vouched for %d pending record(s) of %s", len(records),
                      ", ".join(packages))
-            others = [v for v in self.node.log_store.ledger.validators.ordered()
-                      if v != self.node.node_id]
-            await self.send("VOUCH", {"records": ids}, others)
+            await self.send("VOUCH", {"records": ids}, self._others())
             self._wake.set()
+
+    def _others(self) -> list[str]:
+        """The other build nodes."""
+        return [v for v in self.node.log_store.ledger.validators.ordered()
+                if v != self.node.node_id]
 
     async def submit(self, records: list[SignedRecord], *, wait: float = 120.0) -> CommittedBlock:
         """Have ``records`` committed by the build nodes; return the block that holds them."""
@@ -202,11 +211,7 @@ class ConsensusRunner:
         try:
             for sr in records:
                 self._add(sr)
-            others = [
-                v for v in self.node.log_store.ledger.validators.ordered()
-                if v != self.node.node_id
-            ]
-            await self.send("PENDING", {"count": len(records)}, others,
+            await self.send("PENDING", {"count": len(records)}, self._others(),
                             attachment=_json_list([sr.to_json() for sr in records]))
             self._wake.set()
             with anyio.move_on_after(wait):
@@ -239,23 +244,16 @@ class ConsensusRunner:
         """
         ledger = self.node.log_store.ledger
         own = self.node.node_id
-        mine = [
+        ready = [
             sr
             for sr in self.pending.values()
             if sr.record.node_id == own or sr.record.id in self.vouched
         ]
-        # Propose what a quorum already rebuilt: the others then prevote at once instead
-        # of rebuilding while the round runs. Records that wait longer than vouch_wait
-        # for that (lost VOUCH messages, a slow builder) are proposed all the same; the
-        # validators then rebuild them before they vote, as always.
-        quorum = ledger.validators.threshold
+        if not ready:
+            return None
         clock = self.node.clock.monotonic()
-        records = [
-            sr
-            for sr in mine
-            if len(self.vouchers.get(sr.record.id, ())) >= quorum
-            or clock - self._pending_since.get(sr.record.id, clock) >= self.vouch_wait
-        ]
+        records = self._quorum_vouched(ready, ledger.validators.ordered(),
+                                       ledger.validators.threshold, clock)
         if not records:
             return None
         # Batching (Tendermint's timeout_commit, but only when it pays): while other
@@ -264,12 +262,65 @@ class ConsensusRunner:
         # commits them together. A build alone is proposed at once.
         first_ready = min(self._ready_since.setdefault(sr.record.id, clock) for sr in records)
         if clock - first_ready < self.batch_wait and len(records) < 10_000:
-            ready = {sr.record.id for sr in records}
-            if any(rid not in ready and clock - since < self.vouch_wait
-                   for rid, since in self._pending_since.items()):
+            chosen = {sr.record.id for sr in records}
+            validators = ledger.validators.ordered()
+            if any(rid not in chosen
+                   and not self._vouches_stalled(rid, self.vouchers.get(rid, set()),
+                                                 validators, clock)
+                   for rid in self.pending):
                 return None
         records = records[:10_000]
         return ledger.propose(proposer=self.node.signer, records=records, timestamp=int(now))
+
+    def _quorum_vouched(
+        self, ready: list[SignedRecord], validators: list[str], quorum: int, clock: float
+    ) -> list[SignedRecord]:
+        """The ready records that one quorum of build nodes (this node among them) all
+        rebuilt already -- so that quorum prevotes at once and the round commits.
+
+        Records vouched by a quorum, but each by a different one, would not do: every
+        build node would have something left to rebuild, and a round under load ends
+        before they finish. The quorum chosen is the one that covers most records.
+        Records whose vouches stalled (VOUCH messages lost, build nodes down or idle)
+        are proposed all the same after vouch_wait; validators then rebuild them before
+        they vote, as always.
+        """
+        own = self.node.node_id
+        vouchers = [self.vouchers.get(sr.record.id, set()) for sr in ready]
+        others = [v for v in validators if v != own]
+        best: list[SignedRecord] = []
+        need = quorum - 1
+        if 0 <= need <= len(others):
+            for count, group in enumerate(itertools.combinations(others, need)):
+                if count >= 128:  # many build nodes: the first groups are enough
+                    break
+                q = set(group)
+                chosen = [sr for sr, v in zip(ready, vouchers, strict=True) if q <= v]
+                if len(chosen) > len(best):
+                    best = chosen
+        chosen_ids = {sr.record.id for sr in best}
+        stalled = [
+            sr for sr, v in zip(ready, vouchers, strict=True)
+            if sr.record.id not in chosen_ids and self._vouches_stalled(sr.record.id, v,
+                                                                         validators, clock)
+        ]
+        return best + stalled
+
+    def _vouches_stalled(
+        self, rid: str, vouchers: set[str], validators: list[str], clock: float
+    ) -> bool:
+        """Has ``rid`` waited vouch_wait, with no missing voucher still at work?
+
+        A build node that sent a VOUCH within vouch_idle is working through its
+        rebuilds (under a queue of builds, that takes longer than vouch_wait): its
+        vouch is worth waiting for. One that is silent may be down or lost a message.
+        """
+        if clock - self._pending_since.get(rid, clock) < self.vouch_wait:
+            return False
+        return all(
+            clock - self._last_vouch.get(v, float("-inf")) >= self.vouch_idle
+            for v in validators if v not in vouchers
+        )
 
     def _build_check(self, block: Block) -> bool | None:
         key = block.hash
@@ -303,11 +354,21 @@ class ConsensusRunner:
             if sr.record.node_id != own and sr.record.id not in self.vouched
         )
         try:
-            ok = True if not rest else await self.rebuild(attrs.evolve(block, records=rest))
+            # This rebuild is what the vote waits for: it does not yield to consensus.
+            with urgent():
+                ok = True if not rest else await self.rebuild(attrs.evolve(block, records=rest))
         except Exception as exc:  # a failed rebuild is a "no", never a crash
             log.warning("Rebuild of block %d failed: %s", block.height, exc)
             ok = False
         self._checks[block.hash] = ok
+        rebuilt = [sr.record.id for sr in rest if ok and sr.record.id in self.pending]
+        if rebuilt:
+            # A later proposal (another round, another proposer) holding these passes at
+            # once, and the other build nodes count this node in their quorum.
+            self.vouched.update(rebuilt)
+            for rid in rebuilt:
+                self.vouchers[rid].add(self.node.node_id)
+            await self.send("VOUCH", {"records": rebuilt}, self._others())
         log.info(
             "Rebuilt the artifacts of proposed block %d: %s",
             block.height,
@@ -341,6 +402,7 @@ class ConsensusRunner:
 
     def on_block(self, committed: CommittedBlock) -> None:
         """The ledger grew (a block from consensus, gossip or sync)."""
+        self.node.priority.release()
         if len(self._committed_ids) > MAX_PENDING:
             for old in list(self._committed_ids)[: MAX_PENDING // 2]:
                 del self._committed_ids[old]
@@ -406,6 +468,8 @@ class ConsensusRunner:
                           getattr(message, "round", -1), sender[:8])
                 if isinstance(message, Proposal):
                     self._proposed_at.setdefault(message.block_hash, self.node.clock.monotonic())
+                    if message.height == height:
+                        self.node.priority.hold(height)
                 await self._apply(machine.receive(message, self.node.clock.now()))
                 if self.node.log_store.ledger.height >= height:
                     return
@@ -439,6 +503,7 @@ class ConsensusRunner:
         for message in out.broadcast:
             if isinstance(message, Proposal):
                 self._proposed_at.setdefault(message.block_hash, self.node.clock.monotonic())
+                self.node.priority.hold(message.height)
         if out.broadcast and self.machine is not None:
             # Write-ahead: what this node signed is on disk before anyone sees it, so a
             # restarted build node resumes its round and lock and never equivocates.
@@ -447,9 +512,7 @@ class ConsensusRunner:
                 canonical_json({"height": self.machine.height, "state": self.machine.snapshot()}),
             )
         if out.broadcast:
-            others = [
-                v for v in self.node.log_store.ledger.validators.ordered() if v != self.node.node_id
-            ]
+            others = self._others()
             # One request per validator for everything this input produced.
             for start in range(0, len(out.broadcast), MAX_CONSENSUS_BATCH):
                 batch = out.broadcast[start : start + MAX_CONSENSUS_BATCH]

@@ -411,6 +411,8 @@ class DockerService:
 
         async def one(d: Descriptor) -> None:
             async with limiter:
+                # Builds step aside while the build nodes decide a height.
+                await self.node.priority.wait()
                 try:
                     async with self.node.fetch_lock(d.digest):
                         if await self.node.local_blob(d.digest) is not None:

@@ -44,6 +44,7 @@ from pyrsia_core import (
 from pyrsia_core import plugins as core_plugins
 
 from ._config import NodeConfig
+from ._priority import ConsensusPriority
 from ._verify import ParallelRecordVerifier
 
 __all__ = ["Build", "BuildError", "Node", "NotInLog"]
@@ -127,6 +128,10 @@ class Node:
     build_request_handler: Any = None
     #: Blobs of at least this many bytes get a logged part list (swarm fetch).
     part_threshold: int = 8 << 20
+    #: Builds and background rebuilds wait here while the build nodes decide a height.
+    priority: ConsensusPriority = attrs.Factory(
+        lambda self: ConsensusPriority(self.clock), takes_self=True
+    )
 
     # -- lifecycle -----------------------------------------------------------------
 
