@@ -123,6 +123,7 @@ async def test_usage_is_measured_at_open(tmp_path: Path) -> None:
     async with FsBlobStore(tmp_path) as store:
         assert await store.usage() == 10_000
         assert len([d async for d in store.iter_digests()]) == 5
+        assert await store.count() == 5
 
 
 async def test_lazy_open_without_async_with(tmp_path: Path) -> None:
@@ -144,10 +145,12 @@ async def test_damaged_blob_is_replaced(tmp_path: Path) -> None:
     path.write_bytes(data[:10])  # e.g. written by something that was not crash-safe
     async with FsBlobStore(tmp_path) as store:
         assert await store.usage() == 10
+        assert await store.count() == 1
         info = await store.put_bytes(data)
         assert info.size == len(data)
         assert path.read_bytes() == data
         assert await store.usage() == len(data)
+        assert await store.count() == 1  # replaced, not added
 
 
 # --------------------------------------------------------------------------- failures clean up

@@ -167,6 +167,13 @@ class BlobStore(Resource):
     async def usage(self) -> int:
         """Total bytes of the stored blobs."""
 
+    async def count(self) -> int:
+        """Number of stored blobs (stores that keep the number override this walk)."""
+        n = 0
+        async for _ in self.iter_digests():
+            n += 1
+        return n
+
 
 class WriteBatch:
     """Puts and deletes applied together, atomically, when the batch ends."""

@@ -462,9 +462,7 @@ class Node:
     async def status(self) -> dict[str, Any]:
         ledger = self.log_store.ledger
         usage = await self.blobs.usage()
-        artifacts = 0
-        async for _ in self.blobs.iter_digests():
-            artifacts += 1
+        artifacts = await self.blobs.count()
         return {
             "node_id": self.node_id,
             "node_public_key": self.signer.public_key.hex,

@@ -50,6 +50,9 @@ __all__ = ["CHUNK_SIZE", "FsBlobStore"]
 
 #: Bytes per read and per write hop to a worker thread.
 CHUNK_SIZE: Final = 1 << 20
+#: Blobs of at most this many bytes (declared) are gathered in memory and stored with
+#: one worker-thread call instead of a streaming pipe (manifests, configs, small layers).
+SMALL_BLOB: Final = 64 << 10
 
 _T = TypeVar("_T")
 _HEX: Final = frozenset("0123456789abcdef")
@@ -117,6 +120,7 @@ class FsBlobStore(BlobStore):
         self._blobs = self.root / "sha256"
         self._tmp = self.root / "tmp"
         self._usage = 0
+        self._count = 0
         self._ready = False
         self._lock_fd: int | None = None
         self._init_lock = anyio.Lock()
@@ -154,11 +158,11 @@ class FsBlobStore(BlobStore):
         async with self._init_lock:
             self._check_open()
             if not self._ready:
-                self._usage = await self._run(self._initialize)
+                self._usage, self._count = await self._run(self._initialize)
                 self._ready = True
 
-    def _initialize(self) -> int:
-        """Create, lock and clean the directory; return the bytes of stored blobs."""
+    def _initialize(self) -> tuple[int, int]:
+        """Create, lock and clean the directory; return the bytes and number of blobs."""
         for directory in (self.root, self._blobs, self._tmp):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock()
@@ -169,7 +173,7 @@ class FsBlobStore(BlobStore):
                 else:
                     os.unlink(entry.path)
             _fsync_dir(self._tmp)
-            usage = 0
+            usage = count = 0
             for shard in os.scandir(self._blobs):
                 if not (_is_hex_name(shard.name, 2) and shard.is_dir(follow_symlinks=False)):
                     continue
@@ -180,7 +184,8 @@ class FsBlobStore(BlobStore):
                         and entry.is_file(follow_symlinks=False)
                     ):
                         usage += entry.stat(follow_symlinks=False).st_size
-            return usage
+                        count += 1
+            return usage, count
         except BaseException:
             self._unlock()
             raise
@@ -232,6 +237,8 @@ class FsBlobStore(BlobStore):
         await self._ensure_ready()
         if expected_size is not None and expected_size < 0:
             raise ValueError(f"expected_size must be >= 0, got {expected_size}")
+        if expected_size is not None and expected_size <= SMALL_BLOB:
+            return await self._put_small(chunks, expected, expected_size)
         quota = self.quota
         # A blob already stored costs nothing, so the checks made before the
         # digest is known only apply when ``expected`` is new.
@@ -254,6 +261,50 @@ class FsBlobStore(BlobStore):
             if not temp.committed:  # failed, cancelled, or the blob was already there
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._discard, temp)
+
+    async def _put_small(
+        self, chunks: AsyncIterable[bytes], expected: Digest | None, expected_size: int
+    ) -> BlobInfo:
+        """A small blob: gathered in memory, then verified, written and fsynced in one
+        worker-thread call (a streaming pipe costs more than the bytes here)."""
+        parts: list[bytes] = []
+        seen = 0
+        async for chunk in chunks:
+            self._check_open()
+            parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
+            seen += len(chunk)
+            if seen > expected_size:
+                break  # the verifier reports the overrun
+        verifier = DigestVerifier(expected=expected, expected_size=expected_size)
+        digest, temp = await self._run(partial(self._write_small, b"".join(parts), verifier))
+        if temp is None:  # already stored
+            return BlobInfo(digest, verifier.size, str(self._path(digest)))
+        try:
+            with anyio.CancelScope(shield=True):
+                async with self._commit_lock:
+                    return await self._commit(temp, digest, verifier.size)
+        finally:
+            if not temp.committed:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._discard, temp)
+
+    def _write_small(self, data: bytes, verifier: DigestVerifier) -> tuple[Digest, _Temp | None]:
+        verifier.update(data)
+        digest = verifier.verify()  # before anything is written: bad bytes never land
+        if self._size_of(self._path(digest)) == verifier.size:
+            return digest, None
+        temp = self._create_temp()
+        try:
+            assert temp.fd is not None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(temp.fd, view):]
+            os.fsync(temp.fd)
+            temp.close()
+        except BaseException:
+            self._discard(temp)
+            raise
+        return digest, temp
 
     async def _pipe(
         self,
@@ -348,20 +399,27 @@ class FsBlobStore(BlobStore):
     async def _commit(self, temp: _Temp, digest: Digest, size: int) -> BlobInfo:
         """Move a verified temp file into place. Runs under the commit lock, shielded."""
         final = self._path(digest)
-        existing = await self._run(partial(self._size_of, final))
-        if existing == size:
-            return BlobInfo(digest, size, str(final))  # already stored: the temp is discarded
-        # ``existing`` of another size is a damaged file (content addressing makes
-        # it impossible otherwise): the verified bytes replace it.
-        freed = existing or 0
-        if self.quota is not None:
-            self._check_quota(size, self.quota, freed=freed)
+        seen: list[int | None] = []
         try:
-            await self._run(partial(self._rename_into_place, temp, final))
+            await self._run(partial(self._place, temp, final, size, seen))
         finally:
             if temp.committed:  # even if the directory fsync then failed
-                self._usage += size - freed
+                self._usage += size - (seen[0] or 0)
+                if seen[0] is None:
+                    self._count += 1
         return BlobInfo(digest, size, str(final))
+
+    def _place(self, temp: _Temp, final: Path, size: int, seen: list[int | None]) -> None:
+        """Rename ``temp`` to ``final`` unless the blob is there already (one thread call)."""
+        existing = self._size_of(final)
+        seen.append(existing)
+        if existing == size:
+            return  # already stored: the temp is discarded
+        # ``existing`` of another size is a damaged file (content addressing makes
+        # it impossible otherwise): the verified bytes replace it.
+        if self.quota is not None:
+            self._check_quota(size, self.quota, freed=existing or 0)
+        self._rename_into_place(temp, final)
 
     @staticmethod
     def _size_of(path: Path) -> int | None:
@@ -448,6 +506,7 @@ class FsBlobStore(BlobStore):
                 size = await self._run(partial(self._unlink, self._path(digest)))
                 if size is not None:
                     self._usage -= size
+                    self._count -= 1
         return size is not None
 
     @staticmethod
@@ -494,6 +553,10 @@ class FsBlobStore(BlobStore):
     async def usage(self) -> int:
         await self._ensure_ready()
         return self._usage
+
+    async def count(self) -> int:
+        await self._ensure_ready()
+        return self._count
 
     # ------------------------------------------------------------------ LRU eviction support
 

@@ -150,6 +150,10 @@ class MemoryBlobStore(BlobStore):
         self._check_open()
         return self._usage
 
+    async def count(self) -> int:
+        self._check_open()
+        return len(self._blobs)
+
     async def touch(self, digest: Digest) -> bool:
         """Record an access (for LRU eviction); return whether the blob is stored."""
         self._check_open()

@@ -320,11 +320,13 @@ class BlobStoreConformance:
         assert await store.delete(a.digest) is False
         assert await _digests(store) == [b.digest]
         assert await store.usage() == 10
+        assert await store.count() == 1
         # A deleted blob can be stored again.
         again = await store.put_bytes(b"a" * 1000)
         assert again.digest == a.digest
         assert await store.read_bytes(a.digest) == b"a" * 1000
         assert await store.usage() == 1010
+        assert await store.count() == 2
 
     async def test_iter_digests(self, store: BlobStore) -> None:
         assert await _digests(store) == []
