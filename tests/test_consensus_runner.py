@@ -89,6 +89,10 @@ async def test_a_proposal_holds_what_one_quorum_all_rebuilt(tmp_path: Path) -> N
         runner._pending_since[r2.record.id] = now - runner.vouch_wait - 1
         runner._last_vouch[a] = now - 0.1
         assert r2 not in runner._quorum_vouched(ready, [me, a, b, c], 3, now)
+        # ... but not forever.
+        runner._pending_since[r2.record.id] = now - runner.vouch_max
+        assert r2 in runner._quorum_vouched(ready, [me, a, b, c], 3, now)
+        runner._pending_since[r2.record.id] = now - runner.vouch_wait - 1
         # a went quiet (down, or it lost the PENDING): r2 is proposed all the same.
         runner._last_vouch[a] = now - runner.vouch_idle - 1
         assert r2 in runner._quorum_vouched(ready, [me, a, b, c], 3, now)

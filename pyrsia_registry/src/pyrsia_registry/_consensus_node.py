@@ -90,6 +90,8 @@ class ConsensusRunner:
     vouch_wait: float = 5.0
     #: ... unless a build node missing from its vouchers sent a VOUCH this recently.
     vouch_idle: float = 2.0
+    #: ... and never longer than this.
+    vouch_max: float = 30.0
     _last_vouch: dict[str, float] = attrs.Factory(dict)
     #: How long a proposer holds ready records while more builds are on their way.
     batch_wait: float = 1.0
@@ -315,8 +317,11 @@ class ConsensusRunner:
         rebuilds (under a queue of builds, that takes longer than vouch_wait): its
         vouch is worth waiting for. One that is silent may be down or lost a message.
         """
-        if clock - self._pending_since.get(rid, clock) < self.vouch_wait:
+        waited = clock - self._pending_since.get(rid, clock)
+        if waited < self.vouch_wait:
             return False
+        if waited >= self.vouch_max:
+            return True  # busy build nodes that never vouch for it: do not wait forever
         return all(
             clock - self._last_vouch.get(v, float("-inf")) >= self.vouch_idle
             for v in validators if v not in vouchers
