@@ -39,6 +39,7 @@ __all__ = [
     "Clock",
     "KeyValueStore",
     "LoggedArtifact",
+    "OpeningPeerClient",
     "PackageHost",
     "PackageType",
     "PeerAddress",
@@ -53,6 +54,9 @@ __all__ = [
     "UpstreamResponse",
     "Verifier",
     "WriteBatch",
+    "check_blob_args",
+    "check_timeout",
+    "served_blob_problem",
 ]
 
 
@@ -312,6 +316,83 @@ class PeerClient(Resource):
         peer for just that range; the caller stops reading after ``length`` bytes anyway.
         """
         return PeerBlob(None, offset, self.fetch_blob(digest, offset=offset, timeout=timeout))
+
+
+class OpeningPeerClient(PeerClient):
+    """A :class:`PeerClient` whose transport gets the peer's answer (and the blob's size)
+    before it streams: implement :meth:`_open_blob`; the argument checks,
+    :meth:`fetch_blob` and :meth:`open_blob` come from here.
+    """
+
+    @abstractmethod
+    async def _open_blob(
+        self, digest: Digest, offset: int, timeout: float, length: int | None
+    ) -> PeerBlob:
+        """Ask the peer for the blob (arguments already checked); return once it answered."""
+
+    def fetch_blob(
+        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset``, unverified (the caller verifies every byte)."""
+        self._check_open()
+        check_blob_args(digest, offset, timeout)
+        return self._stream(digest, offset, timeout)
+
+    async def _stream(self, digest: Digest, offset: int, timeout: float) -> AsyncIterator[bytes]:
+        body = (await self._open_blob(digest, offset, timeout, None)).body
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def open_blob(
+        self,
+        digest: Digest,
+        *,
+        offset: int = 0,
+        timeout: float = 30.0,
+        length: int | None = None,
+    ) -> PeerBlob:
+        """Start a blob fetch: the peer has answered, and ``size`` is the whole blob's size.
+
+        The caller drains ``body`` or closes it (``await body.aclose()``).
+        """
+        self._check_open()
+        check_blob_args(digest, offset, timeout, length)
+        return await self._open_blob(digest, offset, timeout, length)
+
+
+def check_blob_args(
+    digest: Digest, offset: int, timeout: float, length: int | None = None
+) -> None:
+    """Raise :class:`UsageError` unless these are a blob fetch's valid arguments."""
+    if not isinstance(digest, Digest):
+        raise UsageError(f"a blob is named by a Digest, got {type(digest).__name__}")
+    if type(offset) is not int or offset < 0:
+        raise UsageError(f"offset must be an integer >= 0, got {offset!r}")
+    check_timeout(timeout)
+    if length is not None and (type(length) is not int or length < 1):
+        raise UsageError(f"length must be an integer >= 1, got {length!r}")
+
+
+def check_timeout(timeout: float) -> None:
+    """Raise :class:`UsageError` unless ``timeout`` is a positive number of seconds."""
+    if not (isinstance(timeout, int | float) and timeout > 0 and timeout == timeout):
+        raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def served_blob_problem(blob: PeerBlob, offset: int) -> str | None:
+    """What is wrong with a :data:`BlobSource`'s answer to a request from ``offset``
+    (for the serving transport's log), or ``None`` when it fits."""
+    if blob.offset == offset and (blob.size is not None or not offset):
+        return None
+    return (
+        f"the blob source answered offset {offset} with {blob!r} (expected offset {offset}"
+        f"{'' if blob.size is not None else ' and a known size'})"
+    )
 
 
 class PeerTransport(Resource):

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import anyio
 from pyrsia_core.errors import DigestError
-from pyrsia_core.interfaces import BlobSource, PeerBlob, RequestHandler
+from pyrsia_core.interfaces import BlobSource, PeerBlob, RequestHandler, served_blob_problem
 
 from pyrsia_core import Digest
 
@@ -170,15 +170,9 @@ class PeerApp:
         last: int | None = None,
     ) -> None:
         size = blob.size
-        if blob.offset != offset or (size is None and offset):
-            logger.error(
-                "The blob source answered %s at offset %d with %r (expected offset %d%s)",
-                digest,
-                offset,
-                blob,
-                offset,
-                "" if size is not None else " and a known size",
-            )
+        problem = served_blob_problem(blob, offset)
+        if problem is not None:
+            logger.error("Serving %s: %s", digest, problem)
             await _text(send, 500, "the peer failed to open the blob")
             return
         headers = [_OCTETS, (b"accept-ranges", b"bytes")]

@@ -20,11 +20,12 @@ import httpx
 from pyrsia_core.errors import TransportError, UsageError
 from pyrsia_core.interfaces import (
     BlobSource,
+    OpeningPeerClient,
     PeerAddress,
     PeerBlob,
-    PeerClient,
     PeerTransport,
     RequestHandler,
+    check_timeout,
 )
 
 from pyrsia_core import Digest
@@ -171,7 +172,7 @@ class HttpTransport(PeerTransport):
                 await http.aclose()
 
 
-class HttpPeerClient(PeerClient):
+class HttpPeerClient(OpeningPeerClient):
     """Talks to one peer through its transport's shared connection pool.
 
     Closing it only marks it closed: the pool (and its keep-alive connections) belongs
@@ -194,7 +195,7 @@ class HttpPeerClient(PeerClient):
     async def request(self, frame: bytes, *, timeout: float) -> bytes:  # noqa: ASYNC109 (ABC's signature)
         """``POST /p2p/rpc``: send ``frame``, return the reply frame (``200`` only)."""
         http = self._http()
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if not isinstance(frame, bytes | bytearray | memoryview):
             raise UsageError(f"a frame is bytes, got {type(frame).__name__}")
         cap = self.transport.max_frame_size
@@ -235,40 +236,12 @@ class HttpPeerClient(PeerClient):
         except _HTTP_ERRORS as exc:
             raise _mapped(exc, where) from exc
 
-    def fetch_blob(
-        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
-    ) -> AsyncIterator[bytes]:
-        """``GET /p2p/blobs/<digest>``: the blob's bytes from ``offset``, unverified."""
-        self._check_open()
-        _check_blob_args(digest, offset, timeout)
-        return self._fetch(digest, offset, timeout)
-
-    async def _fetch(self, digest: Digest, offset: int, seconds: float) -> AsyncIterator[bytes]:
-        body = await self._open(digest, offset, seconds)
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            await body.aclose()
-
-    async def open_blob(
-        self,
-        digest: Digest,
-        *,
-        offset: int = 0,
-        timeout: float = 30.0,  # noqa: ASYNC109 (the ABC's signature)
-        length: int | None = None,
+    async def _open_blob(
+        self, digest: Digest, offset: int, timeout: float, length: int | None  # noqa: ASYNC109
     ) -> PeerBlob:
-        """Start a blob fetch: the peer has answered, and ``size`` is the whole blob's size.
-
-        With ``length``, only bytes ``offset .. offset+length-1`` are asked for
-        (``Range: bytes=N-M``). The caller drains ``body`` or closes it
-        (``await body.aclose()``); until then it holds a pooled connection.
-        """
-        self._check_open()
-        _check_blob_args(digest, offset, timeout)
-        if length is not None and (type(length) is not int or length < 1):
-            raise UsageError(f"length must be an integer >= 1, got {length!r}")
+        """``GET /p2p/blobs/<digest>``; with ``length``, only bytes ``offset ..
+        offset+length-1`` are asked for (``Range: bytes=N-M``). Until the caller drains or
+        closes the body, it holds a pooled connection."""
         body = await self._open(digest, offset, timeout, length)
         return PeerBlob(size=body.size, offset=offset, body=body)
 
@@ -423,19 +396,6 @@ def _describe(address: PeerAddress) -> str:
     if address.node_id:
         return f"{address.url} (node {address.node_id[:16]})"
     return address.url
-
-
-def _check_timeout(timeout: float) -> None:
-    if not (isinstance(timeout, int | float) and timeout > 0 and not math.isnan(timeout)):
-        raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
-
-
-def _check_blob_args(digest: Digest, offset: int, timeout: float) -> None:
-    if not isinstance(digest, Digest):
-        raise UsageError(f"a blob is named by a Digest, got {type(digest).__name__}")
-    if not isinstance(offset, int) or offset < 0:
-        raise UsageError(f"offset must be an integer >= 0, got {offset!r}")
-    _check_timeout(timeout)
 
 
 def _mapped(exc: BaseException, where: str) -> TransportError:

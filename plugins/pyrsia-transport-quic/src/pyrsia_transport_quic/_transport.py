@@ -28,11 +28,13 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from pyrsia_core.errors import DigestError, TransportError, UsageError
 from pyrsia_core.interfaces import (
     BlobSource,
+    OpeningPeerClient,
     PeerAddress,
     PeerBlob,
-    PeerClient,
     PeerTransport,
     RequestHandler,
+    check_timeout,
+    served_blob_problem,
 )
 
 from pyrsia_core import Digest
@@ -262,7 +264,7 @@ class QuicTransport(PeerTransport):
             conn.aclose_now()
 
 
-class QuicPeerClient(PeerClient):
+class QuicPeerClient(OpeningPeerClient):
     """Talks to one peer over its transport's shared connection to that peer.
 
     Closing it only marks it closed: the connection belongs to the transport.
@@ -285,7 +287,7 @@ class QuicPeerClient(PeerClient):
     async def request(self, frame: bytes, *, timeout: float) -> bytes:  # noqa: ASYNC109 (ABC's signature)
         """Send ``frame`` on a new stream; return the reply frame."""
         self._check_open()
-        _check_timeout(timeout)
+        check_timeout(timeout)
         if not isinstance(frame, bytes | bytearray | memoryview):
             raise UsageError(f"a frame is bytes, got {type(frame).__name__}")
         cap = self.transport.max_frame_size
@@ -337,38 +339,13 @@ class QuicPeerClient(PeerClient):
             raise TransportError(f"peer {where} failed to handle the request{detail}")
         raise TransportError(f"peer {where} answered with unknown status {status}")
 
-    def fetch_blob(
-        self, digest: Digest, *, offset: int = 0, timeout: float = 30.0
-    ) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``offset``, unverified."""
-        self._check_open()
-        _check_blob_args(digest, offset, timeout)
-        return self._fetch(digest, offset, timeout)
-
-    async def _fetch(self, digest: Digest, offset: int, seconds: float) -> AsyncIterator[bytes]:
-        body = await self._open(digest, offset, seconds)
-        try:
-            async for chunk in body:
-                yield chunk
-        finally:
-            await body.aclose()
-
-    async def open_blob(
-        self,
-        digest: Digest,
-        *,
-        offset: int = 0,
-        timeout: float = 30.0,  # noqa: ASYNC109 (the ABC's signature)
-        length: int | None = None,
+    async def _open_blob(
+        self, digest: Digest, offset: int, timeout: float, length: int | None  # noqa: ASYNC109
     ) -> PeerBlob:
-        """Start a blob fetch: the peer has answered, and ``size`` is the whole blob's size.
-
-        With ``length`` the first credit the peer gets is at most ``length`` bytes, so it
-        sends little past what is wanted. The caller drains ``body`` or closes it
-        (``await body.aclose()``).
-        """
-        self._check_open()
-        _check_blob_args(digest, offset, timeout)
+        """Ask on a new stream; with ``length`` the first credit the peer gets is at most
+        ``length`` bytes, so it sends little past what is wanted."""
+        if offset >= P.UNKNOWN_SIZE:
+            raise UsageError(f"offset must be an integer >= 0, got {offset!r}")
         body = await self._open(digest, offset, timeout, length)
         return PeerBlob(size=body.size, offset=offset, body=body)
 
@@ -782,15 +759,9 @@ class _Endpoint:
         credit: int,
     ) -> bool:
         size = blob.size
-        if blob.offset != offset or (size is None and offset):
-            logger.error(
-                "The blob source answered %s at offset %d with %r (expected offset %d%s)",
-                digest,
-                offset,
-                blob,
-                offset,
-                "" if size is not None else " and a known size",
-            )
+        problem = served_blob_problem(blob, offset)
+        if problem is not None:
+            logger.error("Serving %s: %s", digest, problem)
             self._answer(conn, stream, P.ERROR, b"the peer failed to open the blob")
             return True
         if size is not None and offset > size:
@@ -894,19 +865,6 @@ def _describe(address: PeerAddress) -> str:
     if address.node_id:
         return f"{address.url} (node {address.node_id[:16]})"
     return address.url
-
-
-def _check_timeout(timeout: float) -> None:
-    if not (isinstance(timeout, int | float) and timeout > 0 and not math.isnan(timeout)):
-        raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}")
-
-
-def _check_blob_args(digest: Digest, offset: int, timeout: float) -> None:
-    if not isinstance(digest, Digest):
-        raise UsageError(f"a blob is named by a Digest, got {type(digest).__name__}")
-    if not isinstance(offset, int) or offset < 0 or offset >= P.UNKNOWN_SIZE:
-        raise UsageError(f"offset must be an integer >= 0, got {offset!r}")
-    _check_timeout(timeout)
 
 
 def _detail(body: bytes) -> str:
