@@ -23,7 +23,6 @@ import argparse
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +31,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_serve import start_nginx
 from support.images import ImageSpec, seed_images
-from support.net import free_port
 from support.node import NodeProcess, run_cli
 from support.registry import UpstreamRegistry
 
@@ -58,29 +58,11 @@ def stamp(text: str) -> float:
 _HTTP = httpx.Client(timeout=120)  # one connection, not one per poll
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
-NGINX_CONF = """\
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    keepalive_requests 100000;
-    client_body_temp_path {prefix}/tmp_body;
-    proxy_temp_path {prefix}/tmp_proxy;
-    fastcgi_temp_path {prefix}/tmp_fastcgi;
-    uwsgi_temp_path {prefix}/tmp_uwsgi;
-    scgi_temp_path {prefix}/tmp_scgi;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location = /v2/ {{ return 200 "{{}}"; }}
-        location ~ /manifests/ {{ default_type {manifest_type}; }}
-    }}
-}}
-"""
+# The upstream API on static files: /v2/ answers, manifests carry their media type.
+MIRROR_LOCATIONS = (
+    'location = /v2/ { return 200 "{}"; }\n'
+    f"        location ~ /manifests/ {{ default_type {MANIFEST_V2}; }}"
+)
 
 
 class StaticMirror:
@@ -113,24 +95,8 @@ class StaticMirror:
                     blob = http.get(f"{base}/blobs/{d['digest']}")
                     blob.raise_for_status()
                     (target / "blobs" / d["digest"]).write_bytes(blob.content)
-        self.port = free_port()
-        conf = workdir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=workdir, port=self.port, root=root,
-                                          manifest_type=MANIFEST_V2))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir),
-                                      "-g", "daemon off;"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc, self.port = start_nginx(workdir, root, MIRROR_LOCATIONS)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"{self.url}/v2/").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
 
     def stop(self) -> None:
         self.proc.terminate()

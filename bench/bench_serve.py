@@ -31,10 +31,11 @@ NGINX_CONF = """\
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
-events {{ worker_connections 64; }}
+events {{ worker_connections 256; }}
 http {{
     access_log off;
     sendfile on;
+    keepalive_requests 100000;
     client_body_temp_path {prefix}/tmp_body;
     proxy_temp_path {prefix}/tmp_proxy;
     fastcgi_temp_path {prefix}/tmp_fastcgi;
@@ -44,6 +45,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
+        {locations}
     }}
 }}
 """
@@ -149,11 +151,14 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def start_nginx(prefix: Path, root: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_nginx(
+    prefix: Path, root: Path, locations: str = ""
+) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx serving ``root`` on a free port (``locations``: more of its server block)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root))
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, root=root, locations=locations))
     proc = subprocess.Popen(
         [nginx, "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
