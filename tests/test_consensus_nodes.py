@@ -164,3 +164,39 @@ def test_a_tampering_build_node_never_gets_its_hashes_committed(
         finally:
             for n in nodes:
                 n.stop()
+
+
+def test_builds_queued_at_once_each_commit_once_on_every_node(
+    four: list[NodeProcess], fresh_seeded_upstream: SeededUpstream, tmp_path: Path
+) -> None:
+    """Every seeded image requested at once from three build nodes: proposals then hold
+    what one quorum rebuilt, batch while more rebuilds are on their way, and builds pause
+    while heights are decided -- and still every record commits exactly once, in the same
+    blocks on every node."""
+    a, b, c, d = four
+    before = status(a)["log_records"]
+    images = sorted(fresh_seeded_upstream.images)
+    builds: list[tuple[NodeProcess, str]] = []
+    with httpx.Client(timeout=60) as http:
+        for i, image in enumerate(images):
+            node = (b, c, d)[i % 3]
+            r = http.post(f"{node.url}/api/build/docker", json={"image": image})
+            assert r.status_code == 202, r.text
+            builds.append((node, r.json()["build_id"]))
+        for node, build_id in builds:
+            url = f"{node.url}/api/builds/{build_id}"
+            wait_until(f"build {url} to succeed",
+                       lambda url=url: http.get(url).json()["status"] == "SUCCESS", timeout=120)
+    counts: list[int] = []
+    for image in images:
+        out = run_cli(tmp_path, "inspect-log", "docker", "--image", image, port=a.port)
+        assert out.returncode == 0, out.stderr
+        records = json.loads(out.stdout)
+        artifacts = [r["package_specific_artifact_id"] for r in records]
+        assert len(artifacts) == len(set(artifacts)), f"{image} committed twice: {artifacts}"
+        counts.append(len(records))
+    assert status(a)["log_records"] == before + sum(counts)
+    head = status(a)["ledger_head"]
+    for n in (b, c, d):
+        wait_until(f"{n.url} to hold the same ledger", lambda n=n: status(n)["ledger_head"] == head)
+        assert status(n)["log_records"] == before + sum(counts)
