@@ -174,9 +174,10 @@ def main() -> None:
             for name in "bcd":
                 nodes.append(NodeProcess(work / name, upstream=upstream,
                                          extra=(*extra, "--peer", a.url)).start())
-            for peer in nodes[1:]:
+            for i, peer in enumerate(nodes[1:]):
                 out = run_cli(work, "authorize", "--peer", status(peer)["node_id"],
-                              "--data-dir", str(a.data_dir), port=a.port, timeout=120)
+                              "--data-dir", str(a.data_dir), *(["--force"] if i < 2 else []),
+                              port=a.port, timeout=120)
                 assert out.returncode == 0, out.stderr
             # Sequential builds: latency from build end to commit.
             for i in range(args.builds):

@@ -21,7 +21,9 @@ def cli_env(home: Path, port: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["XDG_CONFIG_HOME"] = str(home / "config")
     env["PYRSIA_CLI_CONFIG"] = str(home / "config" / "pyrsia" / "cli.json")
-    env.pop("PYRSIA_HOME", None)
+    env["XDG_DATA_HOME"] = str(home / "share")  # the default data dir: never the user's
+    for name in ("PYRSIA_HOME", "PYRSIA_NODE", "PYRSIA_UPSTREAM"):
+        env.pop(name, None)
     if port is not None:
         cfg = home / "config" / "pyrsia" / "cli.json"
         cfg.parent.mkdir(parents=True, exist_ok=True)

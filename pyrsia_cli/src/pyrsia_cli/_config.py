@@ -11,7 +11,14 @@ from typing import Any
 
 import attrs
 
-__all__ = ["CliConfig", "ConfigError", "config_path", "validate_host", "validate_port"]
+__all__ = [
+    "CliConfig",
+    "ConfigError",
+    "config_path",
+    "parse_node_address",
+    "validate_host",
+    "validate_port",
+]
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
@@ -64,11 +71,34 @@ def validate_disk_space(text: str) -> str:
     return " ".join(text.split())
 
 
+def parse_node_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:7889"``, ``"http://host:7889"``, ``"[::1]:7889"`` or ``"host"`` (port
+    7888) -> ``(host, port)``."""
+    raw = text.strip()
+    rest = raw.removeprefix("http://")
+    if "://" in rest:
+        raise ConfigError(f"invalid node address {raw!r}: the node API is plain http://")
+    rest = rest.rstrip("/")
+    if rest.startswith("["):
+        host, sep, port_text = rest[1:].partition("]")
+        port_text = port_text.removeprefix(":") if sep else "x"
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host, port_text = rest, ""
+    try:
+        return validate_host(host), validate_port(port_text) if port_text else 7888
+    except ConfigError as exc:
+        raise ConfigError(f"invalid node address {raw!r}: {exc}") from None
+
+
 @attrs.define
 class CliConfig:
     host: str = "localhost"
     port: int = 7888
     disk_allocated: str = "10 GB"
+    #: Where host and port came from (for error messages); not saved.
+    source: str = attrs.field(default="the default", eq=False)
 
     @property
     def url(self) -> str:
@@ -87,18 +117,22 @@ class CliConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"CLI configuration {path} is not a JSON object")
         cfg = cls()
-        if "host" in data:
-            cfg.host = validate_host(str(data["host"]))
-        if "port" in data:
-            cfg.port = validate_port(data["port"])
-        if "disk_allocated" in data:
-            cfg.disk_allocated = validate_disk_space(str(data["disk_allocated"]))
+        try:
+            if "host" in data:
+                cfg.host = validate_host(str(data["host"]))
+            if "port" in data:
+                cfg.port = validate_port(data["port"])
+            if "disk_allocated" in data:
+                cfg.disk_allocated = validate_disk_space(str(data["disk_allocated"]))
+        except ConfigError as exc:
+            raise ConfigError(f"CLI configuration {path}: {exc}") from None
         return cfg
 
     def save(self, path: Path | None = None) -> Path:
         path = path or config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(attrs.asdict(self), indent=2) + "\n")
+        data = {"host": self.host, "port": self.port, "disk_allocated": self.disk_allocated}
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(path)
         return path

@@ -18,12 +18,13 @@ from ._config import (
     CliConfig,
     ConfigError,
     config_path,
+    parse_node_address,
     validate_disk_space,
     validate_host,
     validate_port,
 )
 
-__all__ = ["main"]
+__all__ = ["format_ago", "main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -46,7 +47,53 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def _client(cfg: CliConfig) -> httpx.Client:
-    return httpx.Client(base_url=cfg.url, timeout=httpx.Timeout(30.0, connect=5.0))
+    return httpx.Client(base_url=cfg.url, timeout=httpx.Timeout(30.0, connect=5.0),
+                        trust_env=False)
+
+
+def _explicit_data_dir(args: argparse.Namespace) -> Path | None:
+    """The data dir the user named (``--data-dir`` or ``$PYRSIA_HOME``), if any."""
+    named = getattr(args, "data_dir", None) or os.environ.get("PYRSIA_HOME")
+    return Path(named) if named else None
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from pyrsia_registry import default_data_dir
+
+    return _explicit_data_dir(args) or default_data_dir()
+
+
+def _target(args: argparse.Namespace) -> CliConfig:
+    """Which node a command talks to, in this order: ``--node``, ``$PYRSIA_NODE``, the
+    node running from ``--data-dir`` / ``$PYRSIA_HOME`` (its ``node.url``), the CLI
+    configuration (``pyrsia config``)."""
+    path = config_path()
+    cfg = CliConfig.load(path)
+    cfg.source = f"the CLI configuration {path}" if path.exists() else "the default"
+    given = getattr(args, "node", None)
+    if given:
+        cfg.host, cfg.port = parse_node_address(given)
+        cfg.source = "--node"
+        return cfg
+    env = os.environ.get("PYRSIA_NODE")
+    if env:
+        try:
+            cfg.host, cfg.port = parse_node_address(env)
+        except ConfigError as exc:
+            raise ConfigError(f"PYRSIA_NODE: {exc}") from None
+        cfg.source = "PYRSIA_NODE"
+        return cfg
+    data_dir = _explicit_data_dir(args)
+    if data_dir is not None:
+        url_file = data_dir / "node.url"
+        try:
+            cfg.host, cfg.port = parse_node_address(url_file.read_text().strip())
+            cfg.source = f"the node running from {data_dir}"
+        except OSError:
+            pass  # no node runs from that data dir: the configured node
+        except ConfigError as exc:
+            raise ConfigError(f"{url_file}: {exc}") from None
+    return cfg
 
 
 def _request(cfg: CliConfig, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -55,11 +102,27 @@ def _request(cfg: CliConfig, method: str, path: str, **kwargs: Any) -> httpx.Res
             return client.request(method, path, **kwargs)
     except httpx.ConnectError:
         _fail(
-            f"cannot reach the pyrsia node at {cfg.url}: is it running? Start it with "
-            "'pyrsia node start', or point the CLI at it with 'pyrsia config -e'."
+            f"cannot reach the pyrsia node at {cfg.url} (from {cfg.source}): is it running? "
+            "Start it with 'pyrsia node start', or name it with --node HOST:PORT, "
+            "PYRSIA_NODE or 'pyrsia config -e'."
         )
     except httpx.HTTPError as exc:
         _fail(f"request to the pyrsia node at {cfg.url} failed: {exc}")
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    """``--token``, else the admin token in the node's data dir."""
+    if getattr(args, "token", None):
+        return str(args.token)
+    data_dir = _data_dir(args)
+    try:
+        token = (data_dir / "admin.token").read_text().strip()
+    except OSError:
+        token = ""
+    if not token:
+        _fail(f"no admin token: give --token, or --data-dir / PYRSIA_HOME of the node "
+              f"(looked for {data_dir / 'admin.token'})")
+    return token
 
 
 def _json_or_fail(resp: httpx.Response, what: str) -> Any:
@@ -99,7 +162,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             port=args.port,
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             upstream=None if args.no_upstream else args.upstream,
-            disk_space=parse_size(args.disk_space),
+            disk_space=parse_size(args.disk_space) if args.disk_space else None,
             kv_store=args.kv_store,
             peers=tuple(args.peer),
             listen_only=args.listen_only,
@@ -113,6 +176,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             package_options=_package_options(args.package_option),
             transport_options=_package_options(args.transport_option, "--transport-option",
                                                "quic.max_datagram_size=8192"),
+            consensus_timeout=args.consensus_timeout,
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -123,6 +187,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         if isinstance(leaf, KeyboardInterrupt):
             return 0
         if isinstance(leaf, OSError):
+            if leaf.filename:
+                _fail(f"cannot start the node: {leaf.filename}: {leaf.strerror or leaf}")
             hint = " (is another node running there? choose another port with -p)" if (
                 leaf.errno == errno.EADDRINUSE) else ""
             _fail(f"cannot start the node on {config.host}:{config.port}: "
@@ -174,17 +240,26 @@ def _prompt(label: str, default: str, validate: Any) -> Any:
 
 def cmd_config(args: argparse.Namespace) -> int:
     path = config_path()
-    cfg = CliConfig.load(path)
+    try:
+        cfg = CliConfig.load(path)
+    except ConfigError as exc:
+        if not args.edit:
+            raise ConfigError(f"{exc} (repair it with 'pyrsia config -e', or delete it)") from None
+        print(f"Warning: {exc}; starting from the defaults.", file=sys.stderr)
+        cfg = CliConfig()
+    disk_changed = False
     if args.edit:
         cfg.host = _prompt("host", cfg.host, validate_host)
         cfg.port = _prompt("port", str(cfg.port), validate_port)
-        cfg.disk_allocated = _prompt(
+        disk = _prompt(
             "disk space to be allocated to pyrsia(Please enter with units ex: 10 GB)",
             cfg.disk_allocated,
             validate_disk_space,
         )
+        cfg.disk_allocated = disk
         cfg.save(path)
         print("Node configuration Saved !!")
+        _apply_disk_space(args, cfg)
         return 0
     changed = False
     if args.host is not None:
@@ -192,19 +267,84 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.port is not None:
         cfg.port, changed = args.port, True
     if args.disk_space is not None:
-        cfg.disk_allocated, changed = args.disk_space, True
+        cfg.disk_allocated, changed, disk_changed = args.disk_space, True, True
     if changed:
         cfg.save(path)
         print("Node configuration Saved !!")
+        if disk_changed:
+            _apply_disk_space(args, cfg)
     if args.show or not changed:
         print(json.dumps({"host": cfg.host, "port": cfg.port,
                           "disk_allocated": cfg.disk_allocated}, indent=2))
     return 0
 
 
+def _apply_disk_space(args: argparse.Namespace, cfg: CliConfig) -> None:
+    """Give the node the disk space just configured: through its API while it runs (it
+    evicts to fit at once), else in its data dir's settings for its next start."""
+    from pyrsia_registry import parse_size, save_settings
+
+    size = parse_size(cfg.disk_allocated)
+    cfg.source = "the CLI configuration"
+    target = _target(args)
+    token = ""
+    try:
+        token = _admin_token(args)
+    except CliError:
+        pass
+    try:
+        with _client(target) as client:
+            resp = client.put("/api/config", json={"disk_space": size},
+                              headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError:
+        resp = None
+    if resp is not None and resp.status_code == 200:
+        data = resp.json()
+        evicted = int(data.get("evicted_bytes", 0))
+        print(f"The node at {target.url} now uses at most {_size(size)} of disk"
+              + (f" ({_size(evicted)} of cached artifacts evicted to fit)." if evicted else "."),
+              file=sys.stderr)
+        return
+    if resp is not None:
+        message = _error_of(resp)
+        _fail(f"the node at {target.url} did not take the disk space: {message}"
+              + (" (give --token or --data-dir / PYRSIA_HOME of the node)"
+                 if resp.status_code == 401 else ""))
+    data_dir = _data_dir(args)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        save_settings(data_dir, disk_space=size)
+    except OSError as exc:
+        _fail(f"the node at {target.url} is not running, and its settings in {data_dir} "
+              f"cannot be written: {exc.strerror or exc}")
+    print(f"The node at {target.url} is not running: it will use {_size(size)} of disk when "
+          f"it starts from {data_dir}.", file=sys.stderr)
+
+
+def _error_of(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    message = data.get("error") if isinstance(data, dict) else None
+    return str(message) if message else f"HTTP {resp.status_code}"
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
-    cfg = CliConfig.load()
-    resp = _request(cfg, "GET", "/api/ping")
+    import time
+
+    cfg = _target(args)
+    deadline = time.monotonic() + (args.wait or 0)
+    while True:
+        try:
+            with _client(cfg) as client:
+                resp = client.get("/api/ping")
+            break
+        except httpx.HTTPError:
+            if time.monotonic() >= deadline:
+                resp = _request(cfg, "GET", "/api/ping")  # fails with the usual message
+                break
+            time.sleep(0.2)
     data = _json_or_fail(resp, "ping")
     print(f"Connection Successful !! node {data.get('node_id', '?')} at {cfg.url}")
     return 0
@@ -217,7 +357,7 @@ def _size(n: int) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = CliConfig.load()
+    cfg = _target(args)
     data = _json_or_fail(_request(cfg, "GET", "/api/status"), "status")
     if args.json:
         print(json.dumps(data, indent=2))
@@ -234,11 +374,16 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({data['log_records']} log records)")
     print(f"Authorized build nodes:     {len(data['authorized_build_nodes'])}"
           f"{' (this node is one)' if data.get('is_build_node') else ''}")
+    if data.get("upstream"):
+        print(f"Upstream:                   {data['upstream']}")
+    stall = data.get("consensus_stall")
+    if stall:
+        print(f"WARNING: consensus stalled: {stall['reason']}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    cfg = CliConfig.load()
+    cfg = _target(args)
     peers = _json_or_fail(_request(cfg, "GET", "/api/peers"), "list peers")
     if args.json:
         print(json.dumps(peers, indent=2))
@@ -246,17 +391,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not peers:
         print("No peers connected.")
         return 0
-    print(f"{'NODE ID':<66} {'ADDRESS':<30} LAST SEEN")
+    print(f"{'NODE ID':<66} {'ADDRESS':<30} {'BUILD NODE':<10} LAST SEEN")
     for p in peers:
-        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {p.get('last_seen', '')}")
+        build = "yes" if p.get("is_build_node") else "no"
+        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {build:<10} "
+              f"{format_ago(p.get('last_seen'))}")
     return 0
+
+
+def format_ago(epoch: Any, now: float | None = None) -> str:
+    """``1733335200`` -> ``"12 s ago"`` (``"never"`` for none)."""
+    import time
+
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or epoch <= 0:
+        return "never"
+    ago = max(0.0, (time.time() if now is None else now) - epoch)
+    if ago < 90:
+        return f"{ago:.0f} s ago"
+    if ago < 90 * 60:
+        return f"{ago / 60:.0f} min ago"
+    if ago < 36 * 3600:
+        return f"{ago / 3600:.0f} h ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
 
 
 def cmd_inspect_log(args: argparse.Namespace) -> int:
     option = ID_OPTIONS[args.package_type]
     if not getattr(args, option):
         args.parser.error(f"inspect-log {args.package_type} needs --{option}")
-    cfg = CliConfig.load()
+    cfg = _target(args)
     params: dict[str, str] = {option: getattr(args, option), "format": args.format}
     if args.fields:
         params["fields"] = args.fields
@@ -271,27 +434,27 @@ def cmd_inspect_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_status(args: argparse.Namespace) -> int:
+    cfg = _target(args)
+    data = _json_or_fail(_request(cfg, "GET", f"/api/builds/{args.id}"), "build status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        print(f"Build {data['build_id']} of {data['package_specific_id']}: "
+              f"{data['status']}{reason}")
+    return 0 if data["status"] != "FAILED" else EXIT_ERROR
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    cfg = CliConfig.load()
-    if args.package_type == "status":
-        if not args.id:
-            _fail("pyrsia build status needs --id <build id>", EXIT_USAGE)
-        data = _json_or_fail(_request(cfg, "GET", f"/api/builds/{args.id}"), "build status")
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            reason = f": {data['reason']}" if data.get("reason") else ""
-            print(f"Build {data['build_id']} of {data['package_specific_id']}: "
-                  f"{data['status']}{reason}")
-        return 0 if data["status"] != "FAILED" else EXIT_ERROR
+    cfg = _target(args)
     option = ID_OPTIONS[args.package_type]
-    if not getattr(args, option):
-        example = "alpine:3.16.2" if option == "image" else "junit:junit:4.13.2"
-        _fail(f"pyrsia build {args.package_type} needs --{option}, e.g. --{option} {example}",
-              EXIT_USAGE)
     resp = _request(cfg, "POST", f"/api/build/{args.package_type}",
                     json={option: getattr(args, option)})
     data = _json_or_fail(resp, "Build request")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
     print(f"Build request successfully handled. Build with ID {data['build_id']} has been "
           "requested.")
     return 0
@@ -301,9 +464,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import anyio
     from pyrsia_core.errors import PyrsiaError
 
-    from pyrsia_registry import default_data_dir, verify_offline
+    from pyrsia_registry import verify_offline
 
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = _data_dir(args)
     try:
         report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
     except PyrsiaError as exc:
@@ -320,25 +483,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:
-    cfg = CliConfig.load()
-    token = args.token
-    if not token:
-        from pyrsia_registry import default_data_dir
-
-        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-        try:
-            token = (data_dir / "admin.token").read_text().strip()
-        except OSError:
-            _fail(f"no admin token: give --token, or --data-dir / PYRSIA_HOME of the node "
-                  f"(looked for {data_dir / 'admin.token'})")
-    resp = _request(cfg, "POST", "/api/authorize", json={"peer": args.peer},
+    add = args.command == "authorize"
+    cfg = _target(args)
+    token = _admin_token(args)
+    resp = _request(cfg, "POST", f"/api/{args.command}",
+                    json={"peer": args.peer, "force": bool(args.force)},
                     headers={"Authorization": f"Bearer {token}"})
     if resp.status_code in (401, 403):
-        _fail(f"the node refused: {resp.json().get('error', resp.text)} (status "
-              f"{resp.status_code})")
-    data = _json_or_fail(resp, "authorize")
-    print(f"Node {data['authorized']} is now an authorized build node (ledger height "
-          f"{data['ledger_height']}, {len(data['authorized_build_nodes'])} build nodes).")
+        _fail(f"the node refused: {_error_of(resp)} (status {resp.status_code})")
+    data = _json_or_fail(resp, args.command)
+    count = len(data["authorized_build_nodes"])
+    if add:
+        print(f"Node {data['authorized']} is now an authorized build node (ledger height "
+              f"{data['ledger_height']}, {count} build nodes).")
+    else:
+        print(f"Node {data['deauthorized']} is no longer a build node (ledger height "
+              f"{data['ledger_height']}, {count} build node{'s' if count != 1 else ''}).")
     return 0
 
 
@@ -369,6 +529,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"pyrsia {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    # Every command that talks to a node takes --node (else PYRSIA_NODE, PYRSIA_HOME's node,
+    # the CLI configuration).
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--node", metavar="HOST:PORT",
+                        help="the node to talk to, e.g. 127.0.0.1:7889 or http://host:port "
+                        "(default: $PYRSIA_NODE, else the node running from $PYRSIA_HOME, else "
+                        "'pyrsia config')")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print the node's JSON answer")
+    admin = argparse.ArgumentParser(add_help=False, parents=[client])
+    admin.add_argument("--token", help="the node's admin token (default: read from its data dir)")
+    admin.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME); "
+                       "its admin token is used, and the node running from it is the target")
+
     node = sub.add_parser("node", help="run a pyrsia node")
     node.set_defaults(help_parser=node)
     node_sub = node.add_subparsers(dest="node_command", metavar="ACTION")
@@ -379,11 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port to listen on (default 7888)")
     start.add_argument("--data-dir", help="data directory (default $PYRSIA_HOME or "
                        "~/.local/share/pyrsia)")
-    start.add_argument("--upstream", default="https://registry-1.docker.io",
-                       help="registry to build images from (default Docker Hub)")
+    start.add_argument("--upstream",
+                       default=os.environ.get("PYRSIA_UPSTREAM", "https://registry-1.docker.io"),
+                       help="registry to build images from (default $PYRSIA_UPSTREAM, else "
+                       "Docker Hub)")
     start.add_argument("--no-upstream", action="store_true", help="never contact an upstream")
-    start.add_argument("--disk-space", default="10 GB",
-                       help="disk space the node may use for artifacts (default '10 GB')")
+    start.add_argument("--disk-space", default=None,
+                       help="disk space the node may use for artifacts, e.g. '10 GB' (default: "
+                       "the node's setting from 'pyrsia config', else 10 GB); saved for later "
+                       "starts")
     start.add_argument("--peer", action="append", default=[], metavar="URL",
                        help="a peer to join, e.g. http://127.0.0.1:44001 (repeatable)")
     start.add_argument("--listen-only", action="store_true",
@@ -400,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--quic-port", type=int, default=None,
                        help="UDP port of the quic transport (default: the same number as --port)")
     start.add_argument("--sync-interval", type=float, default=5.0, help=argparse.SUPPRESS)
+    start.add_argument("--consensus-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="how long a build waits for the build nodes' quorum before it "
+                       "fails (default 120)")
     start.add_argument("--kv-store", default="leveldb",
                        help="key-value store plugin for the ledger (default leveldb)")
     start.add_argument("--blob-store", default="fs",
@@ -413,34 +594,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config of a transport plugin, e.g. quic.max_datagram_size=8192 "
                        "(repeatable)")
     start.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
+                       choices=["debug", "info", "warning", "error"],
+                       help="how much the node logs to stderr (default info)")
     start.set_defaults(func=cmd_node_start)
 
-    cfg = sub.add_parser("config", help="configure the CLI (node address, disk space)")
-    cfg.add_argument("-e", "--edit", action="store_true", help="edit interactively")
+    cfg = sub.add_parser("config", parents=[client],
+                         help="configure the CLI and the node (address, disk space)")
+    cfg.add_argument("-e", "--edit", action="store_true",
+                     help="edit interactively (the disk space is given to the node)")
     cfg.add_argument("-s", "--show", action="store_true", help="show the configuration")
     cfg.add_argument("--host", type=_checked(validate_host), help="the node's host name or IP")
     cfg.add_argument("--port", type=_checked(validate_port), help="the node's port (1-65535)")
     cfg.add_argument("--disk-space", type=_checked(validate_disk_space),
-                     help="disk space to allocate, with units, e.g. '10 GB'")
+                     help="disk space the node may use, with units, e.g. '10 GB'")
+    cfg.add_argument("--token", help="the node's admin token (to change its disk space)")
+    cfg.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
     cfg.set_defaults(func=cmd_config)
 
-    ping = sub.add_parser("ping", help="check that the node answers")
+    ping = sub.add_parser("ping", parents=[client], help="check that the node answers")
+    ping.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                      help="keep trying for up to SECONDS (e.g. right after starting a node)")
     ping.set_defaults(func=cmd_ping)
 
-    status = sub.add_parser("status", help="node status: id, peers, artifacts, disk, ledger")
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", parents=[client, as_json],
+                            help="node status: id, peers, artifacts, disk, ledger")
+    status.add_argument("--data-dir", help=argparse.SUPPRESS)
     status.set_defaults(func=cmd_status)
 
-    lst = sub.add_parser("list", help="list the node's peers")
-    lst.add_argument("--json", action="store_true")
+    lst = sub.add_parser("list", parents=[client, as_json], help="list the node's peers")
+    lst.add_argument("--data-dir", help=argparse.SUPPRESS)
     lst.set_defaults(func=cmd_list)
 
-    inspect = sub.add_parser("inspect-log", help="show the transparency log of a package")
+    inspect = sub.add_parser("inspect-log", parents=[client],
+                             help="show the transparency log of a package")
     inspect.add_argument("package_type", choices=PACKAGE_TYPES)
     inspect.add_argument("--image", help="docker: e.g. alpine:3.16.2")
     inspect.add_argument("--gav", help="maven: group:artifact:version, e.g. junit:junit:4.13.2")
-    inspect.add_argument("--format", choices=["json", "csv"], default="json")
+    inspect.add_argument("--format", choices=["json", "csv"], default="json",
+                         help="output format (default json)")
     inspect.add_argument("--fields", help="comma-separated record fields to show")
     inspect.add_argument("--latest", action="store_true", help="only the latest build's records")
     inspect.add_argument("--proof", action="store_true",
@@ -453,19 +644,30 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
     verify.set_defaults(func=cmd_verify)
 
-    auth = sub.add_parser("authorize", help="make a peer an authorized build node (admin)")
-    auth.add_argument("--peer", required=True, help="the peer's node id")
-    auth.add_argument("--token", help="the node's admin token (default: read from its data dir)")
-    auth.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
-    auth.set_defaults(func=cmd_authorize)
+    for name, helptext in (("authorize", "make a peer an authorized build node (admin)"),
+                           ("deauthorize", "remove a build node from the build nodes (admin)")):
+        auth = sub.add_parser(name, parents=[admin], help=helptext)
+        auth.add_argument("--peer", required=True, help="the node id (64 hex characters)")
+        auth.add_argument("--force", action="store_true",
+                          help="even if the build nodes that answer now could then not reach "
+                          "a quorum without it")
+        auth.set_defaults(func=cmd_authorize)
 
     build = sub.add_parser("build", help="request a build, or follow one ('build status')")
-    build.add_argument("package_type", choices=[*PACKAGE_TYPES, "status"])
-    build.add_argument("--image", help="image to build, e.g. alpine:3.16.3")
-    build.add_argument("--gav", help="Maven package to build, e.g. junit:junit:4.13.2")
-    build.add_argument("--id", help="build id (for 'build status')")
-    build.add_argument("--json", action="store_true")
-    build.set_defaults(func=cmd_build)
+    build.set_defaults(help_parser=build)
+    build_sub = build.add_subparsers(dest="package_type", metavar="TYPE")
+    for package_type, option, example in (("docker", "image", "alpine:3.16.3"),
+                                          ("maven", "gav", "junit:junit:4.13.2")):
+        one = build_sub.add_parser(package_type, parents=[client, as_json],
+                                   help=f"build a {package_type} package, e.g. --{option} "
+                                   f"{example}")
+        one.add_argument(f"--{option}", required=True,
+                         help=f"the package to build, e.g. {example}")
+        one.set_defaults(func=cmd_build)
+    bstatus = build_sub.add_parser("status", parents=[client, as_json],
+                                   help="the status of a build, by its id")
+    bstatus.add_argument("--id", required=True, help="the build id 'pyrsia build' printed")
+    bstatus.set_defaults(func=cmd_build_status)
     return parser
 
 

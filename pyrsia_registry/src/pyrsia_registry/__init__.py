@@ -6,7 +6,15 @@
 
 from ._api import NodeApi, format_records
 from ._app import NodeApp
-from ._config import NodeConfig, default_data_dir, format_size, parse_rate, parse_size
+from ._config import (
+    NodeConfig,
+    default_data_dir,
+    format_size,
+    load_settings,
+    parse_rate,
+    parse_size,
+    save_settings,
+)
 from ._docker import DockerService
 from ._node import Build, BuildError, Node, NotInLog
 from ._oci import OciApp
@@ -32,9 +40,11 @@ __all__ = [
     "default_data_dir",
     "format_records",
     "format_size",
+    "load_settings",
     "parse_rate",
     "parse_size",
     "run_node",
+    "save_settings",
     "start_node",
     "verify_offline",
 ]

@@ -6,6 +6,7 @@ import csv
 import hmac
 import io
 import logging
+import re
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -22,6 +23,7 @@ __all__ = ["NodeApi", "format_records"]
 
 log = logging.getLogger("pyrsia.api")
 FIELD_NAMES: Final = [name for name, _ in RECORD_FIELDS]
+_NODE_ID: Final = re.compile(r"[0-9a-f]{64}")
 
 
 class ApiError(Exception):
@@ -109,21 +111,61 @@ class NodeApi:
         elif len(route) == 2 and route[0] == "builds" and method == "GET":
             build = self.node.builds.get(route[1])
             if build is not None:
-                await send_json(send, 200, build.to_json())
+                await send_json(send, 200, self.node.build_json(build))
                 return
-            remote = await self.service.forwarded_status(route[1])
+            try:
+                remote = await self.service.forwarded_status(route[1])
+            except PyrsiaError as exc:
+                raise ApiError(503, f"build {route[1][:64]!r} runs on a build node that did not "
+                               f"answer: {exc}") from None
+            if remote is None:
+                remote = await self._ask_build_nodes(route[1])
             if remote is None:
                 raise ApiError(404, f"no build with id {route[1][:64]!r}")
             await send_json(send, 200, remote)
         elif route == ["authorize"] and method == "POST":
-            await self._authorize(scope, receive, send)
+            await self._node_change(scope, receive, send, add=True)
+        elif route == ["deauthorize"] and method == "POST":
+            await self._node_change(scope, receive, send, add=False)
+        elif route == ["config"] and method == "GET":
+            await send_json(send, 200, self._config_json())
+        elif route == ["config"] and method in ("PUT", "POST"):
+            await self._set_config(scope, receive, send)
         elif len(route) == 2 and route[0] == "inspect-log" and method == "GET":
             await self._inspect(scope, send, route[1])
         elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log",
-                                    "authorize"):
+                                    "authorize", "deauthorize", "config"):
             raise ApiError(405, f"{method} is not allowed on {path}")
         else:
             raise ApiError(404, f"no route for {path[:200]}")
+
+    async def _ask_build_nodes(self, build_id: str) -> dict[str, Any] | None:
+        """The status of a build this node did not start or forward: asked of every build
+        node (a build id handed out by any node of the network is answered by any node)."""
+        import anyio
+
+        peers = self.node.peers
+        if peers is None or not re.fullmatch(r"[0-9a-f-]{36}", build_id):
+            return None
+        found: list[dict[str, Any]] = []
+
+        async def ask(nid: str) -> None:
+            address = peers.address_of(nid)
+            if address is None:
+                return
+            with anyio.move_on_after(5.0):
+                try:
+                    env = await peers.rpc(address, "GET_BUILD", {"build_id": build_id},
+                                          {"BUILD_STATUS"})
+                except (PyrsiaError, ValueError):
+                    return
+                found.append({**env.body, "build_node": nid})
+
+        async with anyio.create_task_group() as tg:
+            for nid in self.node.log_store.ledger.validators.ordered():
+                if nid != self.node.node_id:
+                    tg.start_soon(ask, nid)
+        return found[0] if found else None
 
     def _plugin(self, package_type: str) -> Any:
         """The package-type plugin serving ``package_type``, or ``None`` for docker."""
@@ -204,38 +246,142 @@ class NodeApi:
             with anyio.move_on_after(limit):
                 await running.done.wait()
 
-    async def _authorize(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Propose an AddNode record: the peer becomes an authorized build node."""
+    async def _admin_body(self, scope: Scope, receive: Receive, what: str) -> dict[str, Any]:
+        """The JSON object of an admin request (the node's admin token is required)."""
         if not self._authorized(scope):
-            raise ApiError(401, "authorize needs the node's admin token (Authorization: Bearer "
+            raise ApiError(401, f"{what} needs the node's admin token (Authorization: Bearer "
                            "<token>; the token is in the node's data directory, admin.token)")
         try:
             body: Any = canonical_loads(await read_body(receive, 64 * 1024) or b"{}")
         except (EncodingError, ValueError) as exc:
             raise ApiError(400, f"request body must be a JSON object: {exc}") from None
-        peer = body.get("peer") if isinstance(body, dict) else None
-        if not isinstance(peer, str) or len(peer) != 64:
-            raise ApiError(400, "give the peer's node id (64 hex characters)")
-        if not self.node.is_build_node:
-            raise ApiError(403, "only an authorized build node can authorize another")
-        if peer in self.node.log_store.ledger.validators:
-            raise ApiError(409, f"node {peer} is already an authorized build node")
-        from pyrsia_core import PublicKey, Record
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
 
-        peers = self.node.peers
-        st = peers.stats.get(peer) if peers is not None else None
-        if st is None or not st.public_key:
-            raise ApiError(404, f"node {peer} is not a known peer: it must have connected to "
-                           "this node (start it with --peer pointing here)")
-        record = Record.node_change(signer=self.node.signer, subject=PublicKey.from_hex(
-            st.public_key), timestamp=int(self.node.clock.now()))
+    async def _node_change(self, scope: Scope, receive: Receive, send: Send, *, add: bool) -> None:
+        """Commit an AddNode (authorize) or RemoveNode (deauthorize) record.
+
+        A node is authorized only if it proves now that it holds its key (it answers
+        this node's PING at its address, signed by that key), and only if the build
+        nodes that are up can still reach a quorum without it -- or with ``force``.
+        """
+        what = "authorize" if add else "deauthorize"
+        body = await self._admin_body(scope, receive, what)
+        peer, force = body.get("peer"), body.get("force", False)
+        if not isinstance(peer, str) or not _NODE_ID.fullmatch(peer):
+            raise ApiError(400, "give the peer's node id (64 lowercase hex characters)")
+        if type(force) is not bool:
+            raise ApiError(400, "force must be true or false")
+        node = self.node
+        if not node.is_build_node:
+            raise ApiError(403, f"only an authorized build node can {what} a build node")
+        validators = node.log_store.ledger.validators
+        from pyrsia_core import PublicKey, Record, quorum_threshold
+
+        if add:
+            if peer in validators:
+                raise ApiError(409, f"node {peer} is already an authorized build node")
+            key = await self._proven_key(peer)
+            after = len(validators) + 1
+        else:
+            if peer not in validators:
+                raise ApiError(404, f"node {peer} is not an authorized build node")
+            if len(validators) == 1:
+                raise ApiError(409, "the last build node cannot be deauthorized")
+            key = validators.members[peer].hex
+            after = len(validators) - 1
+        up = await self._build_nodes_up(exclude=peer)
+        needed = quorum_threshold(after)
+        if len(up) < needed and not force:
+            change = (f"authorizing {peer[:16]}… makes {after} build nodes" if add else
+                      f"deauthorizing {peer[:16]}… leaves {after} build node(s)")
+            raise ApiError(409, (
+                f"{change}, of which {needed} must sign every block, but only {len(up)} "
+                f"build node(s) besides it answer now ({', '.join(n[:16] for n in up) or 'none'}):"
+                " "
+                + ("every build would then wait for the new node. " if add else
+                   "no build could commit. ")
+                + f"Repeat with --force to {what} anyway."))
+        record = Record.node_change(signer=node.signer, subject=PublicKey.from_hex(key),
+                                    timestamp=int(node.clock.now()), add=add)
         try:
-            committed = await self.node.commit([record])
+            committed = await node.commit([record])
         except PyrsiaError as exc:
-            raise ApiError(503, f"authorization not committed: {exc}") from None
-        await send_json(send, 200, {"authorized": peer, "ledger_height": committed.block.height,
-                                    "authorized_build_nodes":
-                                        self.node.log_store.ledger.validators.ordered()})
+            raise ApiError(503, f"{what} not committed: {exc}") from None
+        out = {"ledger_height": committed.block.height,
+               "authorized_build_nodes": node.log_store.ledger.validators.ordered()}
+        out["authorized" if add else "deauthorized"] = peer
+        await send_json(send, 200, out)
+
+    async def _proven_key(self, peer: str) -> str:
+        """``peer``'s public key, once it answered a PING at its address signed by that key."""
+        peers = self.node.peers
+        address = peers.address_of(peer) if peers is not None else None
+        if peers is None or address is None:
+            raise ApiError(404, f"node {peer} is not a known peer: it must have joined this "
+                           "node's network (start it with --peer pointing here)")
+        try:
+            env = await peers.ping(address)
+        except (PyrsiaError, ValueError) as exc:
+            raise ApiError(409, f"node {peer} did not answer at {address}: {exc}") from None
+        if env.sender != peer:
+            raise ApiError(409, f"the node at {address} is {env.sender}, not {peer}: {peer} "
+                           "never proved it holds its key")
+        return str(env.public_key.hex)
+
+    async def _build_nodes_up(self, *, exclude: str) -> list[str]:
+        """This node and the other build nodes that answer a PING now (2 s each, at once)."""
+        import anyio
+
+        node = self.node
+        up = [node.node_id] if node.node_id != exclude else []
+        peers = node.peers
+        others = [v for v in node.log_store.ledger.validators.ordered()
+                  if v not in (node.node_id, exclude)]
+
+        async def ask(nid: str) -> None:
+            address = peers.address_of(nid) if peers is not None else None
+            if address is None:
+                return
+            with anyio.move_on_after(2.0):
+                try:
+                    env = await peers.ping(address)
+                except (PyrsiaError, ValueError):
+                    return
+                if env.sender == nid:
+                    up.append(nid)
+
+        async with anyio.create_task_group() as tg:
+            for nid in others:
+                tg.start_soon(ask, nid)
+        return up
+
+    def _config_json(self) -> dict[str, Any]:
+        from ._config import format_size
+
+        size = self.node.disk_space
+        return {"disk_space": size, "disk_space_text": format_size(size),
+                "data_dir": str(self.node.config.data_dir)}
+
+    async def _set_config(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Change the node's settings (admin): ``{"disk_space": "5 GB"}`` (or bytes)."""
+        from pyrsia_core.errors import UsageError
+
+        from ._config import parse_size
+
+        body = await self._admin_body(scope, receive, "changing the node's configuration")
+        unknown = sorted(set(body) - {"disk_space"})
+        if unknown or not body:
+            raise ApiError(400, "the node's configuration has one setting: disk_space"
+                           + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        raw = body["disk_space"]
+        try:
+            size = parse_size(raw) if isinstance(raw, str) else parse_size(f"{int(raw)} B")
+        except (UsageError, ValueError, TypeError) as exc:
+            raise ApiError(400, f"invalid disk_space {raw!r:.100}: {exc}") from None
+        evicted = await self.node.set_disk_space(size)
+        await send_json(send, 200, {**self._config_json(), "evicted_bytes": evicted})
 
     async def _inspect(self, scope: Scope, send: Send, package_type: str) -> None:
         query = _query(scope)

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import attrs
 from pyrsia_core.errors import UsageError
 
-__all__ = ["NodeConfig", "default_data_dir", "format_size", "parse_rate", "parse_size"]
+__all__ = [
+    "MAX_DISK_SPACE",
+    "NodeConfig",
+    "default_data_dir",
+    "format_size",
+    "load_settings",
+    "parse_rate",
+    "parse_size",
+    "save_settings",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7888
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 DEFAULT_DISK_SPACE = "10 GB"
+#: The largest disk space a node accepts (1 EB: more than any file system holds).
+MAX_DISK_SPACE = 10**18
+#: The node's own settings in its data dir (set with ``pyrsia config``; survive restarts).
+SETTINGS_FILE = "settings.json"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*", re.IGNORECASE)
 _UNITS = {
     "B": 1,
@@ -40,6 +55,8 @@ def parse_size(text: str) -> int:
     value = float(m[1]) * _UNITS[m[2].upper()]
     if value <= 0:
         raise UsageError(f"size {text!r} must be greater than zero")
+    if value > MAX_DISK_SPACE:
+        raise UsageError(f"size {text!r} is larger than any disk (at most 1000000 TB)")
     return int(value)
 
 
@@ -72,6 +89,37 @@ def default_data_dir() -> Path:
     return base / "pyrsia"
 
 
+def load_settings(data_dir: Path) -> dict[str, Any]:
+    """The settings saved in a node's data dir (``{}`` if none); a broken file is an error."""
+    path = Path(data_dir) / SETTINGS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the node settings {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"the node settings {path} are not a JSON object")
+    disk = data.get("disk_space")
+    if disk is not None and (type(disk) is not int or not 0 < disk <= MAX_DISK_SPACE):
+        raise UsageError(f"the node settings {path} hold an invalid disk_space {disk!r}")
+    return data
+
+
+def save_settings(data_dir: Path, **changes: Any) -> dict[str, Any]:
+    """Merge ``changes`` into the node's saved settings (written atomically); the result."""
+    path = Path(data_dir) / SETTINGS_FILE
+    try:
+        data = load_settings(data_dir)
+    except UsageError:
+        data = {}  # a broken file is replaced by the new settings
+    data.update(changes)
+    tmp = path.with_name(SETTINGS_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return data
+
+
 @attrs.define
 class NodeConfig:
     """Everything a node is started with; the CLI's ``pyrsia node start`` options map onto it."""
@@ -80,7 +128,9 @@ class NodeConfig:
     port: int = DEFAULT_PORT
     data_dir: Path = attrs.field(factory=default_data_dir, converter=Path)
     upstream: str | None = DEFAULT_UPSTREAM
-    disk_space: int = attrs.field(factory=lambda: parse_size(DEFAULT_DISK_SPACE))
+    #: Bytes of disk for artifacts. ``None``: the node's saved setting (``pyrsia config``),
+    #: else 10 GB. A value given here is saved as the node's setting.
+    disk_space: int | None = None
     kv_store: str = "leveldb"
     blob_store: str = "fs"
     peers: tuple[str, ...] = ()
@@ -100,11 +150,17 @@ class NodeConfig:
     transport_options: dict[str, dict[str, str]] = attrs.Factory(dict)
     #: Seconds a package-type plugin may take to build or to answer (then it fails alone).
     plugin_timeout: float = 120.0
+    #: Seconds a build waits for the build nodes' quorum before it fails.
+    consensus_timeout: float = 120.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port} is not in 0..65535")
         if self.quic_port is not None and not 0 <= self.quic_port <= 65535:
             raise UsageError(f"QUIC port {self.quic_port} is not in 0..65535")
+        if self.disk_space is not None and not 0 < self.disk_space <= MAX_DISK_SPACE:
+            raise UsageError(f"disk space {self.disk_space} is not in 1..{MAX_DISK_SPACE} bytes")
+        if self.consensus_timeout <= 0:
+            raise UsageError("the consensus timeout must be greater than zero")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise UsageError(f"upstream {self.upstream!r} must be an http:// or https:// URL")

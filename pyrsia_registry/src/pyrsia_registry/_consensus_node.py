@@ -99,6 +99,15 @@ class ConsensusRunner:
     _rebuilds: anyio.Semaphore = attrs.Factory(lambda: anyio.Semaphore(MAX_REBUILDS))
     #: When this node first saw a proposal of the committed block (for the log).
     _proposed_at: dict[str, float] = attrs.Factory(dict)
+    #: A height undecided this long is a stall: logged (naming the silent build nodes),
+    #: shown in the node's status and in its builds' status.
+    stall_after: float = 10.0
+    #: The height being decided and since when (monotonic), while one is.
+    _height: int | None = None
+    _height_since: float = 0.0
+    _stall_logged: float = 0.0
+    #: The highest consensus height each build node sent a message for.
+    _heard_height: dict[str, int] = attrs.Factory(dict)
 
     # -- inputs from the network and the node ----------------------------------------
 
@@ -112,6 +121,9 @@ class ConsensusRunner:
                      sender[:16])
             return
         self._inbox.append((sender, message))
+        height = message.get("height") if isinstance(message, dict) else None
+        if type(height) is int and height > self._heard_height.get(sender, -1):
+            self._heard_height[sender] = height
         self._wake.set()
 
     def add_pending(self, records: Any, sender: str) -> None:
@@ -221,9 +233,11 @@ class ConsensusRunner:
         finally:
             self._waiters.pop(first, None)
         if waiter.block is None:
+            stall = self.stall()
+            detail = f": {stall['reason']}" if stall else " (more than a third may disagree)"
             raise BuildError(
-                "the build nodes did not reach consensus on this build in time (more than a "
-                "third may be down or disagree)"
+                f"the build nodes did not reach consensus on this build within {wait:g} s"
+                f"{detail}"
             )
         log.info(
             "Consensus latency: %d record(s) of %s committed in block %d %.1f ms "
@@ -457,8 +471,17 @@ class ConsensusRunner:
             if self.node.log_store.ledger.height >= height:
                 return
         now = self.node.clock.now()
-        await self._apply(machine.start(now))
+        self._height, self._height_since = height, self.node.clock.monotonic()
+        try:
+            await self._apply(machine.start(now))
+            await self._decide(machine, height)
+        finally:
+            self._height = None
+
+    async def _decide(self, machine: TendermintMachine, height: int) -> None:
+        """Feed the height's machine until the ledger holds the block of ``height``."""
         while self.node.log_store.ledger.height < height:
+            self._check_stall()
             inbox, self._inbox = self._inbox, []
             for sender, raw in inbox:
                 try:
@@ -486,6 +509,38 @@ class ConsensusRunner:
             if self.pending and machine.step.value == "propose":
                 await self._apply(machine.handle_timer(now))
             await self._sleep_until_woken(None if deadline is None else deadline - now)
+
+    def stall(self) -> dict[str, Any] | None:
+        """The height being decided, if it has waited ``stall_after`` or more: which
+        build nodes sent nothing for it, how many are needed, and a sentence saying so."""
+        if self._height is None:
+            return None
+        waited = self.node.clock.monotonic() - self._height_since
+        if waited < self.stall_after:
+            return None
+        validators = self.node.log_store.ledger.validators
+        silent = [v for v in validators.ordered()
+                  if v != self.node.node_id and self._heard_height.get(v, -1) < self._height]
+        needed = validators.threshold
+        reason = (
+            f"block {self._height} has waited {waited:.0f} s for a quorum ({needed} of "
+            f"{len(validators)} build nodes must sign)"
+        )
+        if silent:
+            reason += (f"; no word from build node(s) {', '.join(silent)}: down or "
+                       "unreachable? Start them again")
+        else:
+            reason += "; every build node answers, but they do not agree yet"
+        return {"height": self._height, "waiting_seconds": round(waited, 1),
+                "needed": needed, "build_nodes": len(validators),
+                "missing_build_nodes": silent, "reason": reason}
+
+    def _check_stall(self) -> None:
+        stall = self.stall()
+        now = self.node.clock.monotonic()
+        if stall is not None and now - self._stall_logged >= self.stall_after:
+            self._stall_logged = now
+            log.warning("Consensus stalled: %s", stall["reason"])
 
     def _started_elsewhere(self, height: int) -> bool:
         """Has a consensus message for ``height`` (or later) arrived?"""

@@ -22,6 +22,7 @@ from pyrsia_pkg_docker import (
     ImageRef,
     Manifest,
     ManifestError,
+    reference_text,
 )
 from pyrsia_pkg_docker._upstream import UpstreamError, UpstreamNotFound
 
@@ -265,7 +266,8 @@ class DockerService:
         upstream = self.node.upstream
         if upstream is None:
             raise BuildError("this node has no upstream to build from")
-        log.info("Fetching manifest for %s:%s from upstream", ref.repository, reference)
+        log.info("Fetching manifest for %s from upstream",
+                 reference_text(ref.repository, reference))
         resp = await upstream.open(
             f"{ref.repository}/manifests/{reference}", accept=ALL_MANIFEST_TYPES
         )

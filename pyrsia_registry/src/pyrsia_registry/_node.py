@@ -8,6 +8,7 @@ every digest, stores them and commits one block of log records per build.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ from pyrsia_core.errors import (
     PyrsiaError,
     QuotaExceeded,
     StoreError,
+    UsageError,
 )
 from pyrsia_core.interfaces import BlobInfo, BlobStore, KeyValueStore, SystemClock, Upstream
 
@@ -43,11 +45,11 @@ from pyrsia_core import (
 )
 from pyrsia_core import plugins as core_plugins
 
-from ._config import NodeConfig
+from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, save_settings
 from ._priority import ConsensusPriority
 from ._verify import ParallelRecordVerifier
 
-__all__ = ["Build", "BuildError", "Node", "NotInLog"]
+__all__ = ["Build", "BuildError", "Node", "NotInLog", "check_data_dir"]
 
 log = logging.getLogger("pyrsia.node")
 
@@ -67,10 +69,14 @@ class Build:
     id: str
     package_type: str
     package_id: str
-    status: str = "RUNNING"  # RUNNING, SUCCESS, FAILED
+    #: RUNNING, WAITING_FOR_QUORUM (built; the build nodes have not committed it yet),
+    #: SUCCESS, FAILED.
+    status: str = "RUNNING"
     reason: str = ""
     started: float = attrs.Factory(time.time)
     finished: float | None = None
+    #: While WAITING_FOR_QUORUM: when the build fails unless the build nodes commit it.
+    deadline: float | None = None
     records: int = 0
     height: int | None = None
     done: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
@@ -88,9 +94,35 @@ class Build:
             "reason": self.reason,
             "started": int(self.started),
             "finished": int(self.finished) if self.finished else None,
+            "deadline": int(self.deadline) if self.deadline else None,
             "records": self.records,
             "ledger_height": self.height,
         }
+
+
+#: The build running in this task (its commit waits for the quorum under its name).
+current_build: contextvars.ContextVar[Build | None] = contextvars.ContextVar(
+    "pyrsia_current_build", default=None
+)
+
+
+def check_data_dir(data: Path) -> None:
+    """Raise :class:`UsageError` naming ``data`` if a node cannot keep its data there.
+
+    Creates nothing: a start that fails leaves no half-made data directory behind.
+    """
+    probe = data
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != data and probe.exists() and not probe.is_dir():
+        raise UsageError(f"cannot use the data directory {data}: {probe} is not a directory")
+    if probe == data and not data.is_dir():
+        raise UsageError(f"cannot use the data directory {data}: it is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "it is" if probe == data else f"{probe} is"
+        raise UsageError(f"cannot use the data directory {data}: {what} not writable")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -148,7 +180,20 @@ class Node:
         node joining peers), or else a genesis of its own: a network of one.
         """
         data = config.data_dir
-        await anyio.to_thread.run_sync(lambda: data.mkdir(parents=True, exist_ok=True))
+        await anyio.to_thread.run_sync(check_data_dir, data)
+        try:
+            await anyio.to_thread.run_sync(lambda: data.mkdir(parents=True, exist_ok=True))
+        except OSError as exc:
+            raise UsageError(f"cannot create the data directory {data}: "
+                             f"{exc.strerror or exc}") from None
+        settings = await anyio.to_thread.run_sync(load_settings, data)
+        if config.disk_space is None:
+            disk = settings.get("disk_space") or parse_size(DEFAULT_DISK_SPACE)
+        else:
+            disk = config.disk_space
+            if settings.get("disk_space") != disk:
+                await anyio.to_thread.run_sync(lambda: save_settings(data, disk_space=disk))
+        config = attrs.evolve(config, disk_space=disk)
         signer = await anyio.to_thread.run_sync(cls._load_identity, data)
         token = await anyio.to_thread.run_sync(cls._load_token, data)
         kv: KeyValueStore = core_plugins.create(
@@ -226,6 +271,26 @@ class Node:
         _write_private(path, token.encode() + b"\n")
         return token
 
+    @property
+    def disk_space(self) -> int:
+        """The bytes of disk the node may use for artifacts (its blob store's quota)."""
+        return self.config.disk_space or parse_size(DEFAULT_DISK_SPACE)
+
+    async def set_disk_space(self, size: int) -> int:
+        """Change the disk quota now and for later starts; evicts (LRU) down to it.
+
+        Returns the bytes evicted.
+        """
+        before = await self.blobs.usage()
+        self.config.disk_space = size
+        self.blobs.quota = size
+        await anyio.to_thread.run_sync(
+            lambda: save_settings(self.config.data_dir, disk_space=size))
+        await self.make_room(0)
+        evicted = max(0, before - await self.blobs.usage())
+        log.info("Disk space set to %d bytes (%d bytes evicted to fit)", size, evicted)
+        return evicted
+
     async def aclose(self) -> None:
         close = getattr(self.log_store.ledger.record_verifier, "close", None)
         if close is not None:
@@ -271,7 +336,11 @@ class Node:
             if self.consensus is None:
                 raise BuildError("committing with several build nodes needs consensus")
             signed = [SignedRecord.sign(r, self.signer) for r in records]
-            committed = await self.consensus.submit(signed)
+            build = current_build.get()
+            if build is not None:
+                build.status = "WAITING_FOR_QUORUM"
+                build.deadline = time.time() + self.config.consensus_timeout
+            committed = await self.consensus.submit(signed, wait=self.config.consensus_timeout)
             log.info("Build records committed by consensus in block %d", committed.block.height)
             return committed  # type: ignore[no-any-return]
         async with self._commit_lock:
@@ -335,6 +404,7 @@ class Node:
         self._inflight[key] = build
 
         async def runner() -> None:
+            current_build.set(build)
             try:
                 height = await run(build)
                 build.status, build.height = "SUCCESS", height
@@ -347,6 +417,7 @@ class Node:
                     log.warning("Build of %s failed: %s", package_id, build.reason)
             finally:
                 build.finished = time.time()
+                build.deadline = None
                 self._inflight.pop(key, None)
                 build.ready.set()
                 build.done.set()
@@ -471,7 +542,7 @@ class Node:
             "peers": self.peers.peers() if self.peers is not None else [],
             "artifact_count": artifacts,
             "log_records": ledger.tree.size,
-            "disk_allocated": self.config.disk_space,
+            "disk_allocated": self.disk_space,
             "disk_usage": usage,
             "ledger_height": ledger.height,
             "ledger_head": ledger.head_hash,
@@ -479,4 +550,14 @@ class Node:
             "authorized_build_nodes": list(ledger.validators.ordered()),
             "is_build_node": self.is_build_node,
             "upstream": self.config.upstream,
+            "consensus_stall": self.consensus.stall() if self.consensus is not None else None,
         }
+
+    def build_json(self, build: Build) -> dict[str, Any]:
+        """A build's status as the node API shows it (with why a quorum is missing)."""
+        out = build.to_json()
+        if build.status == "WAITING_FOR_QUORUM" and self.consensus is not None:
+            stall = self.consensus.stall()
+            if stall is not None:
+                out["reason"] = stall["reason"]
+        return out

@@ -22,6 +22,7 @@ from pyrsia_pkg_docker import (
     ManifestError,
     ReferenceError_,
     choose_platform,
+    reference_text,
     validate_repository,
     validate_tag,
 )
@@ -180,7 +181,7 @@ class OciApp:
                 ref = ImageRef(name, validate_tag(reference), None)
             except ReferenceError_ as exc:
                 raise OciError(400, "MANIFEST_INVALID", str(exc)) from None
-        log.info("Fetching manifest for %s:%s", name, reference)
+        log.info("Fetching manifest for %s", reference_text(name, reference))
         try:
             resolved = await _healing(lambda: self.service.resolve_manifest(ref), ref)
         except NotInLog as exc:
@@ -204,7 +205,8 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        log.info("Manifest %s:%s (%s) served from %s", name, reference, digest, resolved.source)
+        log.info("Manifest %s (%s) served from %s", reference_text(name, reference), digest,
+                 resolved.source)
         await send_bytes(
             send,
             200,

@@ -332,7 +332,7 @@ class PeerService:
             build = self.node.builds.get(body.get("build_id"))
             if build is None:
                 raise ValueError("no such build")
-            return "BUILD_STATUS", build.to_json()
+            return "BUILD_STATUS", self.node.build_json(build)
         raise ValueError(f"{env.type} is not a request")
 
     async def blob_source(self, digest: Digest, offset: int) -> PeerBlob | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import attrs
+from pyrsia_core.errors import UsageError
 
 from pyrsia_core import PARTS_RECORD_TYPE
 
@@ -22,7 +25,7 @@ from ._node import Node
 from ._oci import OciApp
 from ._p2p import PeerConfig, PeerService
 from ._packages import PackageService
-from ._transports import create_transports
+from ._transports import create_transports, transport_names
 
 __all__ = ["RunningNode", "run_node", "start_node"]
 
@@ -52,6 +55,12 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
     Usable from any anyio program: ``async with start_node(cfg) as running: ...``.
     """
     transport = create_transports(config.transport, _transport_options(config))
+    if serve_http:
+        try:
+            _check_address(config.host, config.port)
+        except BaseException:
+            await transport.aclose()
+            raise
     peer_config = PeerConfig(
         peers=tuple(config.peers),
         listen_only=config.listen_only,
@@ -117,7 +126,9 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 node.listen_urls.append(url)
                 if not config.public_url:
                     peers.config.public_url = url
-                log.info("Pyrsia node listening on %s", url)
+                log.info("Pyrsia node listening on %s (upstream: %s)", url, ", ".join(
+                    _upstreams(node)) or "none")
+                _write_url(config, url)
             await _start_listeners(tg, config, transport, peers, p2p_app is not None and serve_http)
             await tg.start(peers.run)
             await tg.start(consensus.run)
@@ -125,6 +136,8 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 yield running
             finally:
                 tg.cancel_scope.cancel()
+                if running.port is not None:
+                    (config.data_dir / URL_FILE).unlink(missing_ok=True)
     finally:
         with anyio.CancelScope(shield=True):
             if node.peers is not None:
@@ -133,10 +146,57 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
         await node.aclose()
 
 
+#: The node's API address, in its data dir while it runs (the CLI finds it by PYRSIA_HOME).
+URL_FILE = "node.url"
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail before anything is created if ``host:port`` cannot be listened on."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            hint = (" (is another node running there? choose another port with -p)"
+                    if exc.errno == errno.EADDRINUSE else "")
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                             f"{hint}") from None
+
+
+def _upstreams(node: Node) -> list[str]:
+    """Where the node builds from: its registry upstream and each package type's."""
+    out = [f"docker {node.config.upstream}"] if node.config.upstream else []
+    for name, pt in sorted(node.package_types.items()):
+        url = getattr(pt, "upstream_url", None) or getattr(pt, "upstream", None)
+        if isinstance(url, str) and url:
+            out.append(f"{name} {url}")
+    return out
+
+
+def _write_url(config: NodeConfig, url: str) -> None:
+    host = urllib.parse.urlsplit(url).hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        url = url.replace(host, "127.0.0.1" if host == "0.0.0.0" else "[::1]", 1)
+    try:
+        (config.data_dir / URL_FILE).write_text(url + "\n")
+    except OSError as exc:
+        log.warning("Could not write %s: %s", config.data_dir / URL_FILE, exc)
+
+
 def _transport_options(config: NodeConfig) -> dict[str, dict[str, str]]:
     quic_port = config.port if config.quic_port is None else config.quic_port
     options = {name: dict(values) for name, values in config.transport_options.items()}
-    options.setdefault("quic", {}).update({"host": config.host, "port": str(quic_port)})
+    if "quic" in transport_names(config.transport):
+        options.setdefault("quic", {}).update({"host": config.host, "port": str(quic_port)})
     return options
 
 

@@ -117,8 +117,15 @@ def create_transports(
     """Create the named transport plugins (``pyrsia.transport`` entry points)."""
     from pyrsia_core import plugins
 
+    names = transport_names(spec)
+    unused = sorted(set(options or {}) - set(names))
+    if unused:
+        raise UsageError(
+            f"--transport-option for {', '.join(unused)}, but the node uses only "
+            f"{', '.join(names)} (add it with --transport {','.join([*names, *unused])})"
+        )
     created: dict[str, PeerTransport] = {}
-    for name in transport_names(spec):  # transports open nothing until used
+    for name in names:  # transports open nothing until used
         created[name] = plugins.create(
             "pyrsia.transport", name, dict((options or {}).get(name, {}))
         )

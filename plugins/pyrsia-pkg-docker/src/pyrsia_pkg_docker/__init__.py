@@ -14,6 +14,7 @@ from ._model import (
     ManifestError,
     ReferenceError_,
     choose_platform,
+    reference_text,
     validate_repository,
     validate_tag,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "RegistryUpstream",
     "UpstreamError",
     "choose_platform",
+    "reference_text",
     "validate_repository",
     "validate_tag",
 ]

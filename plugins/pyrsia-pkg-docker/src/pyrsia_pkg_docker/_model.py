@@ -27,6 +27,7 @@ __all__ = [
     "ManifestError",
     "ReferenceError_",
     "choose_platform",
+    "reference_text",
     "validate_repository",
     "validate_tag",
 ]
@@ -126,6 +127,12 @@ class ImageRef:
     def artifact_id(self, digest: Digest) -> str:
         """``package_specific_artifact_id`` of an artifact found by digest."""
         return f"{self.short_name}@{digest}"
+
+
+def reference_text(repository: str, reference: str) -> str:
+    """``library/alpine:3.16.2``, or ``library/alpine@sha256:…`` for a digest reference."""
+    sep = "@" if ":" in reference else ":"
+    return f"{repository}{sep}{reference}"
 
 
 @attrs.frozen

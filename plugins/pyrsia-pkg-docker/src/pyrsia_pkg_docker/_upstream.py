@@ -75,7 +75,7 @@ class _ResponseBody:
             raise
         except httpx.HTTPError as exc:
             await self.aclose()
-            raise UpstreamError(f"upstream transfer of {self._what} failed: {exc!r}") from None
+            raise UpstreamError(f"upstream transfer of {self._what} failed: {_why(exc)}") from None
 
     async def aclose(self) -> None:
         await self._resp.aclose()
@@ -122,7 +122,7 @@ class RegistryUpstream(Upstream):
         try:
             resp = await self._client.get(realm, params=params)
         except httpx.HTTPError as exc:
-            raise UpstreamError(f"token request to {realm} failed: {exc!r}") from None
+            raise UpstreamError(f"token request to {realm} failed: {_why(exc)}") from None
         if resp.status_code != 200:
             raise UpstreamError(
                 f"token request to {realm} answered {resp.status_code}", status=resp.status_code
@@ -150,7 +150,7 @@ class RegistryUpstream(Upstream):
             try:
                 resp = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise UpstreamError(f"upstream {self.url} unreachable: {exc!r}") from None
+                raise UpstreamError(f"upstream {self.url} unreachable: {_why(exc)}") from None
             if resp.status_code != 401 or attempt:
                 return resp
             challenge = parse_bearer_challenge(resp.headers.get("www-authenticate", ""))
@@ -190,3 +190,19 @@ class RegistryUpstream(Upstream):
 
         body = _ResponseBody(resp, f"{repo}:{ref}")
         return UpstreamResponse(media_type=media_type, size=size, digest=digest, body=body)
+
+
+def _why(exc: httpx.HTTPError) -> str:
+    """An httpx error as a sentence for users (never a Python repr)."""
+    detail = str(exc).strip()
+    if isinstance(exc, httpx.TimeoutException):
+        what = "timed out"
+    elif isinstance(exc, httpx.ConnectError):
+        what = "cannot connect"
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        what = "the server broke the HTTP protocol"
+    elif isinstance(exc, httpx.NetworkError):
+        what = "network error"
+    else:
+        what = "request failed"
+    return f"{what} ({detail})" if detail else what

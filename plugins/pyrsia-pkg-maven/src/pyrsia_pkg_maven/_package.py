@@ -105,18 +105,18 @@ class MavenPackageType(PackageType):
                 if resp.status_code in (404, 410):
                     return None
                 if resp.status_code != 200:
-                    raise MavenUpstreamError(f"upstream answered {resp.status_code} for {path}")
+                    raise MavenUpstreamError(f"upstream {url} answered {resp.status_code}")
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in resp.aiter_bytes():
                     size += len(chunk)
                     if size > MAX_FILE:
-                        raise MavenUpstreamError(f"upstream file {path} is too large")
+                        raise MavenUpstreamError(f"upstream file {url} is too large")
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.HTTPError as exc:
-            raise MavenUpstreamError(f"upstream request for {path} failed: "
-                                     f"{type(exc).__name__}: {exc}") from None
+            detail = str(exc).strip() or type(exc).__name__
+            raise MavenUpstreamError(f"upstream request for {url} failed: {detail}") from None
 
     async def _checked(self, client: httpx.AsyncClient, path: str, data: bytes) -> None:
         """If the upstream publishes a ``.sha1`` for the file, the bytes must match it."""
@@ -125,7 +125,8 @@ class MavenPackageType(PackageType):
             return
         text = published.decode("ascii", "replace").strip().split()
         if text and len(text[0]) == 40 and text[0].lower() != hashlib.sha1(data).hexdigest():
-            raise MavenUpstreamError(f"upstream {path} does not match its published .sha1")
+            raise MavenUpstreamError(f"upstream {self.upstream}/{path} does not match its "
+                                     "published .sha1")
 
     async def _build(
         self, package_id: str, artifact_ids: Sequence[str]
