@@ -359,6 +359,13 @@ def _size(n: int) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _target(args)
     data = _json_or_fail(_request(cfg, "GET", "/api/status"), "status")
+    if args.field:
+        if args.field not in data:
+            _fail(f"the status has no field {args.field!r} (fields: {', '.join(sorted(data))})",
+                  EXIT_USAGE)
+        value = data[args.field]
+        print(value if isinstance(value, str) else json.dumps(value))
+        return 0
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -452,12 +459,37 @@ def cmd_build(args: argparse.Namespace) -> int:
     resp = _request(cfg, "POST", f"/api/build/{args.package_type}",
                     json={option: getattr(args, option)})
     data = _json_or_fail(resp, "Build request")
-    if args.json:
+    if args.json and not args.wait:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"Build request successfully handled. Build with ID {data['build_id']} has been "
-          "requested.")
-    return 0
+    if not args.json:
+        print(f"Build request successfully handled. Build with ID {data['build_id']} has been "
+              "requested.")
+    if not args.wait:
+        return 0
+    return _wait_build(cfg, args, str(data["build_id"]))
+
+
+def _wait_build(cfg: CliConfig, args: argparse.Namespace, build_id: str) -> int:
+    """Follow a build until it is committed or fails (``--wait``), printing each change."""
+    import time
+
+    deadline = time.monotonic() + args.wait
+    shown = ""
+    while True:
+        data = _json_or_fail(_request(cfg, "GET", f"/api/builds/{build_id}"), "build status")
+        state = str(data["status"])
+        line = state + (f": {data['reason']}" if data.get("reason") else "")
+        if line != shown and not args.json:
+            print(f"Build {build_id} of {data['package_specific_id']}: {line}", flush=True)
+            shown = line
+        if state in ("SUCCESS", "FAILED"):
+            if args.json:
+                print(json.dumps(data, indent=2))
+            return 0 if state == "SUCCESS" else EXIT_ERROR
+        if time.monotonic() >= deadline:
+            _fail(f"build {build_id} is still {state} after {args.wait:g} s")
+        time.sleep(0.3)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -619,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[client, as_json],
                             help="node status: id, peers, artifacts, disk, ledger")
     status.add_argument("--data-dir", help=argparse.SUPPRESS)
+    status.add_argument("--field", metavar="NAME",
+                        help="print one field of the status, e.g. node_id (for scripts)")
     status.set_defaults(func=cmd_status)
 
     lst = sub.add_parser("list", parents=[client, as_json], help="list the node's peers")
@@ -663,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"{example}")
         one.add_argument(f"--{option}", required=True,
                          help=f"the package to build, e.g. {example}")
+        one.add_argument("--wait", type=float, nargs="?", const=300.0, default=0.0,
+                         metavar="SECONDS",
+                         help="follow the build until it is committed or fails (at most "
+                         "SECONDS, default 300)")
         one.set_defaults(func=cmd_build)
     bstatus = build_sub.add_parser("status", parents=[client, as_json],
                                    help="the status of a build, by its id")

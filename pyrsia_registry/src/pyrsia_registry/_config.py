@@ -152,6 +152,8 @@ class NodeConfig:
     plugin_timeout: float = 120.0
     #: Seconds a build waits for the build nodes' quorum before it fails.
     consensus_timeout: float = 120.0
+    #: Seconds a new node joining ``peers`` keeps asking them for the network's genesis.
+    join_timeout: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

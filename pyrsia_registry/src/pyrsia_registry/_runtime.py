@@ -75,7 +75,8 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
         async def genesis_source_fn() -> Any:
             asker = PeerService(_GenesisOnly(config), transport, peer_config)  # type: ignore[arg-type]
             try:
-                return await asker.fetch_genesis(config.peers)
+                return await _retrying(lambda: asker.fetch_genesis(config.peers),
+                                       config.join_timeout)
             finally:
                 await asker.aclose()
 
@@ -109,6 +110,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             consensus = ConsensusRunner(
                 node, rebuild_check,
                 lambda t, b, ids, attachment=None: _send_all(tg, peers, t, b, ids, attachment),
+                stall_after=min(10.0, config.consensus_timeout / 3),
             )
             node.consensus = consensus
             node.build_request_handler = packages.build_request_handler(
@@ -216,6 +218,24 @@ async def _start_listeners(
         log.info("Pyrsia node listening for peers on %s", url)
     if not config.public_url and urls:
         peers.config.public_url = ",".join(urls)
+
+
+async def _retrying(attempt: Any, limit: float) -> Any:
+    """``await attempt()`` until it succeeds or ``limit`` seconds passed (peers started at
+    the same moment as this node may not listen yet); then its last error."""
+    from pyrsia_core.errors import TransportError
+
+    deadline = anyio.current_time() + limit
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except TransportError as exc:
+            if anyio.current_time() + delay >= deadline:
+                raise
+            log.info("Waiting for a peer to answer (%s)", exc)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:
