@@ -113,6 +113,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             package_options=_package_options(args.package_option),
             transport_options=_package_options(args.transport_option, "--transport-option",
                                                "quic.max_datagram_size=8192"),
+            allowed_hosts=tuple(args.allowed_host),
+            upstream_options=_upstream_options(args.upstream_option),
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -147,6 +149,18 @@ def _package_options(
         if not sep or not dot or not name or not option:
             raise ValueError(f"{flag} {item!r}: expected NAME.KEY=VALUE, e.g. {example}")
         out.setdefault(name, {})[option] = value
+    return out
+
+
+def _upstream_options(items: list[str]) -> dict[str, str]:
+    """``["min_rate=4096"]`` -> ``{"min_rate": "4096"}`` (``--upstream-option``)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--upstream-option {item!r}: expected KEY=VALUE, e.g. "
+                             "min_rate=4096")
+        out[key.strip()] = value.strip()
     return out
 
 
@@ -412,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="TRANSPORT.KEY=VALUE",
                        help="config of a transport plugin, e.g. quic.max_datagram_size=8192 "
                        "(repeatable)")
+    start.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a further Host name (NAME or NAME:PORT) the node API answers "
+                            "for, besides its own address and localhost (repeatable)")
+    start.add_argument("--upstream-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="upstream setting (repeatable): min_rate (bytes/s), rate_window "
+                            "(s), idle_timeout (s), timeout (s)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
     start.set_defaults(func=cmd_node_start)

@@ -100,6 +100,11 @@ class NodeConfig:
     transport_options: dict[str, dict[str, str]] = attrs.Factory(dict)
     #: Seconds a package-type plugin may take to build or to answer (then it fails alone).
     plugin_timeout: float = 120.0
+    #: Further Host header names the node API answers for (``NAME`` or ``NAME:PORT``),
+    #: besides its listen host and localhost with its port (``--allowed-host``).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Config of the upstream plugin (``{"min_rate": "4096"}``), besides its URL.
+    upstream_options: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
