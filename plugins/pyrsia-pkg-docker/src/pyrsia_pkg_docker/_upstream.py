@@ -81,7 +81,9 @@ class _ResponseBody:
 
     async def __anext__(self) -> bytes:
         if self._chunks is None:
-            self._chunks = self._resp.aiter_raw(CHUNK)
+            # As the bytes arrive (no chunk size: httpx would hold a slow drip back until
+            # a whole chunk is there, and the rate check below would never see it).
+            self._chunks = self._resp.aiter_raw()
         try:
             chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
