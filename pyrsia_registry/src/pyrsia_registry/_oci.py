@@ -319,12 +319,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     m = _RANGE.fullmatch(value.strip())
     if not m or (not m[1] and not m[2]):
         return (0, size)
-    if len(m[1]) > _RANGE_DIGITS:
-        return None  # a start past any blob's end: unsatisfiable, as registries answer
-    if len(m[2]) > _RANGE_DIGITS:
-        # An end past any blob's end is the blob's end; a suffix that long is the whole blob.
-        return (int(m[1]), size) if m[1] and int(m[1]) < size else (
-            None if m[1] else (0, size))
+    if len(m[1]) > _RANGE_DIGITS or len(m[2]) > _RANGE_DIGITS:
+        # A position past any blob's end (and past what int() parses cheaply): refused
+        # as unsatisfiable, as the reference registry refuses it (Go cannot parse it).
+        return None
     if m[1]:
         start = int(m[1])
         end = min(int(m[2]) + 1, size) if m[2] else size
