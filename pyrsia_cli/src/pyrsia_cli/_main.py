@@ -356,6 +356,86 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``pyrsia cache list`` and ``pyrsia cache prune (--bytes N | --all | --older-than S)``."""
+    cfg = CliConfig.load()
+    if args.cache_command == "list":
+        data = _json_or_fail(_request(cfg, "GET", "/api/cache"), "cache list")
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return 0
+        blobs = data.get("blobs", [])
+        if not blobs:
+            print("The cache is empty.")
+            return 0
+        import time
+
+        print(f"{'DIGEST':<71} {'SIZE':>10}  {'LAST USED':<19}  PACKAGES")
+        for b in blobs:
+            used = b.get("last_used")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(used)) if used else "-"
+            print(f"{b['digest']:<71} {_size(int(b['size'])):>10}  {when:<19}  "
+                  f"{', '.join(b.get('packages', [])) or '-'}")
+        print(f"{data.get('count', len(blobs))} blob(s), {_size(int(data['disk_usage']))} of "
+              f"{_size(int(data['disk_allocated']))}")
+        return 0
+    if args.bytes is not None:
+        try:
+            from pyrsia_registry import parse_size
+
+            amount = int(args.bytes) if args.bytes.strip().isdigit() else parse_size(args.bytes)
+        except Exception as exc:
+            _fail(f"--bytes: {exc}", EXIT_USAGE)
+        body: dict[str, Any] = {"bytes": amount}
+    elif args.older_than is not None:
+        if args.older_than < 0:
+            _fail("--older-than must be a number of seconds >= 0", EXIT_USAGE)
+        body = {"older_than": args.older_than}
+    else:
+        body = {"all": True}
+    token = args.token
+    if not token:
+        from pyrsia_registry import default_data_dir
+
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        try:
+            token = (data_dir / "admin.token").read_text().strip()
+        except OSError:
+            _fail(f"no admin token: give --token, or --data-dir / PYRSIA_HOME of the node "
+                  f"(looked for {data_dir / 'admin.token'})")
+    resp = _request(cfg, "POST", "/api/cache/prune", json=body,
+                    headers={"Authorization": f"Bearer {token}"})
+    data = _json_or_fail(resp, "cache prune")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for r in data["removed"]:
+        print(f"removed  {r['digest']}  {_size(int(r['size']))}")
+    print(f"Pruned {len(data['removed'])} blob(s), {_size(int(data['removed_bytes']))}; "
+          f"{_size(int(data['disk_usage']))} still used.")
+    return 0
+
+
+def _add_cache_parser(sub: Any) -> None:
+    cache = sub.add_parser("cache", help="list or prune the node's cache of stored blobs")
+    cache.set_defaults(help_parser=cache)
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    lst = cache_sub.add_parser("list", help="stored blobs, least recently used first")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_cache)
+    prune = cache_sub.add_parser("prune", help="evict least recently used blobs (admin); the "
+                                 "log keeps them, so they are fetched again when needed")
+    what = prune.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bytes", metavar="SIZE", help="free at least SIZE (e.g. '500 MB')")
+    what.add_argument("--all", action="store_true", help="evict every blob")
+    what.add_argument("--older-than", type=int, metavar="SECONDS",
+                      help="evict blobs unused for SECONDS")
+    prune.add_argument("--token", help="the node's admin token (default: from its data dir)")
+    prune.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
+    prune.add_argument("--json", action="store_true")
+    prune.set_defaults(func=cmd_cache)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -486,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--id", help="build id (for 'build status')")
     build.add_argument("--json", action="store_true")
     build.set_defaults(func=cmd_build)
+    _add_cache_parser(sub)
     return parser
 
 
