@@ -144,7 +144,7 @@ class DockerService:
         source = "cache"
         digest = ref.digest or await self.tag_digest(ref)
         pending = self._pending.get((ref.repository, digest)) if digest is not None else None
-        if pending is not None:
+        if pending is not None and digest is not None:
             # A manifest of an image being built (e.g. a platform manifest of an index).
             await pending.event.wait()
             source = "build"

@@ -205,7 +205,9 @@ class Node:
                 await blobs.open_store()
             genesis = None
             if await kv.get(b"h") is None:
-                if not new_ledger:
+                # An empty database is a first start that stopped early (a joining node
+                # whose peers were away): nothing to lose. Keys without a chain are damage.
+                if not new_ledger and [k async for k, _ in kv.scan(limit=1)]:
                     raise StoreError(
                         f"the ledger in {data / 'ledger'} holds no chain: it is damaged or "
                         "was emptied; refusing to start a new network in its place (move the "
