@@ -177,6 +177,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             transport_options=_package_options(args.transport_option, "--transport-option",
                                                "quic.max_datagram_size=8192"),
             consensus_timeout=args.consensus_timeout,
+            allowed_hosts=tuple(args.allowed_host),
+            upstream_options=_upstream_options(args.upstream_option),
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -213,6 +215,18 @@ def _package_options(
         if not sep or not dot or not name or not option:
             raise ValueError(f"{flag} {item!r}: expected NAME.KEY=VALUE, e.g. {example}")
         out.setdefault(name, {})[option] = value
+    return out
+
+
+def _upstream_options(items: list[str]) -> dict[str, str]:
+    """``["min_rate=4096"]`` -> ``{"min_rate": "4096"}`` (``--upstream-option``)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--upstream-option {item!r}: expected KEY=VALUE, e.g. "
+                             "min_rate=4096")
+        out[key.strip()] = value.strip()
     return out
 
 
@@ -534,6 +548,79 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``pyrsia cache list`` and ``pyrsia cache prune (--bytes N | --all | --older-than S)``."""
+    cfg = _target(args)
+    if args.cache_command == "list":
+        data = _json_or_fail(_request(cfg, "GET", "/api/cache"), "cache list")
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return 0
+        blobs = data.get("blobs", [])
+        if not blobs:
+            print("The cache is empty.")
+            return 0
+        import time
+
+        print(f"{'DIGEST':<71} {'SIZE':>10}  {'LAST USED':<19}  PACKAGES")
+        for b in blobs:
+            used = b.get("last_used")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(used)) if used else "-"
+            print(f"{b['digest']:<71} {_size(int(b['size'])):>10}  {when:<19}  "
+                  f"{', '.join(b.get('packages', [])) or '-'}")
+        print(f"{data.get('count', len(blobs))} blob(s), {_size(int(data['disk_usage']))} of "
+              f"{_size(int(data['disk_allocated']))}")
+        return 0
+    if args.bytes is not None:
+        try:
+            from pyrsia_registry import parse_size
+
+            amount = int(args.bytes) if args.bytes.strip().isdigit() else parse_size(args.bytes)
+        except Exception as exc:
+            _fail(f"--bytes: {exc}", EXIT_USAGE)
+        body: dict[str, Any] = {"bytes": amount}
+    elif args.older_than is not None:
+        if args.older_than < 0:
+            _fail("--older-than must be a number of seconds >= 0", EXIT_USAGE)
+        body = {"older_than": args.older_than}
+    else:
+        body = {"all": True}
+    token = _admin_token(args)
+    resp = _request(cfg, "POST", "/api/cache/prune", json=body,
+                    headers={"Authorization": f"Bearer {token}"})
+    data = _json_or_fail(resp, "cache prune")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for r in data["removed"]:
+        print(f"removed  {r['digest']}  {_size(int(r['size']))}")
+    print(f"Pruned {len(data['removed'])} blob(s), {_size(int(data['removed_bytes']))}; "
+          f"{_size(int(data['disk_usage']))} still used.")
+    return 0
+
+
+def _add_cache_parser(sub: Any, client: argparse.ArgumentParser,
+                      admin: argparse.ArgumentParser) -> None:
+    cache = sub.add_parser("cache", help="list or prune the node's cache of stored blobs")
+    cache.set_defaults(help_parser=cache)
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    lst = cache_sub.add_parser("list", parents=[client],
+                               help="stored blobs, least recently used first")
+    lst.add_argument("--json", action="store_true", help="print the node's JSON answer")
+    lst.add_argument("--data-dir", help=argparse.SUPPRESS)
+    lst.set_defaults(func=cmd_cache)
+    prune = cache_sub.add_parser("prune", parents=[admin],
+                                 help="evict least recently used blobs (admin); the "
+                                 "log keeps them, so they are fetched again when needed")
+    what = prune.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bytes", metavar="SIZE", help="free at least SIZE (e.g. '500 MB')")
+    what.add_argument("--all", action="store_true", help="evict every blob")
+    what.add_argument("--older-than", type=int, metavar="SECONDS",
+                      help="evict blobs unused for SECONDS")
+    prune.add_argument("--json", action="store_true", help="print the node's JSON answer")
+    prune.set_defaults(func=cmd_cache)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -625,6 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="TRANSPORT.KEY=VALUE",
                        help="config of a transport plugin, e.g. quic.max_datagram_size=8192 "
                        "(repeatable)")
+    start.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="a further Host name (NAME or NAME:PORT) the node API answers "
+                            "for, besides its own address and localhost (repeatable)")
+    start.add_argument("--upstream-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="upstream setting (repeatable): min_rate (bytes/s), rate_window "
+                            "(s), idle_timeout (s), timeout (s)")
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="how much the node logs to stderr (default info)")
@@ -706,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="the status of a build, by its id")
     bstatus.add_argument("--id", required=True, help="the build id 'pyrsia build' printed")
     bstatus.set_defaults(func=cmd_build_status)
+    _add_cache_parser(sub, client, admin)
     return parser
 
 

@@ -16,8 +16,11 @@ from pyrsia_pkg_docker import ImageRef, ReferenceError_
 
 from pyrsia_core import RECORD_FIELDS, StoredRecord, canonical_loads
 
+from ._apiguard import api_request_problem, json_problem
 from ._asgi import Receive, Scope, Send, header_values, read_body, route_path, send_bytes, send_json
+from ._cacheapi import cache_route
 from ._docker import RECORD_TYPE, DockerService
+from ._node import BuildQueueFull
 
 __all__ = ["NodeApi", "format_records"]
 
@@ -74,18 +77,28 @@ class NodeApi:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        config = self.node.config
+        problem = api_request_problem(scope, listen_host=config.host,
+                                      allowed=config.allowed_hosts)
+        if problem is not None:
+            await send_json(send, problem[0], {"error": problem[1]})
+            return
         try:
             await self._dispatch(scope, receive, send)
         except ApiError as exc:
             await send_json(send, exc.status, {"error": str(exc)})
+        except BuildQueueFull as exc:
+            await send_json(send, 429, {"error": str(exc)}, [("retry-after", "5")])
         except PyrsiaError as exc:
             log.error("node API %s failed: %s", scope.get("path"), exc)
             await send_json(send, 500, {"error": str(exc)})
 
     def _authorized(self, scope: Scope) -> bool:
+        if not self.node.admin_token:
+            return False  # no token, no admin: an empty one must never match
         for value in header_values(scope, "authorization"):
             scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and hmac.compare_digest(
+            if scheme.lower() == "bearer" and token.strip() and hmac.compare_digest(
                 token.strip().encode(), self.node.admin_token.encode()
             ):
                 return True
@@ -101,12 +114,12 @@ class NodeApi:
         if route == ["ping"] and method in ("GET", "HEAD"):
             await send_json(send, 200, {"status": "ok", "node_id": self.node.node_id})
         elif route == ["status"] and method == "GET":
-            await self.service.settle()
             await send_json(send, 200, await self.node.status())
         elif route == ["peers"] and method == "GET":
             peers = self.node.peers
             await send_json(send, 200, peers.peers() if peers is not None else [])
         elif len(route) == 2 and route[0] == "build" and method == "POST":
+            self._require_json(scope)
             await self._build(scope, receive, send, route[1])
         elif len(route) == 2 and route[0] == "builds" and method == "GET":
             build = self.node.builds.get(route[1])
@@ -124,15 +137,20 @@ class NodeApi:
                 raise ApiError(404, f"no build with id {route[1][:64]!r}")
             await send_json(send, 200, remote)
         elif route == ["authorize"] and method == "POST":
+            self._require_json(scope)
             await self._node_change(scope, receive, send, add=True)
         elif route == ["deauthorize"] and method == "POST":
+            self._require_json(scope)
             await self._node_change(scope, receive, send, add=False)
         elif route == ["config"] and method == "GET":
             await send_json(send, 200, self._config_json())
         elif route == ["config"] and method in ("PUT", "POST"):
+            self._require_json(scope)
             await self._set_config(scope, receive, send)
         elif len(route) == 2 and route[0] == "inspect-log" and method == "GET":
             await self._inspect(scope, send, route[1])
+        elif route[:1] == ["cache"]:
+            await cache_route(self, scope, receive, send, route[1:])
         elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log",
                                     "authorize", "deauthorize", "config"):
             raise ApiError(405, f"{method} is not allowed on {path}")
@@ -166,6 +184,12 @@ class NodeApi:
                 if nid != self.node.node_id:
                     tg.start_soon(ask, nid)
         return found[0] if found else None
+
+    @staticmethod
+    def _require_json(scope: Scope) -> None:
+        problem = json_problem(scope)
+        if problem is not None:
+            raise ApiError(415, problem)
 
     def _plugin(self, package_type: str) -> Any:
         """The package-type plugin serving ``package_type``, or ``None`` for docker."""

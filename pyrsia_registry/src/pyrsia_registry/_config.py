@@ -154,6 +154,11 @@ class NodeConfig:
     consensus_timeout: float = 120.0
     #: Seconds a new node joining ``peers`` keeps asking them for the network's genesis.
     join_timeout: float = 30.0
+    #: Further Host header names the node API answers for (``NAME`` or ``NAME:PORT``),
+    #: besides its listen host and localhost with its port (``--allowed-host``).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Config of the upstream plugin (``{"min_rate": "4096"}``), besides its URL.
+    upstream_options: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -9,12 +9,13 @@ verified when stored; manifests are re-hashed before each response.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import attrs
-from pyrsia_core.errors import DigestMismatch, PyrsiaError
+from pyrsia_core.errors import DigestMismatch, PyrsiaError, QuotaExceeded
 from pyrsia_core.interfaces import BlobInfo
 from pyrsia_pkg_docker import (
     ALL_MANIFEST_TYPES,
@@ -35,6 +36,18 @@ __all__ = ["DockerService", "ResolvedManifest"]
 log = logging.getLogger("pyrsia.docker")
 RECORD_TYPE = "Docker"
 MAX_PARALLEL_BLOBS = 4
+#: Largest manifest (or index) accepted from the upstream.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: Most platform manifests an index may name.
+MAX_INDEX_MANIFESTS = 256
+#: Most bytes of manifests (index and platform manifests together) in one build.
+MAX_BUILD_MANIFEST_BYTES = 16 * 1024 * 1024
+#: Most artifacts (manifests, configs, layers) one image may have: each is a log record.
+MAX_IMAGE_ARTIFACTS = 1000
+#: Seconds a "not found upstream" answer is remembered (no upstream request meanwhile).
+NEGATIVE_TTL = 30.0
+#: Most such answers remembered at once.
+NEGATIVE_CACHE_SIZE = 10_000
 
 
 @attrs.frozen
@@ -67,7 +80,11 @@ class DockerService:
 
     node: Node
     task_group: anyio.abc.TaskGroup | None = None
-    _pending: dict[Digest, _Pending] = attrs.Factory(dict)
+    #: Artifacts of builds in progress, by (repository, digest): two builds of different
+    #: repositories may share a digest, and each serves it to its own clients.
+    _pending: dict[tuple[str, Digest], _Pending] = attrs.Factory(dict)
+    #: Images the upstream does not have: package id -> (until when, the upstream's answer).
+    _missing: dict[str, tuple[float, str]] = attrs.Factory(dict)
     #: Builds this (regular) node asked a build node for: build id -> that node's address.
     forwarded: dict[str, str] = attrs.Factory(dict)
 
@@ -127,8 +144,8 @@ class DockerService:
         """Find a manifest through the log; build it from the upstream on a miss."""
         source = "cache"
         digest = ref.digest or await self.tag_digest(ref)
-        pending = self._pending.get(digest) if digest is not None else None
-        if pending is not None and pending.repository == ref.repository:
+        pending = self._pending.get((ref.repository, digest)) if digest is not None else None
+        if pending is not None and digest is not None:
             # A manifest of an image being built (e.g. a platform manifest of an index).
             await pending.event.wait()
             source = "build"
@@ -143,10 +160,15 @@ class DockerService:
                 except PyrsiaError as exc:
                     detail = f"no build could be requested: {exc}"
                 raise NotInLog(f"{ref.package_id} is not in the transparency log yet; {detail}")
+            self.check_missing(ref)
             running = self.request_build(ref)
             await running.ready.wait()
             if running.status == "FAILED":
-                raise BuildError(f"build of {ref.package_id} failed: {running.reason}")
+                message = f"build of {ref.package_id} failed: {running.reason}"
+                if running.error_type is not None and issubclass(running.error_type,
+                                                                 QuotaExceeded):
+                    raise QuotaExceeded(message)
+                raise BuildError(message)
             source = "build"
             digest = running.result if isinstance(running.result, Digest) else None
             digest = digest or ref.digest or await self.tag_digest(ref)
@@ -156,13 +178,32 @@ class DockerService:
         manifest = Manifest.parse(content)
         return ResolvedManifest(digest, content, manifest.media_type, source)
 
+    def check_missing(self, ref: ImageRef) -> None:
+        """Raise at once for an image the upstream said it does not have, a moment ago."""
+        entry = self._missing.get(ref.package_id)
+        if entry is None:
+            return
+        if entry[0] > time.monotonic():
+            raise BuildError(f"{ref.package_id} not found upstream: {entry[1]} (remembered "
+                             f"for {NEGATIVE_TTL:.0f} s)")
+        del self._missing[ref.package_id]
+
+    def _remember_missing(self, ref: ImageRef, answer: str) -> None:
+        now = time.monotonic()
+        if len(self._missing) >= NEGATIVE_CACHE_SIZE:
+            for key in [k for k, (until, _) in self._missing.items() if until <= now]:
+                del self._missing[key]
+            while len(self._missing) >= NEGATIVE_CACHE_SIZE:
+                del self._missing[next(iter(self._missing))]
+        self._missing[ref.package_id] = (now + NEGATIVE_TTL, answer)
+
     async def verified_bytes(self, ref: ImageRef, digest: Digest) -> bytes:
         """A small artifact's bytes (manifest, config), fetched if missing, re-hashed."""
         info = await self.ensure_blob(ref, digest)
         data = await self.node.blobs.read_bytes(info.digest)
         if Digest.of(data) != digest:
             # The store itself is corrupt: drop the blob, never serve it.
-            await self.node.blobs.delete(digest)
+            await self.node.quarantine(digest, "a stored manifest failed its re-hash")
             raise DigestMismatch(str(digest), str(Digest.of(data)))
         return data
 
@@ -171,23 +212,25 @@ class DockerService:
     async def ensure_blob(self, ref: ImageRef, digest: Digest) -> BlobInfo:
         """A logged artifact's local copy, fetched (and verified) when missing.
 
-        An artifact of a build in progress is served once that build verified it.
+        An artifact of a build in progress is served once that build verified it. A
+        stored copy is checked before it is served (its size always; its hash the first
+        time in this run): a damaged one is quarantined and fetched again.
         """
-        pending = self._pending.get(digest)
-        if pending is not None and pending.repository == ref.repository:
+        pending = self._pending.get((ref.repository, digest))
+        if pending is not None:
             await pending.event.wait()
-            info = await self.node.local_blob(digest)
+            info = await self.node.verified_blob(digest)
             if pending.stored and info is not None:
                 return info
         if not await self.in_log(ref, digest):
             log.info("Refused %s of %s: not in the transparency log", digest, ref.repository)
             raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
-        info = await self.node.local_blob(digest)
+        info = await self.node.verified_blob(digest)
         if info is not None:
             await self.node.touch(digest)
             return info
         async with self.node.fetch_lock(digest):
-            info = await self.node.local_blob(digest)
+            info = await self.node.verified_blob(digest)
             if info is not None:
                 return info
             peers = self.node.peers
@@ -226,8 +269,6 @@ class DockerService:
                     f"{ref.repository}/manifests/{digest}", accept=ALL_MANIFEST_TYPES
                 )
             try:
-                if size is None and resp.size is not None:
-                    await self.node.make_room(resp.size)
                 info = await self.node.store_stream(resp.body, digest, size)
             finally:
                 await resp.body.aclose()  # type: ignore[attr-defined]
@@ -262,7 +303,11 @@ class DockerService:
 
         return self.node.start_build(RECORD_TYPE, ref.package_id, run, self.task_group)
 
-    async def _fetch_manifest(self, ref: ImageRef, reference: str) -> tuple[Digest, bytes, str]:
+    async def _fetch_manifest(
+        self, ref: ImageRef, reference: str, budget: list[int] | None = None
+    ) -> tuple[Digest, bytes, str]:
+        """One manifest from the upstream, at most :data:`MAX_MANIFEST_BYTES` and, with
+        ``budget`` (``[bytes left]`` for the build's manifests), within that budget."""
         upstream = self.node.upstream
         if upstream is None:
             raise BuildError("this node has no upstream to build from")
@@ -271,20 +316,38 @@ class DockerService:
         resp = await upstream.open(
             f"{ref.repository}/manifests/{reference}", accept=ALL_MANIFEST_TYPES
         )
+        limit = MAX_MANIFEST_BYTES if budget is None else min(MAX_MANIFEST_BYTES, budget[0])
         chunks: list[bytes] = []
         size = 0
-        async for chunk in resp.body:
-            size += len(chunk)
-            if size > 4 * 1024 * 1024:
-                raise BuildError(f"upstream manifest {ref.repository}:{reference} is too large")
-            chunks.append(chunk)
+        try:
+            if resp.size is not None and resp.size > limit:
+                raise self._too_large(ref, reference, budget)
+            async for chunk in resp.body:
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(ref, reference, budget)
+                chunks.append(chunk)
+        finally:
+            await resp.body.aclose()  # type: ignore[attr-defined]
+        if budget is not None:
+            budget[0] -= size
         content = b"".join(chunks)
+        del chunks
         digest = Digest.of(content)
         if resp.digest is not None and resp.digest != digest:
             raise DigestMismatch(str(resp.digest), str(digest))
         if reference.startswith("sha256:") and str(digest) != reference:
             raise DigestMismatch(reference, str(digest))
         return digest, content, resp.media_type
+
+    @staticmethod
+    def _too_large(ref: ImageRef, reference: str, budget: list[int] | None) -> BuildError:
+        if budget is not None and budget[0] < MAX_MANIFEST_BYTES:
+            return BuildError(
+                f"the manifests of {ref.package_id} are too large: over "
+                f"{MAX_BUILD_MANIFEST_BYTES} bytes in all (at {ref.repository}@{reference})")
+        return BuildError(f"upstream manifest {ref.repository}:{reference} is too large "
+                          f"(over {MAX_MANIFEST_BYTES} bytes)")
 
     async def _build(self, ref: ImageRef, build: Build) -> int:
         """Fetch the image from upstream, verify and store everything, commit its records.
@@ -293,7 +356,7 @@ class DockerService:
         failed build stays behind, and the log is unchanged.
         """
         created: list[Digest] = []
-        mine: list[Digest] = []
+        mine: list[tuple[str, Digest]] = []
         try:
             return await self._build_inner(ref, build, created, mine)
         except BaseException:
@@ -302,69 +365,93 @@ class DockerService:
                     await self.node.blobs.delete(digest)
             raise
         finally:
-            for digest in mine:
-                pending = self._pending.pop(digest, None)
+            for key in mine:
+                pending = self._pending.pop(key, None)
                 if pending is not None:
                     pending.event.set()
 
-    def _expect(self, ref: ImageRef, build: Build, digest: Digest, mine: list[Digest]) -> None:
-        if digest not in self._pending:
-            self._pending[digest] = _Pending(ref.repository, build)
-            mine.append(digest)
+    def _expect(self, ref: ImageRef, build: Build, digest: Digest,
+                mine: list[tuple[str, Digest]]) -> None:
+        key = (ref.repository, digest)
+        if key not in self._pending:
+            self._pending[key] = _Pending(ref.repository, build)
+            mine.append(key)
 
-    def _release(self, digest: Digest) -> None:
-        pending = self._pending.get(digest)
+    def _release(self, ref: ImageRef, digest: Digest) -> None:
+        pending = self._pending.get((ref.repository, digest))
         if pending is not None:
             pending.stored = True
             pending.event.set()
 
     async def _fetch_image(
-        self, ref: ImageRef, build: Build | None, created: list[Digest], mine: list[Digest]
+        self, ref: ImageRef, build: Build | None, created: list[Digest],
+        mine: list[tuple[str, Digest]],
     ) -> list[tuple[str, Digest]]:
         """Fetch, verify and store an image from the upstream; its (artifact id, digest) list.
 
-        With ``build``, each artifact is released to waiting clients once verified.
+        With ``build``, each artifact is released to waiting clients once verified. Each
+        manifest is stored as soon as it is verified (only its descriptors are kept), the
+        manifests' total size and number and the image's artifacts are bounded, and the
+        image must fit in the disk quota before any client is told it exists.
         """
         try:
-            top_digest, top, media_type = await self._fetch_manifest(ref, ref.reference)
+            budget = [MAX_BUILD_MANIFEST_BYTES]
+            top_digest, top, media_type = await self._fetch_manifest(ref, ref.reference, budget)
             manifest = Manifest.parse(top, media_type)
             artifacts: list[tuple[str, Digest]] = []  # (package_specific_artifact_id, digest)
             if ref.tag is not None:
                 artifacts.append((ref.package_id, top_digest))
             artifacts.append((ref.artifact_id(top_digest), top_digest))
-            manifests: list[tuple[Digest, bytes]] = [(top_digest, top)]
-            blobs: list[Descriptor] = []
-            if manifest.is_index:
-                for d in manifest.manifests:
-                    sub_digest, sub, sub_type = await self._fetch_manifest(ref, str(d.digest))
-                    if sub_digest != d.digest:
-                        raise DigestMismatch(str(d.digest), str(sub_digest))
-                    sub_manifest = Manifest.parse(sub, sub_type)
-                    if sub_manifest.is_index:
-                        raise ManifestError("nested indexes are not supported")
-                    manifests.append((sub_digest, sub))
-                    artifacts.append((ref.artifact_id(sub_digest), sub_digest))
-                    blobs.extend(sub_manifest.children)
-            else:
-                blobs.extend(manifest.children)
             unique: dict[Digest, Descriptor] = {}
-            for d in blobs:
-                unique.setdefault(d.digest, d)
+            manifest_bytes = len(top)
+
+            def add_children(children: Sequence[Descriptor]) -> None:
+                for d in children:
+                    unique.setdefault(d.digest, d)
+                    if len(unique) + len(artifacts) > MAX_IMAGE_ARTIFACTS:
+                        raise BuildError(
+                            f"{ref.package_id} has too many artifacts: over "
+                            f"{MAX_IMAGE_ARTIFACTS} manifests, configs and layers")
+
+            subs = list(manifest.manifests) if manifest.is_index else []
+            if len(subs) > MAX_INDEX_MANIFESTS:
+                raise BuildError(f"the index of {ref.package_id} names {len(subs)} manifests, "
+                                 f"over the limit of {MAX_INDEX_MANIFESTS}")
+            if build is not None:
+                self._expect(ref, build, top_digest, mine)
+                for d in subs:
+                    self._expect(ref, build, d.digest, mine)
+            await self._store_manifest(ref, top_digest, top, created)
+            del top
+            if not manifest.is_index:
+                add_children(manifest.children)
+            for d in subs:
+                sub_digest, sub, sub_type = await self._fetch_manifest(ref, str(d.digest),
+                                                                       budget)
+                if sub_digest != d.digest:
+                    raise DigestMismatch(str(d.digest), str(sub_digest))
+                sub_manifest = Manifest.parse(sub, sub_type)
+                if sub_manifest.is_index:
+                    raise ManifestError("nested indexes are not supported")
+                if (ref.artifact_id(sub_digest), sub_digest) not in artifacts:
+                    artifacts.append((ref.artifact_id(sub_digest), sub_digest))
+                add_children(sub_manifest.children)
+                manifest_bytes += len(sub)
+                await self._store_manifest(ref, sub_digest, sub, created)
+                del sub, sub_manifest
+            del manifest
+            self._check_fits(ref, manifest_bytes, unique.values())
             for d in unique.values():
                 artifacts.append((ref.artifact_id(d.digest), d.digest))
             if build is not None:
                 for _, digest in artifacts:
                     self._expect(ref, build, digest, mine)
-            for digest, content in manifests:
-                if await self.node.local_blob(digest) is None:
-                    await self.node.blobs.put_bytes(content, expected=digest)
-                    created.append(digest)
-                self._release(digest)
-            if build is not None:
                 build.result = top_digest
                 build.ready.set()
             await self._fetch_blobs(ref, list(unique.values()), created)
         except UpstreamNotFound as exc:
+            if build is not None:
+                self._remember_missing(ref, str(exc))
             raise BuildError(f"{ref.package_id} not found upstream: {exc}") from None
         except UpstreamError as exc:
             raise BuildError(f"upstream failed: {exc}") from None
@@ -372,8 +459,28 @@ class DockerService:
             raise BuildError(f"upstream sent bad content: {exc}") from None
         return artifacts
 
+    async def _store_manifest(self, ref: ImageRef, digest: Digest, content: bytes,
+                              created: list[Digest]) -> None:
+        if await self.node.local_blob(digest) is None:
+            await self.node.put_bytes(content, digest)
+            created.append(digest)
+        self._release(ref, digest)
+
+    def _check_fits(self, ref: ImageRef, manifest_bytes: int,
+                    blobs: Sequence[Descriptor] | Any) -> None:
+        """Refuse, before a client is told the image exists, one larger than the quota."""
+        quota = self.node.blobs.quota
+        if quota is None:
+            return
+        total = manifest_bytes + sum(max(0, d.size) for d in blobs)
+        if total > quota:
+            raise QuotaExceeded(
+                f"{ref.package_id} needs {total} bytes, more than this node's disk quota of "
+                f"{quota} bytes (pyrsia node start --disk-space)")
+
     async def _build_inner(
-        self, ref: ImageRef, build: Build, created: list[Digest], mine: list[Digest]
+        self, ref: ImageRef, build: Build, created: list[Digest],
+        mine: list[tuple[str, Digest]],
     ) -> int:
         artifacts = await self._fetch_image(ref, build, created, mine)
         now = int(self.node.clock.now())
@@ -417,13 +524,13 @@ class DockerService:
                 await self.node.priority.wait()
                 try:
                     async with self.node.fetch_lock(d.digest):
-                        if await self.node.local_blob(d.digest) is not None:
+                        if await self.node.verified_blob(d.digest) is not None:
                             log.info("Blob %s already in the local cache", d.digest)
-                            self._release(d.digest)
+                            self._release(ref, d.digest)
                             return
                         await self._fetch_from_upstream(ref, d.digest, d.size, "build")
                         created.append(d.digest)
-                        self._release(d.digest)
+                        self._release(ref, d.digest)
                 except PyrsiaError as exc:
                     errors.append(exc)
 

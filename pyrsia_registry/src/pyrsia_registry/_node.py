@@ -9,12 +9,13 @@ every digest, stores them and commits one block of log records per build.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import logging
 import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,22 @@ from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, 
 from ._priority import ConsensusPriority
 from ._verify import ParallelRecordVerifier
 
-__all__ = ["Build", "BuildError", "Node", "NotInLog", "check_data_dir"]
+__all__ = ["Build", "BuildError", "BuildQueueFull", "Node", "NotInLog", "check_data_dir"]
 
 log = logging.getLogger("pyrsia.node")
+#: Shortest admin token accepted from ``admin.token`` (generated ones have 43 characters).
+MIN_ADMIN_TOKEN = 16
+#: Builds running at once; more wait in the queue.
+MAX_RUNNING_BUILDS = 8
+#: Builds running or queued at once; a request for another is refused (429).
+MAX_QUEUED_BUILDS = 64
+#: Finished builds kept for ``/api/builds/<id>``: the latest ones...
+KEEP_FINISHED_BUILDS = 256
+#: ... and any younger than this many seconds (up to a hard cap).
+KEEP_FINISHED_SECONDS = 600.0
+MAX_FINISHED_BUILDS = 4096
+#: A stored blob is re-hashed on a reported mismatch at most this often.
+RECHECK_INTERVAL = 30.0
 
 
 class BuildError(PyrsiaError):
@@ -60,6 +74,10 @@ class BuildError(PyrsiaError):
 
 class NotInLog(PyrsiaError, LookupError):
     """No log record vouches for the requested artifact."""
+
+
+class BuildQueueFull(BuildError):
+    """Too many builds are running or queued: the request is refused, try again later."""
 
 
 @attrs.define
@@ -84,6 +102,9 @@ class Build:
     #: the manifests), so a waiting client can be answered before the whole build ends.
     ready: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
     result: Any = attrs.field(default=None, repr=False)
+    #: The class of the exception that failed the build (not the exception: its
+    #: traceback would keep the failed build's memory alive).
+    error_type: type[BaseException] | None = attrs.field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +146,10 @@ def check_data_dir(data: Path) -> None:
         raise UsageError(f"cannot use the data directory {data}: {what} not writable")
 
 
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -164,6 +189,16 @@ class Node:
     priority: ConsensusPriority = attrs.Factory(
         lambda self: ConsensusPriority(self.clock), takes_self=True
     )
+    #: Builds that may run at once (the others of ``inflight`` wait their turn).
+    build_slots: anyio.Semaphore = attrs.Factory(lambda: anyio.Semaphore(MAX_RUNNING_BUILDS))
+    #: Bytes of blobs being stored now, already counted against the quota.
+    _reserved: int = 0
+    #: The true size of each digest, learned from a verified put or a full re-hash in
+    #: this run: a stored file of another size is damaged. A stored digest missing
+    #: here is hashed before it is first served.
+    _sizes: dict[str, int] = attrs.Factory(dict)
+    _verify_locks: dict[str, anyio.Lock] = attrs.Factory(dict)
+    _rechecked: dict[str, float] = attrs.Factory(dict)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -194,10 +229,15 @@ class Node:
             if settings.get("disk_space") != disk:
                 await anyio.to_thread.run_sync(lambda: save_settings(data, disk_space=disk))
         config = attrs.evolve(config, disk_space=disk)
-        signer = await anyio.to_thread.run_sync(cls._load_identity, data)
+        # A ledger is created only in a data directory that has none yet: an existing one
+        # that cannot be opened (a lost file, damage) stops the node with every file as
+        # it was, never a silent new network in its place.
+        new_ledger = not await anyio.to_thread.run_sync(lambda: (data / "ledger").exists())
         token = await anyio.to_thread.run_sync(cls._load_token, data)
+        signer = await anyio.to_thread.run_sync(cls._load_identity, data)
         kv: KeyValueStore = core_plugins.create(
-            "pyrsia.kv_store", config.kv_store, {"path": str(data / "ledger")}
+            "pyrsia.kv_store", config.kv_store,
+            {"path": str(data / "ledger"), "create_if_missing": "true" if new_ledger else "false"},
         )
         try:
             blobs: BlobStore = core_plugins.create(
@@ -209,6 +249,14 @@ class Node:
                 await blobs.open_store()
             genesis = None
             if await kv.get(b"h") is None:
+                # An empty database is a first start that stopped early (a joining node
+                # whose peers were away): nothing to lose. Keys without a chain are damage.
+                if not new_ledger and [k async for k, _ in kv.scan(limit=1)]:
+                    raise StoreError(
+                        f"the ledger in {data / 'ledger'} holds no chain: it is damaged or "
+                        "was emptied; refusing to start a new network in its place (move the "
+                        "directory away to start afresh)"
+                    )
                 if genesis_source is not None:
                     genesis = await genesis_source()
                 else:
@@ -226,7 +274,8 @@ class Node:
             raise
         upstream: Upstream | None = None
         if config.upstream:
-            upstream = core_plugins.create("pyrsia.upstream", "registry", {"url": config.upstream})
+            upstream = core_plugins.create("pyrsia.upstream", "registry",
+                                           {**config.upstream_options, "url": config.upstream})
         node = cls(
             config=config,
             signer=signer,
@@ -266,7 +315,18 @@ class Node:
     def _load_token(data: Path) -> str:
         path = data / "admin.token"
         if path.exists():
-            return path.read_text().strip()
+            try:
+                token = path.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read the admin token {path}: {exc}") from None
+            if len(token) < MIN_ADMIN_TOKEN:
+                # An empty token would let an empty bearer token in: refuse to run.
+                raise UsageError(
+                    f"the admin token in {path} is {'empty' if not token else 'too short'} "
+                    f"({len(token)} characters, at least {MIN_ADMIN_TOKEN} needed); delete "
+                    "the file to have a new one generated, or write a longer one"
+                )
+            return token
         token = secrets.token_urlsafe(32)
         _write_private(path, token.encode() + b"\n")
         return token
@@ -394,11 +454,21 @@ class Node:
         run: Callable[[Build], Any],
         task_group: Any,
     ) -> Build:
-        """Start (or join) the build of ``package_id``; ``run`` does the work."""
+        """Start (or join) the build of ``package_id``; ``run`` does the work.
+
+        At most :data:`MAX_RUNNING_BUILDS` run at once and :data:`MAX_QUEUED_BUILDS` are
+        running or waiting: past that, :class:`BuildQueueFull` (a client gets a 429).
+        """
         key = (package_type, package_id)
         existing = self._inflight.get(key)
         if existing is not None:
             return existing
+        if len(self._inflight) >= MAX_QUEUED_BUILDS:
+            raise BuildQueueFull(
+                f"this node is busy: {len(self._inflight)} builds are running or queued (at "
+                f"most {MAX_QUEUED_BUILDS}); try again later"
+            )
+        self.prune_builds()
         build = Build(id=str(uuid.uuid4()), package_type=package_type, package_id=package_id)
         self.builds[build.id] = build
         self._inflight[key] = build
@@ -406,11 +476,13 @@ class Node:
         async def runner() -> None:
             current_build.set(build)
             try:
-                height = await run(build)
+                async with self.build_slots:
+                    height = await run(build)
                 build.status, build.height = "SUCCESS", height
             except Exception as exc:  # a build failure is reported, never crashes the node
                 build.status = "FAILED"
                 build.reason = str(exc) or type(exc).__name__
+                build.error_type = type(exc)
                 if not isinstance(exc, PyrsiaError):
                     log.exception("build %s of %s crashed", build.id, package_id)
                 else:
@@ -425,18 +497,84 @@ class Node:
         task_group.start_soon(runner)
         return build
 
+    def prune_builds(
+        self,
+        *,
+        keep: int = KEEP_FINISHED_BUILDS,
+        keep_seconds: float = KEEP_FINISHED_SECONDS,
+        cap: int = MAX_FINISHED_BUILDS,
+        now: float | None = None,
+    ) -> int:
+        """Forget finished builds but the latest ``keep`` and those that finished within
+        ``keep_seconds`` (at most ``cap`` in all); running builds stay. Returns how many
+        were dropped."""
+        now = time.time() if now is None else now
+        finished = [b for b in self.builds.values() if b.finished is not None]
+        drop = len(finished) - keep
+        dropped = 0
+        for i, build in enumerate(finished):  # oldest first (insertion order)
+            if i >= drop:
+                break
+            assert build.finished is not None
+            if now - build.finished > keep_seconds or len(finished) - dropped > cap:
+                del self.builds[build.id]
+                dropped += 1
+        return dropped
+
     # -- blobs ---------------------------------------------------------------------
 
     async def store_stream(
-        self, chunks: AsyncIterator[bytes], expected: Digest, size: int | None
+        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None
     ) -> BlobInfo:
-        """Verify and store a blob, first evicting least-recently-used blobs if needed."""
-        if size is not None:
-            await self.make_room(size)
-        return await self.blobs.put(chunks, expected=expected, expected_size=size)
+        """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
+
+        A declared ``size`` is only a promise: room is made for the bytes that actually
+        arrive (in steps that at most double what has arrived), never ahead for what a
+        manifest or a peer claims. A blob larger than the whole quota is refused at once.
+        """
+        quota = self.blobs.quota
+        if quota is not None and size is not None and size > quota:
+            raise QuotaExceeded(
+                f"a blob of {size} bytes is larger than the disk quota ({quota} bytes)"
+            )
+        if quota is None or await self.blobs.stat(expected) is not None:
+            info = await self.blobs.put(chunks, expected=expected, expected_size=size)
+            self._sizes[expected.hex] = info.size
+            return info
+        held = 0  # bytes of this blob counted in _reserved
+
+        async def metered() -> AsyncIterator[bytes]:
+            nonlocal held
+            arrived = 0
+            async for chunk in chunks:
+                arrived += len(chunk)
+                if arrived > held:
+                    step = max(arrived - held, min(arrived, 4 << 20))
+                    if size is not None:
+                        step = max(arrived - held, min(step, size - held))
+                    await self._reserve(step)
+                    held += step
+                yield chunk
+
+        try:
+            info = await self.blobs.put(metered(), expected=expected, expected_size=size)
+        finally:
+            self._reserved -= held
+        self._sizes[expected.hex] = info.size
+        return info
+
+    async def put_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
+        """Store a small verified blob (a manifest), making room for it first."""
+        return await self.store_stream(_one(data), expected, len(data))
+
+    async def _reserve(self, needed: int) -> None:
+        """Count ``needed`` more bytes against the quota, evicting LRU blobs to fit them."""
+        await self.make_room(needed)
+        self._reserved += needed
 
     async def make_room(self, needed: int) -> None:
-        """Evict least-recently-used blobs until ``needed`` more bytes fit in the quota.
+        """Evict least-recently-used blobs until ``needed`` more bytes fit in the quota
+        (besides the bytes of blobs being stored now).
 
         Every stored blob is in the log, so an evicted one can be fetched again.
         Raises :class:`QuotaExceeded` if the blob is larger than the whole quota.
@@ -446,7 +584,7 @@ class Node:
             return
         if needed > quota:
             raise QuotaExceeded(f"a blob of {needed} bytes is larger than the disk quota ({quota})")
-        free = quota - await self.blobs.usage()
+        free = quota - await self.blobs.usage() - self._reserved
         if free >= needed:
             return
         lru = getattr(self.blobs, "lru_digests", None)
@@ -468,6 +606,150 @@ class Node:
             except (StoreError, BlobNotFound):
                 pass
 
+    # -- integrity of stored blobs ---------------------------------------------------
+
+    async def local_blob(self, digest: Digest) -> BlobInfo | None:
+        """The stored copy of ``digest``, if any; a copy whose size is not the digest's
+        true size (known once verified in this run) is quarantined and reported absent."""
+        info = await self.blobs.stat(digest)
+        if info is None:
+            return None
+        known = self._sizes.get(digest.hex)
+        if known is not None and known != info.size:
+            await self.quarantine(digest, f"{info.size} bytes stored, {known} verified")
+            return None
+        return info
+
+    async def verified_blob(self, digest: Digest) -> BlobInfo | None:
+        """:meth:`local_blob`, hashed in full the first time it is asked for in this run
+        (a copy from before the start, or damaged since): what a client is served."""
+        info = await self.local_blob(digest)
+        if info is None or digest.hex in self._sizes:
+            return info
+        if await self.verify_stored(digest):
+            return await self.blobs.stat(digest)
+        return None
+
+    async def verify_stored(self, digest: Digest, *, force: bool = False) -> bool:
+        """Hash the stored copy of ``digest``; quarantine it if the bytes do not match.
+
+        Returns whether a good copy is stored. One hash per digest at a time; without
+        ``force``, a digest already verified in this run is not hashed again.
+        """
+        lock = self._verify_locks.setdefault(digest.hex, anyio.Lock())
+        try:
+            async with lock:
+                if not force and digest.hex in self._sizes:
+                    return await self.local_blob(digest) is not None
+                info = await self.blobs.stat(digest)
+                if info is None:
+                    return False
+                try:
+                    got, size = await self._hash_stored(digest, info)
+                except (BlobNotFound, FileNotFoundError):
+                    return False
+                if got != digest.hex:
+                    await self.quarantine(digest, f"its {size} bytes hash to sha256:{got}")
+                    return False
+                self._sizes[digest.hex] = size
+                return True
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._verify_locks.pop(digest.hex, None)
+
+    async def _hash_stored(self, digest: Digest, info: BlobInfo) -> tuple[str, int]:
+        if info.path is not None:
+            path = info.path
+
+            def run() -> tuple[str, int]:
+                h, n = hashlib.sha256(), 0
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        n += len(chunk)
+                return h.hexdigest(), n
+
+            return await anyio.to_thread.run_sync(run)
+        h, n = hashlib.sha256(), 0
+        async for chunk in self.blobs.open(digest):
+            h.update(chunk)
+            n += len(chunk)
+        return h.hexdigest(), n
+
+    async def quarantine(self, digest: Digest, why: str) -> None:
+        """Take a damaged copy out of the store (it is fetched again when next needed)."""
+        self._sizes.pop(digest.hex, None)
+        move = getattr(self.blobs, "quarantine", None)
+        where = await move(digest) if move is not None else (
+            "deleted" if await self.blobs.delete(digest) else None)
+        if where is not None:
+            log.error("Stored blob %s is damaged (%s): quarantined (%s); it is fetched again "
+                      "when next needed", digest, why, where)
+
+    async def report_mismatch(self, digest: Digest) -> bool:
+        """A client or peer says the copy of ``digest`` it got from here was wrong: hash it
+        again now (at most once per :data:`RECHECK_INTERVAL` per digest). Returns whether
+        a good copy is stored."""
+        now = self.clock.monotonic()
+        last = self._rechecked.get(digest.hex)
+        if last is not None and now - last < RECHECK_INTERVAL:
+            return await self.local_blob(digest) is not None
+        if len(self._rechecked) > 10_000:
+            self._rechecked = {k: t for k, t in self._rechecked.items()
+                               if now - t < RECHECK_INTERVAL}
+        self._rechecked[digest.hex] = now
+        return await self.verify_stored(digest, force=True)
+
+    async def scrub(self) -> None:
+        """Hash every stored blob not yet verified in this run (a start-up check, run in the
+        background); damaged ones are quarantined."""
+        checked = bad = 0
+        async for digest in self.blobs.iter_digests():
+            if digest.hex in self._sizes:
+                continue
+            await self.priority.wait()
+            if not await self.verify_stored(digest) and await self.blobs.stat(digest) is None:
+                bad += 1
+            checked += 1
+        log.info("Start-up check of stored blobs: %d hashed, %d damaged and quarantined",
+                 checked, bad)
+
+    # -- the cache -------------------------------------------------------------------
+
+    async def cache_entries(self) -> list[tuple[Digest, int, float | None]]:
+        """``(digest, size, last used)`` of stored blobs, least recently used first."""
+        entries = getattr(self.blobs, "lru_entries", None)
+        if entries is not None:
+            return list(await entries())
+        out: list[tuple[Digest, int, float | None]] = []
+        async for digest in self.blobs.iter_digests():
+            info = await self.blobs.stat(digest)
+            if info is not None:
+                out.append((digest, info.size, None))
+        return out
+
+    async def prune_cache(
+        self, *, bytes_: int | None = None, everything: bool = False,
+        older_than: float | None = None,
+    ) -> list[tuple[Digest, int]]:
+        """Evict least-recently-used blobs: until ``bytes_`` are freed, all of them, or
+        those unused for ``older_than`` seconds. Returns what was removed."""
+        if not everything and bytes_ is None and older_than is None:
+            raise UsageError("say what to prune: a number of bytes, older_than, or all")
+        removed: list[tuple[Digest, int]] = []
+        freed = 0
+        now = time.time()
+        for digest, size, used in await self.cache_entries():
+            if bytes_ is not None and freed >= bytes_:
+                break
+            if older_than is not None and used is not None and now - used < older_than:
+                break  # LRU order: every later one was used more recently
+            if await self.blobs.delete(digest):
+                removed.append((digest, size))
+                freed += size
+                log.info("Pruned %s (%d bytes) from the cache", digest, size)
+        return removed
+
     # -- part lists (swarm fetch of large blobs) ------------------------------------
 
     async def part_list(self, digest: Digest) -> PartList:
@@ -479,7 +761,7 @@ class Node:
             hasher.update(chunk)
         parts = hasher.finish(digest)
         if await self.blobs.stat(parts.digest) is None:
-            await self.blobs.put_bytes(parts.to_bytes(), expected=parts.digest)
+            await self.put_bytes(parts.to_bytes(), parts.digest)
         return parts
 
     async def part_list_records(self, digests: list[Digest], timestamp: int) -> list[Record]:
@@ -520,9 +802,6 @@ class Node:
                             "node's", digest)
                 return False
         return True
-
-    async def local_blob(self, digest: Digest) -> BlobInfo | None:
-        return await self.blobs.stat(digest)
 
     def fetch_lock(self, digest: Digest) -> anyio.Lock:
         lock = self._fetch_locks.get(digest.hex)

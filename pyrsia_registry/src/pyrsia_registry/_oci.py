@@ -12,7 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import attrs
-from pyrsia_core.errors import BlobNotFound, DigestError, DigestMismatch, PyrsiaError, StoreError
+from pyrsia_core.errors import (
+    BlobNotFound,
+    DigestError,
+    DigestMismatch,
+    PyrsiaError,
+    QuotaExceeded,
+    StoreError,
+)
 from pyrsia_pkg_docker import (
     DOCKER_MANIFEST,
     INDEX_TYPES,
@@ -32,13 +39,15 @@ from pyrsia_core import Digest
 
 from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
 from ._docker import DockerService
-from ._node import BuildError, NotInLog
+from ._node import BuildError, BuildQueueFull, NotInLog
 
 __all__ = ["OciApp"]
 
 log = logging.getLogger("pyrsia.oci")
 API_VERSION: Final = ("docker-distribution-api-version", "registry/2.0")
-_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)", re.ASCII)
+#: Digits of a Range position: more than any size (and than ``int()`` parses cheaply).
+_RANGE_DIGITS: Final = 19
 _PULL: Final = frozenset({"GET", "HEAD"})
 _PUSH: Final = frozenset({"PUT", "POST", "PATCH", "DELETE"})
 T = TypeVar("T")
@@ -96,6 +105,14 @@ class OciApp:
             await self._dispatch(scope, send)
         except OciError as exc:
             await self._error(send, exc, head=head)
+        except BuildQueueFull as exc:
+            log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
+            await self._error(send, OciError(429, "TOOMANYREQUESTS", str(exc)), head=head,
+                              headers=[("retry-after", "5")])
+        except QuotaExceeded as exc:
+            # Said on the manifest, before a client starts an image it could not finish.
+            log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
+            await self._error(send, OciError(507, "DENIED", f"disk quota: {exc}"), head=head)
         except BuildError as exc:
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             status, code = (404, "MANIFEST_UNKNOWN") if "not found upstream" in str(exc) else (
@@ -109,9 +126,10 @@ class OciApp:
             log.error("%s %s failed: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(500, "UNKNOWN", f"internal error: {exc}"), head=head)
 
-    async def _error(self, send: Send, exc: OciError, *, head: bool) -> None:
+    async def _error(self, send: Send, exc: OciError, *, head: bool,
+                     headers: list[tuple[str, str]] | None = None) -> None:
         body = {"errors": [{"code": exc.code, "message": exc.message, "detail": exc.detail}]}
-        await send_json(send, exc.status, body, [API_VERSION], head=head)
+        await send_json(send, exc.status, body, [API_VERSION, *(headers or [])], head=head)
 
     async def _dispatch(self, scope: Scope, send: Send) -> None:
         path = route_path(scope)
@@ -303,6 +321,10 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     m = _RANGE.fullmatch(value.strip())
     if not m or (not m[1] and not m[2]):
         return (0, size)
+    if len(m[1]) > _RANGE_DIGITS or len(m[2]) > _RANGE_DIGITS:
+        # A position past any blob's end (and past what int() parses cheaply): refused
+        # as unsatisfiable, as the reference registry refuses it (Go cannot parse it).
+        return None
     if m[1]:
         start = int(m[1])
         end = min(int(m[2]) + 1, size) if m[2] else size

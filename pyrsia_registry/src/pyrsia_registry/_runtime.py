@@ -134,6 +134,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             await _start_listeners(tg, config, transport, peers, p2p_app is not None and serve_http)
             await tg.start(peers.run)
             await tg.start(consensus.run)
+            tg.start_soon(_scrub, node)
             try:
                 yield running
             finally:
@@ -192,6 +193,14 @@ def _write_url(config: NodeConfig, url: str) -> None:
         (config.data_dir / URL_FILE).write_text(url + "\n")
     except OSError as exc:
         log.warning("Could not write %s: %s", config.data_dir / URL_FILE, exc)
+
+
+async def _scrub(node: Node) -> None:
+    """The start-up check of stored blobs, in the background; a failure is logged."""
+    try:
+        await node.scrub()
+    except Exception as exc:  # the store closing under it, a broken plugin: not fatal
+        log.warning("The start-up check of stored blobs stopped: %s", exc)
 
 
 def _transport_options(config: NodeConfig) -> dict[str, dict[str, str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -29,6 +30,12 @@ _LOCATOR = re.compile(
 )
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 CHUNK = 1024 * 1024
+#: A transfer fails when it averages fewer bytes per second than this ...
+DEFAULT_MIN_RATE = 4096.0
+#: ... over the last this many seconds (a sliding window) ...
+DEFAULT_RATE_WINDOW = 20.0
+#: ... or when no byte at all arrives for this many seconds.
+DEFAULT_IDLE_TIMEOUT = 30.0
 
 
 class UpstreamError(PyrsiaError):
@@ -57,25 +64,59 @@ class _ResponseBody:
     ``finally``, which would leak the pooled connection.)
     """
 
-    def __init__(self, resp: httpx.Response, what: str) -> None:
+    def __init__(self, resp: httpx.Response, what: str, *, min_rate: float = 0.0,
+                 window: float = DEFAULT_RATE_WINDOW) -> None:
         self._resp = resp
         self._what = what
         self._chunks: AsyncIterator[bytes] | None = None
+        self._min_rate = min_rate
+        self._window = window
+        self._start = time.monotonic()
+        self._total = 0
+        #: (time, bytes received so far) samples of the last ``window`` seconds.
+        self._samples: deque[tuple[float, int]] = deque([(self._start, 0)])
 
     def __aiter__(self) -> _ResponseBody:
         return self
 
     async def __anext__(self) -> bytes:
         if self._chunks is None:
-            self._chunks = self._resp.aiter_raw(CHUNK)
+            # As the bytes arrive (no chunk size: httpx would hold a slow drip back until
+            # a whole chunk is there, and the rate check below would never see it).
+            self._chunks = self._resp.aiter_raw()
         try:
-            return await self._chunks.__anext__()
+            chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             await self.aclose()
             raise
+        except httpx.TimeoutException:
+            await self.aclose()
+            raise UpstreamError(f"upstream transfer of {self._what} stalled: no byte within "
+                                "the idle timeout") from None
         except httpx.HTTPError as exc:
             await self.aclose()
             raise UpstreamError(f"upstream transfer of {self._what} failed: {_why(exc)}") from None
+        self._total += len(chunk)
+        if self._min_rate > 0:
+            await self._check_rate()
+        return chunk
+
+    async def _check_rate(self) -> None:
+        """Fail a transfer that averaged under ``min_rate`` over the last ``window`` s."""
+        now = time.monotonic()
+        samples = self._samples
+        samples.append((now, self._total))
+        while len(samples) > 1 and samples[1][0] <= now - self._window:
+            samples.popleft()
+        if now - self._start < self._window:
+            return
+        # samples[0] is the last sample at or before the window's start.
+        received = self._total - samples[0][1]
+        if received < self._min_rate * self._window:
+            await self.aclose()
+            raise UpstreamError(
+                f"upstream transfer of {self._what} too slow: {received} bytes in the last "
+                f"{self._window:g} s (at least {self._min_rate:g} bytes/s needed)")
 
     async def aclose(self) -> None:
         await self._resp.aclose()
@@ -90,10 +131,17 @@ class RegistryUpstream(Upstream):
         *,
         timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        min_rate: float = DEFAULT_MIN_RATE,
+        rate_window: float = DEFAULT_RATE_WINDOW,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
+        if min_rate < 0 or rate_window <= 0 or idle_timeout <= 0:
+            raise UsageError("min_rate must be >= 0, rate_window and idle_timeout > 0")
         self.url = url.rstrip("/")
+        self.min_rate = min_rate
+        self.rate_window = rate_window
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
+            timeout=httpx.Timeout(timeout, connect=10.0, read=min(timeout, idle_timeout)),
             follow_redirects=True,
             transport=transport,
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
@@ -102,10 +150,27 @@ class RegistryUpstream(Upstream):
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> RegistryUpstream:
+        """Entry-point factory: ``url``; ``timeout`` (s); ``min_rate`` (bytes/s, 0: none),
+        ``rate_window`` (s) and ``idle_timeout`` (s) bound slow transfers."""
         url = config.get("url", DEFAULT_UPSTREAM)
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"upstream URL must start with http:// or https://, got {url!r}")
-        return cls(url, timeout=float(config.get("timeout", "60")))
+        unknown = set(config) - {"url", "timeout", "min_rate", "rate_window", "idle_timeout"}
+        if unknown:
+            raise UsageError(f"unknown upstream option(s) {', '.join(sorted(unknown))} (known: "
+                             "timeout, min_rate, rate_window, idle_timeout)")
+
+        def number(key: str, default: float) -> float:
+            try:
+                return float(config.get(key, default))
+            except ValueError:
+                raise UsageError(f"upstream option {key} must be a number, got "
+                                 f"{config[key]!r}") from None
+
+        return cls(url, timeout=number("timeout", 60),
+                   min_rate=number("min_rate", DEFAULT_MIN_RATE),
+                   rate_window=number("rate_window", DEFAULT_RATE_WINDOW),
+                   idle_timeout=number("idle_timeout", DEFAULT_IDLE_TIMEOUT))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -188,7 +253,8 @@ class RegistryUpstream(Upstream):
         size = int(size_header) if size_header and size_header.isdigit() else None
         media_type = resp.headers.get("content-type", "application/octet-stream").split(";")[0]
 
-        body = _ResponseBody(resp, f"{repo}:{ref}")
+        body = _ResponseBody(resp, f"{repo}:{ref}", min_rate=self.min_rate,
+                             window=self.rate_window)
         return UpstreamResponse(media_type=media_type, size=size, digest=digest, body=body)
 
 

@@ -5,6 +5,7 @@ Layout under the root directory::
     <root>/LOCK                     locked (flock) while a store has the directory open
     <root>/sha256/<hex[:2]>/<hex>   one file per blob, named by its digest
     <root>/tmp/<random>.part        puts in progress
+    <root>/quarantine/<hex>         blobs found damaged (moved out by ``quarantine``)
 
 A put streams into a new file in ``tmp/`` and hashes what it writes. Only once
 the bytes verify is the file fsynced, renamed into place and the directory
@@ -53,6 +54,8 @@ CHUNK_SIZE: Final = 1 << 20
 #: Blobs of at most this many bytes (declared) are gathered in memory and stored with
 #: one worker-thread call instead of a streaming pipe (manifests, configs, small layers).
 SMALL_BLOB: Final = 64 << 10
+#: Damaged blobs kept in ``quarantine/`` (the newest; older ones are deleted).
+QUARANTINE_KEEP: Final = 16
 
 _T = TypeVar("_T")
 _HEX: Final = frozenset("0123456789abcdef")
@@ -244,7 +247,9 @@ class FsBlobStore(BlobStore):
         # digest is known only apply when ``expected`` is new.
         known = expected is not None and await self.stat(expected) is not None
         if quota is not None and expected is not None and expected_size is not None and not known:
-            self._check_quota(expected_size, quota)
+            # Only a blob larger than the whole quota is refused before its bytes arrive:
+            # the node makes room as they arrive, and the commit checks the quota again.
+            self._check_quota(expected_size, quota, freed=self._usage)
         verifier = DigestVerifier(expected=expected, expected_size=expected_size)
         temp = await self._run(self._create_temp)
         try:
@@ -577,6 +582,52 @@ class FsBlobStore(BlobStore):
         except FileNotFoundError:
             return False
         return True
+
+    async def lru_entries(self) -> list[tuple[Digest, int, float]]:
+        """``(digest, size, last used)`` of every stored blob, least recently used first
+        (last used: the put or the latest :meth:`touch`, as UNIX seconds)."""
+        await self._ensure_ready()
+        return await self._run(self._all_entries)
+
+    def _all_entries(self) -> list[tuple[Digest, int, float]]:
+        out: list[tuple[Digest, int, float]] = []
+        for shard in self._shards():
+            for digest, _ in self._list_shard(shard, False):
+                try:
+                    st = os.stat(self._path(digest))
+                except FileNotFoundError:
+                    continue
+                out.append((digest, st.st_size, st.st_mtime))
+        out.sort(key=lambda e: e[2])
+        return out
+
+    async def quarantine(self, digest: Digest) -> str | None:
+        """Move a damaged blob out of the store into ``quarantine/`` (kept for inspection,
+        the newest :data:`QUARANTINE_KEEP` only); return its new path, ``None`` if absent."""
+        await self._ensure_ready()
+        with anyio.CancelScope(shield=True):
+            async with self._commit_lock:
+                moved = await self._run(partial(self._move_to_quarantine, digest))
+                if moved is not None:
+                    self._usage -= moved[1]
+                    self._count -= 1
+        return None if moved is None else moved[0]
+
+    def _move_to_quarantine(self, digest: Digest) -> tuple[str, int] | None:
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        path = self._path(digest)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        target = qdir / digest.hex
+        os.replace(path, target)
+        _fsync_dir(path.parent)
+        kept = sorted(qdir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[QUARANTINE_KEEP:]:
+            old.unlink(missing_ok=True)
+        return str(target), size
 
     async def lru_digests(self) -> AsyncIterator[Digest]:
         """Stored digests, least recently put or touched first."""

@@ -160,11 +160,13 @@ class LevelDBStore(KeyValueStore):
         *,
         sync: bool = True,
         scan_chunk: int = SCAN_CHUNK,
+        create_if_missing: bool = True,
     ) -> None:
         if scan_chunk <= 0:
             raise UsageError(f"scan_chunk must be > 0, got {scan_chunk}")
         self.path = Path(path)
         self.sync = sync
+        self.create_if_missing = create_if_missing
         self._scan_chunk = scan_chunk
         self._db: _DB | None = None
         self._registered: str | None = None
@@ -174,12 +176,15 @@ class LevelDBStore(KeyValueStore):
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> Self:
-        """Entry-point factory: ``path`` (required), ``sync`` (optional, default true)."""
+        """Entry-point factory: ``path`` (required), ``sync`` and ``create_if_missing``
+        (optional, default true: with false, a missing or damaged database is an error)."""
         path = config.get("path")
         if not path:
             raise UsageError("the leveldb store needs a 'path' (its database directory)")
         sync = _parse_bool("sync", config["sync"]) if "sync" in config else True
-        return cls(path, sync=sync)
+        create = (_parse_bool("create_if_missing", config["create_if_missing"])
+                  if "create_if_missing" in config else True)
+        return cls(path, sync=sync, create_if_missing=create)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, sync={self.sync!r})"
@@ -218,8 +223,13 @@ class LevelDBStore(KeyValueStore):
                 )
             _open_paths[key] = self
         try:
+            if not self.create_if_missing:
+                self._check_existing()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = cast(_DB, plyvel.DB(str(self.path), create_if_missing=True))
+            db = cast(_DB, plyvel.DB(str(self.path), create_if_missing=self.create_if_missing))
+        except StoreError:
+            self._unregister(key)
+            raise
         except plyvel.IOError as exc:
             self._unregister(key)
             message = _message(exc)
@@ -242,6 +252,18 @@ class LevelDBStore(KeyValueStore):
             raise
         self._registered = key
         return db
+
+    def _check_existing(self) -> None:
+        """Without ``create_if_missing``: refuse a directory that is not a whole database
+        before LevelDB touches it (opening rotates its LOG file even when it then fails)."""
+        if not self.path.is_dir():
+            raise StoreError(f"LevelDB directory {self.path} does not exist")
+        if not (self.path / "CURRENT").is_file():
+            raise StoreError(
+                f"LevelDB directory {self.path} is damaged: its CURRENT file is missing (it "
+                "names the database's MANIFEST); restore it from a backup, or repair the "
+                "directory with LevelDB's RepairDB; nothing was changed"
+            )
 
     @staticmethod
     def _unregister(key: str) -> None:
