@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -236,11 +237,12 @@ class PeerService:
         last = self._tried.get(pair)
         if last is not None and now - last < VERIFY_RETRY:
             return
-        recent = [t for t in self._address_checks.get(address, ()) if now - t < ADDRESS_WINDOW]
+        where = _authority(address)  # paths and ids vary for free; the host does not
+        recent = [t for t in self._address_checks.get(where, ()) if now - t < ADDRESS_WINDOW]
         if len(recent) >= ADDRESS_CHECKS:
             return
         recent.append(now)
-        self._address_checks[address] = recent
+        self._address_checks[where] = recent
         self._tried[pair] = now
         for table in (self._tried, self._address_checks):
             while len(table) > 4096:
@@ -1220,6 +1222,11 @@ async def _close_body(body: AsyncIterator[bytes]) -> None:
                 await aclose()
             except Exception as exc:  # closing a peer's stream: nothing more to do
                 log.debug("Closing a peer's blob stream failed: %s", exc)
+
+
+def _authority(address: str) -> str:
+    """The hosts and ports of a (multi-) address, without paths: what gets contacted."""
+    return ",".join(urlsplit(url).netloc or url for url in split_address(address))
 
 
 def _attached_list(env: Envelope) -> list[Any]:
