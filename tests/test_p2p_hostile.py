@@ -20,10 +20,11 @@ import attrs
 import pytest
 from pyrsia_core._wire import open_frame, seal
 from pyrsia_core.errors import PyrsiaError
-from pyrsia_core.interfaces import PeerBlob
+from pyrsia_core.interfaces import PeerBlob, RequestHandler
 from pyrsia_core.testing import MemoryNetwork
 from pyrsia_registry._p2p import (
     ADDRESS_CHECKS,
+    MAX_IDS_PER_HOST,
     MAX_PROVIDER_RECORDS,
     MAX_RECORDS_PER_PROVIDER,
     PEER_FAILURES,
@@ -281,6 +282,31 @@ async def test_a_node_answering_as_itself_is_proven(net: Net) -> None:
             newcomer.signer.public_key.hex
     finally:
         await newcomer.aclose()
+
+
+async def test_one_host_proves_at_most_two_ids(net: Net) -> None:
+    """An attacker's server answers as 30 ids (one path each): keys are free, hosts are not,
+    so at most MAX_IDS_PER_HOST of them are kept as peers and polled."""
+    liars = [key() for _ in range(30)]
+
+    def answer_as(signer: Ed25519Signer, address: str) -> RequestHandler:
+        async def handler(frame: bytes) -> bytes:
+            env = open_frame(frame, now=time.time())
+            body = {"height": 1, "hash": "", "uploads": 0,
+                    "genesis": net.victim.log_store.ledger.genesis_hash}
+            return seal(signer, "HEAD" if env.type == "GET_HEAD" else "PONG", body,
+                        address=address, now=time.time())
+        return handler
+
+    for i, liar in enumerate(liars):
+        address = f"memory://liar/k{i}"
+        net.memory.serve(address, answer_as(liar, address))
+        await net.victim.peers.ping(address)
+    kept = [liar for liar in liars if net.victim.peers.proven(liar.node_id)]
+    assert len(kept) <= MAX_IDS_PER_HOST
+    assert {p["node_id"] for p in net.victim.peers.peers()} <= {
+        net.build.node_id, *(liar.node_id for liar in kept)}
+    assert net.victim.peers.proven(net.build.node_id)
 
 
 async def test_fake_contacts_from_nodes_replies_never_enter_the_table(net: Net) -> None:

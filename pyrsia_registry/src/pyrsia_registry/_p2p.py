@@ -72,6 +72,9 @@ MAX_VERIFYING = 16
 VERIFY_RETRY = 5.0
 ADDRESS_CHECKS = 8
 ADDRESS_WINDOW = 60.0
+#: Proven node ids kept at one host:port, and in all (the routing table holds fewer).
+MAX_IDS_PER_HOST = 2
+MAX_PEERS = 1024
 #: Stats kept for nodes never proven (providers named by records, say); oldest go first.
 MAX_STRANGERS = 1024
 #: Peer clients kept open (one per address); the least recently used is closed first.
@@ -200,6 +203,7 @@ class PeerService:
         if not self._usable(node_id, address):
             return
         st = self._stats_for(node_id, address)
+        news = not st.proven or st.address != address
         st.address = address
         st.proven = True
         st.last_seen = self.now()
@@ -209,6 +213,34 @@ class PeerService:
         for candidate in self.table.take_ping_candidates():
             if self._tg is not None:
                 self._tg.start_soon(self._check_candidate, candidate)
+        if news:
+            self._cap_peers(node_id, address)
+
+    def _cap_peers(self, node_id: str, address: str) -> None:
+        """At most MAX_IDS_PER_HOST proven ids at one host and port (ids are free, hosts are
+        not), and at most MAX_PEERS proven in all: the least recently seen go first,
+        build nodes and routing-table contacts last."""
+        where = _authority(address)
+        same = [nid for nid, st in self.stats.items()
+                if st.proven and _authority(st.address) == where]
+        validators = self.node.log_store.ledger.validators
+        by_age = sorted(same, key=lambda nid: (nid in validators, self.stats[nid].last_seen))
+        for nid in by_age[: max(len(same) - MAX_IDS_PER_HOST, 0)]:
+            if nid != node_id:
+                self._forget(nid)
+        proven = [nid for nid, st in self.stats.items() if st.proven]
+        if len(proven) > MAX_PEERS:
+            proven.sort(key=lambda nid: (nid in validators, _node_key(nid) in self.table,
+                                         self.stats[nid].last_seen))
+            for nid in proven[: len(proven) - MAX_PEERS]:
+                if nid != node_id:
+                    self._forget(nid)
+
+    def _polled(self) -> list[tuple[str, PeerStats]]:
+        """The peers a sync round asks: routing-table contacts and build nodes, proven."""
+        validators = self.node.log_store.ledger.validators
+        return [(nid, st) for nid, st in list(self.stats.items())
+                if st.proven and (_node_key(nid) in self.table or nid in validators)]
 
     async def _heard(self, env: Envelope) -> None:
         """A verified request from ``env.sender``: fresh news of a proven peer at its proven
@@ -728,9 +760,8 @@ class PeerService:
                 heights[nid] = height
 
         async with anyio.create_task_group() as tg:
-            for nid, st in list(self.stats.items()):
-                if st.proven:
-                    tg.start_soon(head, nid, st)
+            for nid, st in self._polled():
+                tg.start_soon(head, nid, st)
         ahead = [nid for nid, h in heights.items() if h > self.node.log_store.ledger.height]
         ahead.sort(key=lambda nid: (self.stats[nid].sync_failures, -heights[nid]))
         for nid in ahead:
