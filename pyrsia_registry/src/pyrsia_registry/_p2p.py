@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -223,7 +223,7 @@ class PeerService:
         where = _authority(address)
         same = [nid for nid, st in self.stats.items()
                 if st.proven and _authority(st.address) == where]
-        validators = self.node.log_store.ledger.validators
+        validators = self._validators()
         by_age = sorted(same, key=lambda nid: (nid in validators, self.stats[nid].last_seen))
         for nid in by_age[: max(len(same) - MAX_IDS_PER_HOST, 0)]:
             if nid != node_id:
@@ -236,9 +236,14 @@ class PeerService:
                 if nid != node_id:
                     self._forget(nid)
 
+    def _validators(self) -> Container[str]:
+        """The build nodes' ids (none for a service that holds no ledger yet)."""
+        log_store = getattr(self.node, "log_store", None)
+        return log_store.ledger.validators if log_store is not None else ()
+
     def _polled(self) -> list[tuple[str, PeerStats]]:
         """The peers a sync round asks: routing-table contacts and build nodes, proven."""
-        validators = self.node.log_store.ledger.validators
+        validators = self._validators()
         return [(nid, st) for nid, st in list(self.stats.items())
                 if st.proven and (_node_key(nid) in self.table or nid in validators)]
 
