@@ -281,9 +281,10 @@ class PeerService:
         recent.append(now)
         self._address_checks[where] = recent
         self._tried[pair] = now
-        for table in (self._tried, self._address_checks):
-            while len(table) > 4096:
-                del table[next(iter(table))]
+        while len(self._tried) > 4096:
+            del self._tried[next(iter(self._tried))]
+        while len(self._address_checks) > 4096:
+            del self._address_checks[next(iter(self._address_checks))]
         self._verifying.add(pair)
         if self._tg is not None:
             self._tg.start_soon(self._verify, node_id, address)
@@ -1083,12 +1084,16 @@ class PeerService:
         raise TransportError(f"no provider sent the right bytes for {digest}")
 
     def _open_timeout(self, c: Contact) -> float:
-        """Seconds ``c`` gets to answer a blob request: a proven peer that served before
-        gets the blob timeout; others only OPEN_TIMEOUT (a tarpit costs that much)."""
-        st = self.stats.get(c.node_id.hex())
-        if st is not None and st.proven and (st.served or st.throughput):
+        """Seconds ``c`` gets to answer a blob request: a proven peer gets the blob
+        timeout; a provider named only by records OPEN_TIMEOUT (a tarpit costs that)."""
+        if self.proven(c.node_id.hex()):
             return self.config.blob_timeout
         return min(OPEN_TIMEOUT, self.config.blob_timeout)
+
+    def query_timeout(self, node_id: str) -> float:
+        """Seconds a query to ``node_id`` may take: a proven peer gets the request timeout,
+        anyone else VERIFY_TIMEOUT."""
+        return self.config.rpc_timeout if self.proven(node_id) else VERIFY_TIMEOUT
 
     async def _open_hedged(
         self, digest: Digest, offset: int, queue: list[Contact]
