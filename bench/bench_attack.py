@@ -11,7 +11,9 @@ checked against its digest) while nobody attacks, then while an attacker at once
   body trickles in a byte a second,
 * announces a tarpit as the provider of another image's blobs from 20 fresh keys (1),
 * gossips 12 far-ahead blocks naming the tarpit (4),
-* claims the tarpit's address in 500 PINGs from fresh keys (5).
+* claims the tarpit's address in 500 PINGs from fresh keys (5),
+
+each again and again until the attacked pulls are done.
 
 Then one uncached pull from V (its blobs come from A, past the 20 fake providers).
 Prints median and p90 of each phase and what the tarpit received. Goal: the attacked
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -76,16 +79,26 @@ def main() -> None:
 
             slow = SlowClients(v.port, args.connections).start()
             digests = image_digests(a.url, "library/ociimage", "1.0")
-            jobs = [
-                lambda: fake_providers(v.url, digests, tarpit.url, 20),
-                lambda: far_ahead_blocks(v.url, tarpit.url, 12),
-                lambda: ping_flood(v.url, tarpit.url, 500),
-            ]
-            threads = [threading.Thread(target=job, daemon=True) for job in jobs]
+            done = threading.Event()
+            sent = {"providers": 0, "blocks": 0, "pings": 0}
+
+            def repeat(name: str, job: Callable[[], list[str]]) -> None:
+                while not done.is_set():  # again and again while the pulls are measured
+                    sent[name] += len(job())
+
+            jobs = {
+                "providers": lambda: fake_providers(v.url, digests, tarpit.url, 20),
+                "blocks": lambda: far_ahead_blocks(v.url, tarpit.url, 12),
+                "pings": lambda: ping_flood(v.url, tarpit.url, 500),
+            }
+            threads = [threading.Thread(target=repeat, args=item, daemon=True)
+                       for item in jobs.items()]
             started = time.perf_counter()
             for t in threads:
                 t.start()
+            time.sleep(1.0)  # the attack is under way
             attacked = [pull(v.url, *IMAGE, timeout=60) for _ in range(args.pulls)]
+            done.set()
             for t in threads:
                 t.join(120)
             flood_s = time.perf_counter() - started
@@ -108,7 +121,7 @@ def main() -> None:
     print(f"  attacked    median {statistics.median(attacked):6.3f} s  p90 {p90(attacked):6.3f} s"
           f"  ({slow.opened if slow else 0} slow connections opened, {still_open} still open)")
     print(f"uncached pull past 20 fake providers: {uncached:6.3f} s")
-    print(f"attack frames sent in {flood_s:5.1f} s; ledger behind after: {behind}; "
+    print(f"attack frames sent in {flood_s:5.1f} s: {sent}; ledger behind after: {behind}; "
           f"peers listed: {peers}")
     print(f"tarpit: {contacted} requests in all, {polled_after} in the 3 s after")
 
