@@ -151,6 +151,8 @@ class PeerService:
     _tried: dict[tuple[str, str], float] = attrs.Factory(dict)
     _address_checks: dict[str, list[float]] = attrs.Factory(dict)
     _catching_up: bool = False
+    _rejected_second: int = 0
+    _rejected_logged: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -385,7 +387,13 @@ class PeerService:
             env = open_frame(frame, now=now)
             self.replay.check(env, now, trusted=self.proven(env.sender))
         except PeerMisbehaved as exc:
-            log.warning("Rejected a peer message: %s", exc)
+            # A flood of bad frames must not become a flood of log lines: 20 a second.
+            second = int(self.node.clock.monotonic())
+            if second != self._rejected_second:
+                self._rejected_second, self._rejected_logged = second, 0
+            self._rejected_logged += 1
+            level = logging.WARNING if self._rejected_logged <= 20 else logging.DEBUG
+            log.log(level, "Rejected a peer message: %s", exc)
             return self._seal("ERROR", {"error": str(exc)[:300]})
         await self._heard(env)
         self._remember_key(env)
