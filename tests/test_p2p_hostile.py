@@ -27,6 +27,7 @@ from pyrsia_registry._p2p import (
     MAX_IDS_PER_HOST,
     MAX_PROVIDER_RECORDS,
     MAX_RECORDS_PER_PROVIDER,
+    PEER_EXPIRY,
     PEER_FAILURES,
     PeerService,
 )
@@ -353,6 +354,10 @@ async def test_peers_that_stop_answering_are_dropped(net: Net) -> None:
     peers = net.victim.peers.peers()
     assert [p["node_id"] for p in peers] == [net.build.node_id]
     assert abs(peers[0]["last_seen"] - time.time()) < 5 and peers[0]["last_seen_ago"] < 5
+    # Not heard from for too long (say, never polled): dropped as well.
+    net.victim.peers.stats[net.build.node_id].last_seen -= PEER_EXPIRY + 1
+    assert net.victim.peers.expire_peers() == 1
+    assert net.victim.peers.peers() == []
 
 
 # ------------------------------------------------------------------------- fault 6

@@ -62,8 +62,10 @@ REPUBLISH_INTERVAL = 12 * 3600.0
 #: Provider records held in all, and naming one announcing node (~400 bytes each).
 MAX_PROVIDER_RECORDS = 100_000
 MAX_RECORDS_PER_PROVIDER = 10_000
-#: Failed queries in a row (pings, heads, lookups) after which a peer leaves the table.
+#: Failed queries in a row (pings, heads, lookups) after which a peer leaves the table,
+#: and seconds without news from a peer after which it leaves anyway.
 PEER_FAILURES = 3
+PEER_EXPIRY = 600
 #: Checking that an address answers as the node id that claimed it: seconds to answer,
 #: checks in flight at once, checks of one (id, address) at most every VERIFY_RETRY s,
 #: and of one address (any ids) at most ADDRESS_CHECKS per ADDRESS_WINDOW s.
@@ -237,6 +239,16 @@ class PeerService:
             for nid in proven[: len(proven) - MAX_PEERS]:
                 if nid != node_id:
                     self._forget(nid)
+
+    def expire_peers(self) -> int:
+        """Forget proven peers not heard from for PEER_EXPIRY s (those a sync round polls
+        leave earlier, after PEER_FAILURES failed heads); returns how many."""
+        cutoff = self.now() - PEER_EXPIRY
+        stale = [nid for nid, st in self.stats.items() if st.proven and st.last_seen < cutoff]
+        for nid in stale:
+            log.info("Peer %s not heard from for %d s; dropped", nid[:16], PEER_EXPIRY)
+            self._forget(nid)
+        return len(stale)
 
     def _validators(self) -> Container[str]:
         """The build nodes' ids (none for a service that holds no ledger yet)."""
@@ -1247,6 +1259,7 @@ class PeerService:
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Ledger sync failed: %s", exc)
                 self.replay.expire(self.now())
+                self.expire_peers()
                 await self._republish()
 
     async def _republish(self) -> None:
