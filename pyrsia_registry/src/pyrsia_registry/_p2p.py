@@ -59,7 +59,8 @@ MAX_CONSENSUS_BATCH = 64
 MAX_PROVIDE_KEYS = 256
 PROVIDER_TTL = 24 * 3600.0
 REPUBLISH_INTERVAL = 12 * 3600.0
-#: Provider records held in all, and naming one announcing node (~400 bytes each).
+#: Provider records held in all, and naming one announcing node (~700 bytes each in RSS:
+#: some 70 MB at the cap, measured with 2,000 ADD_PROVIDERs of 256 keys from 256 keys).
 MAX_PROVIDER_RECORDS = 100_000
 MAX_RECORDS_PER_PROVIDER = 10_000
 #: Failed queries in a row (pings, heads, lookups) after which a peer leaves the table,
