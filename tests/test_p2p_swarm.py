@@ -248,3 +248,33 @@ def test_swarm_between_node_processes(tmp_path: Path) -> None:
         finally:
             for f in fetchers:
                 f.stop()
+
+
+async def test_fake_providers_do_not_stall_a_swarm_fetch(swarm: Swarm) -> None:
+    """Twenty fresh keys announce the blob at a tarpit that never answers: the fetch polls
+    at most a few of them, briefly, and still completes from the real holders."""
+    import time
+
+    from pyrsia_core._wire import open_frame, seal
+
+    from pyrsia_core import Ed25519Signer
+
+    async def tarpit(frame: bytes) -> bytes:
+        if open_frame(frame, now=time.time()).type == "GET_PARTS":
+            await anyio.sleep(3600)
+        return b"not a frame"  # anything else: refused at once
+
+    async def no_blob(digest: Digest, offset: int) -> None:
+        await anyio.sleep(3600)
+
+    swarm.memory.serve("memory://tarpit", tarpit, no_blob)
+    victim = swarm.fetchers[0]
+    for i in range(20):
+        frame = seal(Ed25519Signer.from_seed(bytes([i + 1]) * 32), "ADD_PROVIDER",
+                     {"keys": [DIGEST.hex]}, address="memory://tarpit", now=time.time())
+        await victim.peers.handle(frame)
+    started = time.monotonic()
+    with anyio.fail_after(40):
+        await victim.peers.fetch(DIGEST)
+    assert await victim.blobs.read_bytes(DIGEST) == BLOB
+    assert time.monotonic() - started < 12

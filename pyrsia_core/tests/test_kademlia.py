@@ -562,3 +562,45 @@ def test_due_for_republish() -> None:
     store.unprovide(KEY)
     assert store.provided() == [other]
     assert store.due_for_republish(9000.0, me.node_id, 3600.0) == [other]
+
+
+def test_records_per_provider_are_capped_oldest_first() -> None:
+    """One announcing node holds at most max_per_provider records; its oldest make room."""
+    store = ProviderStore(ttl=100.0, max_per_provider=3)
+    keys = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    for i, k in enumerate(keys):
+        assert store.add(k, contact(1), float(i))
+    assert len(store) == 3 and store.records_of(contact(1).node_id) == 3
+    assert store.keys() == keys[2:]
+    assert store.add(keys[4], contact(1), 9.0)  # a refresh takes no room
+    assert len(store) == 3
+
+
+def test_a_full_store_takes_from_the_heaviest_announcer() -> None:
+    """A flood fills the store; a node announcing little still gets in, at the flood's cost;
+    an announcer as heavy as every other is refused rather than evicting them."""
+    store = ProviderStore(ttl=100.0, max_records=10)
+    keys = [hashlib.sha256(b"k%d" % i).digest() for i in range(30)]
+    for k in keys[:10]:
+        assert store.add(k, contact(1), 0.0)  # the flood
+    assert len(store) == 10
+    assert store.add(keys[10], contact(2), 1.0)  # light: evicts the flood's oldest
+    assert len(store) == 10 and store.records_of(contact(1).node_id) == 9
+    assert store.get(keys[0], 1.0) == [] and store.get(keys[10], 1.0) == [contact(2)]
+    for i, k in enumerate(keys[11:15]):
+        assert store.add(k, contact(3 + i), 2.0)
+    assert store.records_of(contact(1).node_id) == 5
+    # Five announcers of one record each and the flood at five: nobody holds more than
+    # the flood, so its next record is refused; theirs stay.
+    assert store.add(keys[20], contact(1), 3.0) is False
+    assert all(store.records_of(contact(n).node_id) == 1 for n in range(2, 7))
+    store.expire(200.0)
+    assert len(store) == 0 and store.records_of(contact(1).node_id) == 0
+
+
+def test_provider_store_bounded_under_a_many_key_flood() -> None:
+    store = ProviderStore(ttl=100.0, max_records=1000, max_per_provider=50)
+    for i in range(20_000):
+        store.add(hashlib.sha256(b"%d" % i).digest(), contact(i % 400), float(i) / 1000)
+    assert len(store) <= 1000
+    assert max(store.records_of(contact(n).node_id) for n in range(400)) <= 50

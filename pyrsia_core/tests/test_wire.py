@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyrsia_core._ratelimit import TokenBucket
-from pyrsia_core._wire import MAX_SMALL_FRAME, ReplayGuard, open_frame, seal
+from pyrsia_core._wire import MAX_SMALL_FRAME, Envelope, ReplayGuard, open_frame, seal
 from pyrsia_core.errors import PeerMisbehaved
 
 from pyrsia_core import Ed25519Signer, canonical_json
@@ -119,3 +120,46 @@ def test_attachment_round_trip_and_tampering() -> None:
         open_frame(ping + b"\n[]", now=1000)
     with pytest.raises(ValueError):
         seal(A, "PING", {}, address="a", now=1000, attachment=b"x")
+
+
+def _env(sender: str, nonce: str, ts: int) -> Envelope:
+    return Envelope(type="PING", sender=sender, public_key=A.public_key, address="x",
+                    timestamp=ts, nonce=nonce, body={}, raw=b"")
+
+
+def test_replay_guard_cannot_be_flushed() -> None:
+    """200,000 fresh nonces (from one sender, then from many) never push an old nonce out:
+    a replay of the first frame is still refused; the flood itself is refused past the caps."""
+    guard = ReplayGuard()
+    first = open_frame(seal(A, "GET_HEAD", {}, address="x", now=1000), now=1000)
+    guard.check(first, 1000)
+    refused = 0
+    for i in range(200_000):  # one sender
+        try:
+            guard.check(_env(B.node_id, f"{i:032x}", 1000), 1000 + i / 1000)
+        except PeerMisbehaved as exc:
+            assert "slow down" in exc.reason
+            refused += 1
+    assert refused == 200_000 - guard.max_per_sender
+    for i in range(200_000):  # many senders
+        with contextlib.suppress(PeerMisbehaved):
+            guard.check(_env(f"{i:064x}", "ab" * 16, 1000), 1200)
+    assert len(guard) <= guard.max_entries + 1
+    with pytest.raises(PeerMisbehaved, match="replayed"):
+        guard.check(first, 1250)
+    # A verified peer still gets in while unverified senders fill the guard.
+    guard.check(_env(A.node_id, "cd" * 16, 1250), 1250, trusted=True)
+
+
+def test_replay_guard_is_bounded_by_time() -> None:
+    guard = ReplayGuard(max_skew=300)
+    frame = open_frame(seal(A, "PING", {}, address="x", now=1000), now=1000)
+    guard.check(frame, 1000)
+    with pytest.raises(PeerMisbehaved, match="replayed"):
+        guard.check(frame, 1299)  # still acceptable by time: still remembered
+    with pytest.raises(PeerMisbehaved, match="window"):
+        guard.check(frame, 1301)  # too old to accept at all
+    # Nonces are forgotten only once their frames cannot pass: memory is bounded by time.
+    guard.check(_env(B.node_id, "01" * 16, 1300), 1300)
+    guard.expire(2000)
+    assert len(guard) == 0

@@ -692,7 +692,12 @@ class ProviderStore:
     A record lives until ``min(expires, now + ttl)``: a peer cannot make us keep it
     longer than ``ttl``. A key holds at most ``max_per_key`` providers (a full key
     drops the record that expires first, if the new one outlives it); the store holds
-    at most ``max_keys`` keys.
+    at most ``max_keys`` keys and ``max_records`` records in all, and one provider (the
+    announcing node) at most ``max_per_provider`` of them: its oldest record makes room
+    for its newest. A full store makes room by dropping the oldest record of the
+    provider holding the most, if that is more than the newcomer's provider holds;
+    otherwise the new record is refused. So a flood from many keys costs bounded memory
+    and a provider announcing little still gets its records in.
 
     The keys this node provides itself are registered with :meth:`provide`; a key is
     also this node's own if a live record names ``own_id`` as the provider.
@@ -702,10 +707,18 @@ class ProviderStore:
     ttl: float
     max_per_key: int = DEFAULT_K
     max_keys: int = 1_000_000
+    max_records: int = 1_000_000
+    max_per_provider: int = 1_000_000
     #: key -> provider node id -> (provider, expires, added)
     _records: dict[bytes, dict[bytes, tuple[Contact, float, float]]] = attrs.field(
         init=False, factory=dict
     )
+    #: provider node id -> its keys, oldest record first
+    _by_provider: dict[bytes, dict[bytes, None]] = attrs.field(init=False, factory=dict)
+    #: record count -> the providers holding that many (to find the heaviest fast)
+    _by_count: dict[int, set[bytes]] = attrs.field(init=False, factory=dict)
+    _heaviest: int = attrs.field(init=False, default=0)
+    _count: int = attrs.field(init=False, default=0)
     #: own key -> last published (None: never)
     _own: dict[bytes, float | None] = attrs.field(init=False, factory=dict)
 
@@ -715,6 +728,72 @@ class ProviderStore:
             raise ValueError(f"ttl must be positive, got {self.ttl!r}")
         _check_count(self.max_per_key, "max_per_key")
         _check_count(self.max_keys, "max_keys")
+        _check_count(self.max_records, "max_records")
+        _check_count(self.max_per_provider, "max_per_provider")
+
+    # -- record bookkeeping (every insertion and removal goes through these two)
+
+    def _insert(self, key: bytes, record: tuple[Contact, float, float]) -> None:
+        nid = record[0].node_id
+        records = self._records.setdefault(key, {})
+        if nid in records:
+            records[nid] = record
+            keys = self._by_provider[nid]
+            del keys[key]
+            keys[key] = None  # now its newest
+            return
+        records[nid] = record
+        keys = self._by_provider.setdefault(nid, {})
+        old = len(keys)
+        keys[key] = None
+        self._recount(nid, old, old + 1)
+        self._count += 1
+
+    def _delete(self, key: bytes, nid: bytes) -> None:
+        records = self._records.get(key)
+        if records is None or records.pop(nid, None) is None:
+            return
+        if not records:
+            del self._records[key]
+        keys = self._by_provider[nid]
+        old = len(keys)
+        del keys[key]
+        if not keys:
+            del self._by_provider[nid]
+        self._recount(nid, old, old - 1)
+        self._count -= 1
+
+    def _recount(self, nid: bytes, old: int, new: int) -> None:
+        if old:
+            holders = self._by_count[old]
+            holders.discard(nid)
+            if not holders:
+                del self._by_count[old]
+        if new:
+            self._by_count.setdefault(new, set()).add(nid)
+            self._heaviest = max(self._heaviest, new)
+        while self._heaviest and self._heaviest not in self._by_count:
+            self._heaviest -= 1
+
+    def records_of(self, provider_id: bytes) -> int:
+        """How many records name ``provider_id`` as the provider."""
+        return len(self._by_provider.get(provider_id, ()))
+
+    def _make_room(self, nid: bytes) -> bool:
+        """Room for one more record by ``nid``: its own oldest goes if it is at its cap;
+        in a full store the heaviest provider's oldest goes if it holds more."""
+        mine = self._by_provider.get(nid)
+        held = len(mine) if mine else 0
+        if mine and held >= self.max_per_provider:
+            self._delete(next(iter(mine)), nid)
+            return True
+        if self._count < self.max_records:
+            return True
+        if self._heaviest <= held + 1:
+            return False
+        victim = next(iter(self._by_count[self._heaviest]))
+        self._delete(next(iter(self._by_provider[victim])), victim)
+        return True
 
     def add(self, key: bytes, provider: Contact, now: float, expires: float | None = None) -> bool:
         """Store (or refresh) ``provider`` for ``key``; returns whether it is stored."""
@@ -728,23 +807,26 @@ class ProviderStore:
         if until <= now:
             return False
         records = self._records.get(key)
-        if records is None:
-            if len(self._records) >= self.max_keys:
-                self.expire(now)
-                if len(self._records) >= self.max_keys:
-                    return False
-            records = self._records[key] = {}
         nid = provider.node_id
-        if nid not in records and len(records) >= self.max_per_key:
+        if records is not None and nid in records:
+            self._insert(key, (provider, until, now))  # a refresh takes no room
+            return True
+        if records is None and len(self._records) >= self.max_keys:
+            self.expire(now)
+            if len(self._records) >= self.max_keys:
+                return False
+        if records is not None and len(records) >= self.max_per_key:
             for other, (_, other_expires, _) in list(records.items()):
                 if other_expires <= now:
-                    del records[other]
+                    self._delete(key, other)
             if len(records) >= self.max_per_key:
                 first = min(records, key=lambda n: records[n][1])
                 if records[first][1] >= until:
                     return False
-                del records[first]
-        records[nid] = (provider, until, now)
+                self._delete(key, first)
+        if not self._make_room(nid):
+            return False
+        self._insert(key, (provider, until, now))
         return True
 
     def get(self, key: bytes, now: float) -> list[Contact]:
@@ -755,9 +837,8 @@ class ProviderStore:
         if not records:
             return []
         for nid in [n for n, (_, until, _) in records.items() if until <= now]:
-            del records[nid]
+            self._delete(key, nid)
         if not records:
-            del self._records[key]
             return []
         ordered = sorted(records.values(), key=lambda r: r[1], reverse=True)
         return [p for p, _, _ in ordered]
@@ -769,17 +850,15 @@ class ProviderStore:
         for key in list(self._records):
             records = self._records[key]
             for nid in [n for n, (_, until, _) in records.items() if until <= now]:
-                del records[nid]
+                self._delete(key, nid)
                 dropped += 1
-            if not records:
-                del self._records[key]
         return dropped
 
     def keys(self) -> list[bytes]:
         return list(self._records)
 
     def __len__(self) -> int:
-        return sum(len(r) for r in self._records.values())
+        return self._count
 
     # -- this node's own keys
 
@@ -1057,7 +1136,8 @@ class SimNetwork:
         other._queue, other._seq = [], self._seq
         other.nodes = []
         for node in self.nodes:
-            store = ProviderStore(node.store.ttl, node.store.max_per_key, node.store.max_keys)
+            store = ProviderStore(node.store.ttl, node.store.max_per_key, node.store.max_keys,
+                                  node.store.max_records, node.store.max_per_provider)
             if len(node.store) or node.store.provided():
                 raise ValueError("fork a network before provider records are stored")
             other.nodes.append(_SimNode(node.contact, node.table.copy(), store, node.alive))

@@ -446,6 +446,16 @@ class Ledger:
         except (NoteError, CheckpointError, SignatureError) as exc:
             raise BlockError("quorum", str(exc)) from None
 
+    def check_certificate(self, committed: CommittedBlock) -> frozenset[str]:
+        """Check only that a quorum of the *current* build nodes signed ``committed``'s
+        checkpoint (cheap: no records are checked); returns the signers' names.
+
+        For a block further ahead than the next one, whose parents are not here yet:
+        a block from after a change of the build nodes may fail this although valid.
+        Raises :class:`BlockError`.
+        """
+        return self._check_certificate(committed.block, committed.certificate, self.validators)
+
     def validate(self, committed: CommittedBlock, *, now: float | None = None) -> list[bytes]:
         """Check ``committed`` as the next block; return its leaf hashes (not yet adopted).
 

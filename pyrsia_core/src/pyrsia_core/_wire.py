@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -223,25 +224,64 @@ def _check_attachment(
 
 @attrs.define(eq=False)
 class ReplayGuard:
-    """Refuses a (sender, nonce) seen within the time window; forgets older ones."""
+    """Refuses a (sender, nonce) seen before, for as long as its frame could be accepted.
 
-    window: int = 2 * MAX_SKEW
+    Bounded by time, not by eviction: a frame is only accepted while its timestamp is
+    within ``max_skew`` of now (:func:`open_frame`, and here again), so its nonce is kept
+    until then and forgotten after -- every nonce of an acceptable frame is remembered,
+    and flooding new nonces never pushes an old one out. Memory is bounded by refusing
+    instead: at most ``max_per_sender`` remembered nonces per sender (a sender over it
+    must slow down), and at most ``max_entries`` in all from untrusted senders (past it,
+    only ``trusted`` senders -- peers the node has verified -- get in).
+    """
+
+    max_skew: int = MAX_SKEW
     max_entries: int = 200_000
-    _seen: dict[tuple[str, str], float] = attrs.Factory(dict)
+    max_per_sender: int = 60_000
+    _seen: set[tuple[str, str]] = attrs.Factory(set)
+    #: (when to forget, (sender, nonce), trusted), in arrival order (= forget order).
+    _queue: deque[tuple[float, tuple[str, str], bool]] = attrs.Factory(deque)
+    _per_sender: dict[str, int] = attrs.Factory(dict)
+    _untrusted: int = 0
 
-    def check(self, envelope: Envelope, now: float) -> None:
-        key = (envelope.sender, envelope.nonce)
+    def check(self, envelope: Envelope, now: float, *, trusted: bool = False) -> None:
+        """Remember ``envelope``'s nonce, or raise :class:`PeerMisbehaved` (replayed,
+        outside the time window, or over a cap)."""
+        sender = envelope.sender
+        if abs(envelope.timestamp - now) > self.max_skew:
+            raise PeerMisbehaved(sender, "message outside the replay window (too old or early)")
+        self.expire(now)
+        key = (sender, envelope.nonce)
         if key in self._seen:
-            raise PeerMisbehaved(envelope.sender, "replayed message (nonce seen before)")
-        if len(self._seen) >= self.max_entries:
-            self.expire(now)
-            if len(self._seen) >= self.max_entries:
-                # Still full: drop the oldest half rather than grow without bound.
-                for k in sorted(self._seen, key=self._seen.__getitem__)[: self.max_entries // 2]:
-                    del self._seen[k]
-        self._seen[key] = now
+            raise PeerMisbehaved(sender, "replayed message (nonce seen before)")
+        count = self._per_sender.get(sender, 0)
+        if count >= self.max_per_sender:
+            raise PeerMisbehaved(sender, "too many messages in the replay window; slow down")
+        if not trusted and self._untrusted >= self.max_entries:
+            raise PeerMisbehaved(sender, "too many messages from unverified peers; try later")
+        # Kept one window (2 x max_skew) after it arrived: its frame (timestamp at most
+        # max_skew ahead of now) stops passing the time check before that. Arrival order
+        # is forget order, so expiring is a pop from the queue's front.
+        self._seen.add(key)
+        self._queue.append((now + 2 * self.max_skew + 1, key, trusted))
+        self._per_sender[sender] = count + 1
+        if not trusted:
+            self._untrusted += 1
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def expire(self, now: float) -> None:
-        cutoff = now - self.window
-        for k in [k for k, t in self._seen.items() if t < cutoff]:
-            del self._seen[k]
+        """Forget nonces whose frames can no longer pass the time check."""
+        queue = self._queue
+        while queue and queue[0][0] < now:
+            _, key, trusted = queue.popleft()
+            self._seen.discard(key)
+            sender = key[0]
+            left = self._per_sender[sender] - 1
+            if left:
+                self._per_sender[sender] = left
+            else:
+                del self._per_sender[sender]
+            if not trusted:
+                self._untrusted -= 1

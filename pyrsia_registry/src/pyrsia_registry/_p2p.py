@@ -6,6 +6,13 @@ retries and streams. Every frame is verified (:func:`pyrsia_core._wire.open_fram
 plus a replay guard); every block is validated by the ledger before it is stored;
 every blob from a peer is hashed while it streams into the blob store, which keeps
 it only if it matches the digest that the log vouches for.
+
+Who counts as a peer: a node id is *proven* at an address once a request this node
+sent there was answered by a reply signed with that id's key. Only proven peers enter
+the routing table, are handed on in ``NODES`` replies, are polled, synced from and
+listed; a signed request from a node not proven (or from a new address) only makes this
+node check the address, once, within a budget per address and overall. Peers that stop
+answering leave the table after :data:`PEER_FAILURES` failed queries in a row.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
@@ -38,6 +46,7 @@ from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, Par
 
 from ._node import Node
 from ._swarm import PartialBlob, SwarmFetch
+from ._transports import split_address
 
 __all__ = ["PeerConfig", "PeerService"]
 
@@ -50,6 +59,38 @@ MAX_CONSENSUS_BATCH = 64
 MAX_PROVIDE_KEYS = 256
 PROVIDER_TTL = 24 * 3600.0
 REPUBLISH_INTERVAL = 12 * 3600.0
+#: Provider records held in all, and naming one announcing node (~700 bytes each in RSS:
+#: some 70 MB at the cap, measured with 2,000 ADD_PROVIDERs of 256 keys from 256 keys).
+MAX_PROVIDER_RECORDS = 100_000
+MAX_RECORDS_PER_PROVIDER = 10_000
+#: Failed queries in a row (pings, heads, lookups) after which a peer leaves the table,
+#: and seconds without news from a peer after which it leaves anyway.
+PEER_FAILURES = 3
+PEER_EXPIRY = 600
+#: Checking that an address answers as the node id that claimed it: seconds to answer,
+#: checks in flight at once, checks of one (id, address) at most every VERIFY_RETRY s,
+#: and of one address (any ids) at most ADDRESS_CHECKS per ADDRESS_WINDOW s.
+VERIFY_TIMEOUT = 3.0
+MAX_VERIFYING = 16
+VERIFY_RETRY = 5.0
+ADDRESS_CHECKS = 8
+ADDRESS_WINDOW = 60.0
+#: Proven node ids kept at one host:port, and in all (the routing table holds fewer).
+MAX_IDS_PER_HOST = 2
+MAX_PEERS = 1024
+#: Stats kept for nodes never proven (providers named by records, say); oldest go first.
+MAX_STRANGERS = 1024
+#: Peer clients kept open (one per address); the least recently used is closed first.
+MAX_CLIENTS = 512
+#: Seconds a peer gets to answer GET_HEAD in a sync round, and one sync attempt in all.
+HEAD_TIMEOUT = 5.0
+SYNC_ATTEMPT_TIMEOUT = 30.0
+#: Blob fetches: seconds a provider never proven to serve gets to answer (first byte);
+#: the next provider is asked too after HEDGE_DELAY s without an answer; at most
+#: MAX_UNPROVEN_PROVIDERS providers that are not proven peers are tried per fetch.
+OPEN_TIMEOUT = 3.0
+HEDGE_DELAY = 0.5
+MAX_UNPROVEN_PROVIDERS = 8
 CHUNK = 1024 * 1024
 #: A peer address: a transport URL (http://host:port, memory://name, ...), bounded.
 _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]{0,15}://[^\s]{1,240}")
@@ -74,9 +115,13 @@ class PeerStats:
     inflight: int = 0  # our downloads from this peer now
     throughput: float = 0.0  # EWMA of bytes/s we got from it
     remote_uploads: int = 0  # the in-flight uploads it reported
-    failures: int = 0
+    failures: int = 0  # failed queries in a row
     misbehaved: int = 0
     public_key: str = ""
+    #: It answered at ``address`` with a reply signed by its key (see the module doc).
+    proven: bool = False
+    served: int = 0  # blob transfers it completed for us
+    sync_failures: int = 0  # sync attempts from it that failed, in a row
 
 
 def _node_key(node_id: str) -> bytes:
@@ -103,10 +148,21 @@ class PeerService:
     partials: dict[str, PartialBlob] = attrs.Factory(dict)
     swarms: dict[str, SwarmFetch] = attrs.Factory(dict)
     _sending: dict[str, dict[int, int]] = attrs.Factory(dict)
+    #: Address checks: in flight (id, address); last try per (id, address); recent
+    #: tries per address.
+    _verifying: set[tuple[str, str]] = attrs.Factory(set)
+    _tried: dict[tuple[str, str], float] = attrs.Factory(dict)
+    _address_checks: dict[str, list[float]] = attrs.Factory(dict)
+    _catching_up: bool = False
+    _rejected_second: int = 0
+    _rejected_logged: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
-        self.providers = ProviderStore(ttl=PROVIDER_TTL, max_per_key=K)
+        self.providers = ProviderStore(
+            ttl=PROVIDER_TTL, max_per_key=K, max_records=MAX_PROVIDER_RECORDS,
+            max_per_provider=MAX_RECORDS_PER_PROVIDER,
+        )
         if self.config.max_upload_rate:
             rate = self.config.max_upload_rate
             self.bucket = TokenBucket(rate=rate, burst=max(rate / 10, 256 * 1024))
@@ -128,17 +184,33 @@ class PeerService:
         log.debug("Skipping peer address %s: no transport of this node speaks it", address)
         return False
 
-    def _saw(self, node_id: str, address: str) -> None:
-        if (
-            node_id == self.node.node_id
-            or not _ADDRESS.fullmatch(address)
-            or not self._speaks(address)
-        ):
-            return
+    def _usable(self, node_id: str, address: str) -> bool:
+        return (
+            node_id != self.node.node_id
+            and bool(_ADDRESS.fullmatch(address))
+            and self._speaks(address)
+        )
+
+    def _stats_for(self, node_id: str, address: str) -> PeerStats:
+        """The stats of ``node_id``, made if new; at most MAX_STRANGERS of nodes not proven."""
         st = self.stats.get(node_id)
         if st is None:
             st = self.stats[node_id] = PeerStats(address)
+            strangers = [nid for nid, s in self.stats.items() if not s.proven]
+            if len(strangers) > MAX_STRANGERS:
+                for nid in strangers[: len(strangers) - MAX_STRANGERS]:
+                    if nid != node_id:
+                        del self.stats[nid]
+        return st
+
+    def _proved(self, node_id: str, address: str) -> None:
+        """``address`` answered a request of ours with a reply signed by ``node_id``."""
+        if not self._usable(node_id, address):
+            return
+        st = self._stats_for(node_id, address)
+        news = not st.proven or st.address != address
         st.address = address
+        st.proven = True
         st.last_seen = self.now()
         st.failures = 0
         self.table.update(Contact(_node_key(node_id), address), self.node.clock.monotonic())
@@ -146,21 +218,137 @@ class PeerService:
         for candidate in self.table.take_ping_candidates():
             if self._tg is not None:
                 self._tg.start_soon(self._check_candidate, candidate)
+        if news:
+            self._cap_peers(node_id, address)
+
+    def _cap_peers(self, node_id: str, address: str) -> None:
+        """At most MAX_IDS_PER_HOST proven ids at one host and port (ids are free, hosts are
+        not), and at most MAX_PEERS proven in all: the least recently seen go first,
+        build nodes and routing-table contacts last."""
+        where = _authority(address)
+        same = [nid for nid, st in self.stats.items()
+                if st.proven and _authority(st.address) == where]
+        validators = self._validators()
+        by_age = sorted(same, key=lambda nid: (nid in validators, self.stats[nid].last_seen))
+        for nid in by_age[: max(len(same) - MAX_IDS_PER_HOST, 0)]:
+            if nid != node_id:
+                self._forget(nid)
+        proven = [nid for nid, st in self.stats.items() if st.proven]
+        if len(proven) > MAX_PEERS:
+            proven.sort(key=lambda nid: (nid in validators, _node_key(nid) in self.table,
+                                         self.stats[nid].last_seen))
+            for nid in proven[: len(proven) - MAX_PEERS]:
+                if nid != node_id:
+                    self._forget(nid)
+
+    def expire_peers(self) -> int:
+        """Forget proven peers not heard from for PEER_EXPIRY s (those a sync round polls
+        leave earlier, after PEER_FAILURES failed heads); returns how many."""
+        cutoff = self.now() - PEER_EXPIRY
+        stale = [nid for nid, st in self.stats.items() if st.proven and st.last_seen < cutoff]
+        for nid in stale:
+            log.info("Peer %s not heard from for %d s; dropped", nid[:16], PEER_EXPIRY)
+            self._forget(nid)
+        return len(stale)
+
+    def _validators(self) -> Container[str]:
+        """The build nodes' ids (none for a service that holds no ledger yet)."""
+        log_store = getattr(self.node, "log_store", None)
+        return log_store.ledger.validators if log_store is not None else ()
+
+    def _polled(self) -> list[tuple[str, PeerStats]]:
+        """The peers a sync round asks: routing-table contacts and build nodes, proven."""
+        validators = self._validators()
+        return [(nid, st) for nid, st in list(self.stats.items())
+                if st.proven and (_node_key(nid) in self.table or nid in validators)]
+
+    async def _heard(self, env: Envelope) -> None:
+        """A verified request from ``env.sender``: fresh news of a proven peer at its proven
+        address; anything else is only a claim, checked by contacting the address."""
+        st = self.stats.get(env.sender)
+        if st is not None and st.proven and env.address in (st.address, ""):
+            st.last_seen = self.now()
+            self.table.update(Contact(_node_key(env.sender), st.address),
+                              self.node.clock.monotonic())
+            for candidate in self.table.take_ping_candidates():
+                if self._tg is not None:
+                    self._tg.start_soon(self._check_candidate, candidate)
+            return
+        if env.type == "GET_GENESIS":
+            return  # a node joining: not a member yet (and often not listening yet)
+        await self._verify_soon(env.sender, env.address)
+
+    async def _verify_soon(self, node_id: str, address: str) -> None:
+        """Check, in the background and within budget, that ``address`` is ``node_id``."""
+        if not self._usable(node_id, address):
+            return
+        now = self.node.clock.monotonic()
+        pair = (node_id, address)
+        if pair in self._verifying or len(self._verifying) >= MAX_VERIFYING:
+            return
+        last = self._tried.get(pair)
+        if last is not None and now - last < VERIFY_RETRY:
+            return
+        where = _authority(address)  # paths and ids vary for free; the host does not
+        recent = [t for t in self._address_checks.get(where, ()) if now - t < ADDRESS_WINDOW]
+        if len(recent) >= ADDRESS_CHECKS:
+            return
+        recent.append(now)
+        self._address_checks[where] = recent
+        self._tried[pair] = now
+        while len(self._tried) > 4096:
+            del self._tried[next(iter(self._tried))]
+        while len(self._address_checks) > 4096:
+            del self._address_checks[next(iter(self._address_checks))]
+        self._verifying.add(pair)
+        if self._tg is not None:
+            self._tg.start_soon(self._verify, node_id, address)
+        else:  # not running (an embedded service, tests): check before answering
+            await self._verify(node_id, address)
+
+    async def _verify(self, node_id: str, address: str) -> None:
+        try:
+            env = await self.rpc(address, "PING", {}, {"PONG"}, timeout=VERIFY_TIMEOUT)
+            if env.sender != node_id:
+                log.debug("%s answered as %s, not as %s", address, env.sender[:16], node_id[:16])
+        except (PyrsiaError, ValueError) as exc:
+            log.debug("Peer %s at %s did not answer: %s", node_id[:16], address, exc)
+        finally:
+            self._verifying.discard((node_id, address))
+
+    def proven(self, node_id: str) -> bool:
+        """Whether ``node_id`` proved its key: an address answered a request of ours with a
+        reply signed by it (so its public key here is its own)."""
+        st = self.stats.get(node_id)
+        return st is not None and st.proven
 
     async def _check_candidate(self, candidate: Contact) -> None:
         try:
-            await self.ping(candidate.address)
+            await self.ping(candidate.address, sender=candidate.node_id.hex())
             alive = True
         except (PyrsiaError, ValueError):
             alive = False
         self.table.evict_or_keep(candidate, alive, self.node.clock.monotonic())
+        if not alive:
+            self._forget(candidate.node_id.hex())
 
-    def _failed(self, contact: Contact) -> None:
-        """A query to ``contact`` failed; after three in a row it leaves the table."""
-        st = self.stats.setdefault(contact.node_id.hex(), PeerStats(contact.address))
+    def _failed(self, node_id: str) -> None:
+        """A query to ``node_id`` failed; after PEER_FAILURES in a row it is dropped."""
+        st = self.stats.get(node_id)
+        if st is None:
+            return
         st.failures += 1
-        if st.failures >= 3:
-            self.table.remove(contact.node_id)
+        if st.failures >= PEER_FAILURES:
+            if st.proven:
+                log.info("Peer %s at %s stopped answering; dropped", node_id[:16], st.address)
+            self._forget(node_id)
+
+    def _forget(self, node_id: str) -> None:
+        """Out of the table, no longer proven (it proves itself again by answering)."""
+        self.table.remove(_node_key(node_id))
+        st = self.stats.get(node_id)
+        if st is not None:
+            st.proven = False
 
     def _remember_key(self, env: Envelope) -> None:
         st = self.stats.get(env.sender)
@@ -169,13 +357,14 @@ class PeerService:
 
     def _id_at(self, address: str) -> str:
         for nid, st in self.stats.items():
-            if st.address == address:
+            if st.proven and st.address == address:
                 return nid
         return address
 
     def address_of(self, node_id: str) -> str | None:
+        """Where ``node_id`` answered as itself (``None``: nowhere yet)."""
         st = self.stats.get(node_id)
-        return st.address if st is not None else None
+        return st.address if st is not None and st.proven else None
 
     def _blame(self, node_id: str, reason: str) -> None:
         st = self.stats.get(node_id)
@@ -184,7 +373,10 @@ class PeerService:
         log.warning("Peer %s misbehaved: %s", node_id[:16], reason)
 
     def peers(self) -> list[dict[str, Any]]:
+        """The peers in the routing table (every one proven), with when last heard from
+        (``last_seen``: Unix seconds; ``last_seen_ago``: seconds since)."""
         out = []
+        now = self.now()
         for c in self.table.contacts():
             nid = c.node_id.hex()
             st = self.stats.get(nid)
@@ -193,6 +385,7 @@ class PeerService:
                     "node_id": nid,
                     "address": c.address,
                     "last_seen": int(st.last_seen) if st else None,
+                    "last_seen_ago": round(max(now - st.last_seen, 0.0), 1) if st else None,
                     "is_build_node": nid in self.node.log_store.ledger.validators,
                 }
             )
@@ -205,11 +398,17 @@ class PeerService:
         now = self.now()
         try:
             env = open_frame(frame, now=now)
-            self.replay.check(env, now)
+            self.replay.check(env, now, trusted=self.proven(env.sender))
         except PeerMisbehaved as exc:
-            log.warning("Rejected a peer message: %s", exc)
+            # A flood of bad frames must not become a flood of log lines: 20 a second.
+            second = int(self.node.clock.monotonic())
+            if second != self._rejected_second:
+                self._rejected_second, self._rejected_logged = second, 0
+            self._rejected_logged += 1
+            level = logging.WARNING if self._rejected_logged <= 20 else logging.DEBUG
+            log.log(level, "Rejected a peer message: %s", exc)
             return self._seal("ERROR", {"error": str(exc)[:300]})
-        self._saw(env.sender, env.address)
+        await self._heard(env)
         self._remember_key(env)
         try:
             type_, body, *attachment = await self._dispatch(env)
@@ -419,24 +618,45 @@ class PeerService:
     # ------------------------------------------------------------------ client side
 
     async def _client(self, address: str) -> PeerClient:
-        client = self._clients.get(address)
+        client = self._clients.pop(address, None)
         if client is None:
-            client = self._clients[address] = await self.transport.connect(PeerAddress(address))
+            client = await self.transport.connect(PeerAddress(address))
+            while len(self._clients) >= MAX_CLIENTS:
+                old = self._clients.pop(next(iter(self._clients)))
+                with anyio.CancelScope(shield=True):
+                    await old.aclose()
+        self._clients[address] = client  # now the most recently used
         return client
 
     async def rpc(
         self, address: str, type_: str, body: dict[str, Any], expect: set[str],
-        attachment: bytes | None = None,
+        attachment: bytes | None = None, *, timeout: float | None = None,  # noqa: ASYNC109
+        sender: str | None = None,
     ) -> Envelope:
-        """Send a request and verify the signed reply (raises TransportError/PeerMisbehaved)."""
+        """Send a request and verify the signed reply (raises TransportError/PeerMisbehaved).
+
+        The replier is proven at ``address`` (see the module doc). With ``sender``, a
+        reply signed by another node is refused (TransportError).
+        """
         client = await self._client(address)
-        reply = await client.request(self._seal(type_, body, attachment),
-                                     timeout=self.config.rpc_timeout)
+        seconds = timeout or self.config.rpc_timeout
+        try:
+            # The transport bounds it too; this holds even for one that does not.
+            with anyio.fail_after(seconds + 1):
+                reply = await client.request(self._seal(type_, body, attachment),
+                                             timeout=seconds)
+        except TimeoutError:
+            raise TransportError(f"{address} did not reply within {seconds:g} s") from None
         env = open_frame(reply, now=self.now(), expect=expect | {"ERROR"})
+        # Its own listed address if it answered at one of them, else where it answered.
+        claimed = env.address
+        at = claimed if claimed and address in split_address(claimed) else address
+        self._proved(env.sender, at)
+        self._remember_key(env)
+        if sender is not None and env.sender != sender:
+            raise TransportError(f"{address} answered as {env.sender[:16]}, not {sender[:16]}")
         if env.type == "ERROR":
             raise TransportError(f"{address} refused {type_}: {env.body.get('error')}")
-        self._saw(env.sender, env.address or address)
-        self._remember_key(env)
         if "uploads" in env.body and env.sender in self.stats:
             uploads = env.body["uploads"]
             # A peer's own word on its load, clamped: it cannot bid below zero to attract traffic.
@@ -465,8 +685,8 @@ class PeerService:
         raise TransportError(
             "no build node could be reached: " + ("; ".join(errors) or "none known"))
 
-    async def ping(self, address: str) -> Envelope:
-        return await self.rpc(address, "PING", {}, {"PONG"})
+    async def ping(self, address: str, *, sender: str | None = None) -> Envelope:
+        return await self.rpc(address, "PING", {}, {"PONG"}, sender=sender)
 
     async def fetch_genesis(self, addresses: Sequence[str]) -> CommittedBlock:
         """The network's genesis block from the first peer that answers."""
@@ -499,14 +719,17 @@ class PeerService:
 
             async def ask(c: Contact) -> None:
                 try:
+                    # A contact someone else named counts only if it answers as itself.
                     if kind == "providers":
                         env = await self.rpc(
-                            c.address, "GET_PROVIDERS", {"key": target.hex()}, {"PROVIDERS"}
+                            c.address, "GET_PROVIDERS", {"key": target.hex()}, {"PROVIDERS"},
+                            sender=c.node_id.hex(),
                         )
                         provs = _contacts(env.body.get("providers"))
                     else:
                         env = await self.rpc(
-                            c.address, "FIND_NODE", {"target": target.hex()}, {"NODES"}
+                            c.address, "FIND_NODE", {"target": target.hex()}, {"NODES"},
+                            sender=c.node_id.hex(),
                         )
                         provs = None
                     contacts = [
@@ -517,7 +740,7 @@ class PeerService:
                     lookup.on_response(c, contacts, provs)
                 except (PyrsiaError, ValueError) as exc:
                     log.debug("lookup query to %s failed: %s", c.address, exc)
-                    self._failed(c)
+                    self._failed(c.node_id.hex())
                     lookup.on_failure(c)
 
             async with anyio.create_task_group() as tg:
@@ -533,78 +756,115 @@ class PeerService:
             except (PyrsiaError, ValueError) as exc:
                 log.warning("Peer %s did not answer: %s", address, exc)
         if len(self.table):
-            lookup = await self.lookup(_node_key(self.node.node_id))
-            for c in lookup.result():
-                self._saw(c.node_id.hex(), c.address)
+            # Every contact that answered the lookup is in the table now (proven by rpc).
+            await self.lookup(_node_key(self.node.node_id))
             log.info("Bootstrapped: %d peer(s) known", len(self.table))
         await self.sync()
 
     async def sync(self) -> None:
-        """Ask known peers for their head; fetch and validate any blocks we miss."""
-        for nid, st in list(self.stats.items()):
-            try:
-                env = await self.rpc(st.address, "GET_HEAD", {}, {"HEAD"})
-            except (PyrsiaError, ValueError) as exc:
-                st.failures += 1
-                log.debug("head request to %s failed: %s", nid[:16], exc)
-                continue
-            height = env.body.get("height")
-            if env.body.get("genesis") != self.node.log_store.ledger.genesis_hash:
-                continue
-            if type(height) is int and height > self.node.log_store.ledger.height:
-                try:
-                    await self.sync_from(st.address, height)
-                except (PyrsiaError, ValueError) as exc:
-                    st.failures += 1
-                    log.warning("Ledger sync from %s failed: %s", st.address, exc)
+        """Ask proven peers for their head (at once, briefly); catch up from those ahead.
 
-    async def sync_from(self, address: str, target: int) -> int:
+        Peers whose sync attempts failed are tried last; each attempt is bounded in time
+        (SYNC_ATTEMPT_TIMEOUT), so a peer that claims a height it does not serve costs one
+        bounded attempt per round, never the whole sync.
+        """
+        ledger = self.node.log_store.ledger
+        heights: dict[str, int] = {}
+        limiter = anyio.CapacityLimiter(16)
+
+        async def head(nid: str, st: PeerStats) -> None:
+            async with limiter:
+                try:
+                    env = await self.rpc(st.address, "GET_HEAD", {}, {"HEAD"},
+                                         timeout=min(HEAD_TIMEOUT, self.config.rpc_timeout),
+                                         sender=nid)
+                except (PyrsiaError, ValueError) as exc:
+                    log.debug("head request to %s failed: %s", nid[:16], exc)
+                    self._failed(nid)
+                    return
+            height = env.body.get("height")
+            if env.body.get("genesis") == ledger.genesis_hash and type(height) is int:
+                heights[nid] = height
+
+        async with anyio.create_task_group() as tg:
+            for nid, st in self._polled():
+                tg.start_soon(head, nid, st)
+        ahead = [nid for nid, h in heights.items() if h > self.node.log_store.ledger.height]
+        ahead.sort(key=lambda nid: (self.stats[nid].sync_failures, -heights[nid]))
+        for nid in ahead:
+            if heights[nid] <= self.node.log_store.ledger.height:
+                continue
+            await self._sync_bounded(nid, heights[nid])
+
+    async def _sync_bounded(self, node_id: str, target: int) -> bool:
+        """One sync attempt from a proven peer, bounded in time; whether it added blocks."""
+        st = self.stats.get(node_id)
+        if st is None or not st.proven:
+            return False
+        added = 0
+        with anyio.move_on_after(SYNC_ATTEMPT_TIMEOUT) as scope:
+            try:
+                added = await self.sync_from(st.address, target, node_id=node_id)
+            except (PyrsiaError, ValueError) as exc:
+                log.warning("Ledger sync from %s failed: %s", st.address, exc)
+        if scope.cancelled_caught:
+            log.warning("Ledger sync from %s took over %g s; stopped", st.address,
+                        SYNC_ATTEMPT_TIMEOUT)
+        st.sync_failures = 0 if added else st.sync_failures + 1
+        return added > 0
+
+    async def sync_from(self, address: str, target: int, *, node_id: str | None = None) -> int:
         """Fetch blocks up to ``target`` from one peer, validating each; return how many.
 
         The next range is fetched and decoded while the current one is validated and
-        stored (validation of big blocks runs in a worker thread).
+        stored (validation of big blocks runs in a worker thread). The sync lock is held
+        only while blocks are appended, never while waiting for the peer.
         """
         added = 0
-        async with self._sync_lock:
-            send, receive = anyio.create_memory_object_stream[list[CommittedBlock]](1)
-            failure: list[BaseException] = []
+        blame = node_id or self._id_at(address)
+        send, receive = anyio.create_memory_object_stream[list[CommittedBlock]](1)
+        failure: list[BaseException] = []
 
-            async def fetch() -> None:
-                async with send:
-                    start = self.node.log_store.ledger.height + 1
-                    try:
-                        while start <= target:
-                            env = await self.rpc(
-                                address, "GET_BLOCKS", {"start": start, "end": target + 1},
-                                {"BLOCKS"},
-                            )
-                            raw = _blocks_of(env)
-                            if not raw:
-                                return
-                            batch = [CommittedBlock.from_json(item) for item in raw]
-                            await send.send(batch)
-                            start = batch[-1].block.height + 1
-                    except (PyrsiaError, ValueError) as exc:
-                        failure.append(exc)
+        async def fetch() -> None:
+            async with send:
+                start = self.node.log_store.ledger.height + 1
+                try:
+                    while start <= target:
+                        env = await self.rpc(
+                            address, "GET_BLOCKS", {"start": start, "end": target + 1},
+                            {"BLOCKS"}, sender=node_id,
+                        )
+                        raw = _blocks_of(env)
+                        if not raw:
+                            return
+                        batch = [CommittedBlock.from_json(item) for item in raw]
+                        await send.send(batch)
+                        start = batch[-1].block.height + 1
+                except (PyrsiaError, ValueError) as exc:
+                    failure.append(exc)
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(fetch)
-                async with receive:
-                    async for batch in receive:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetch)
+            async with receive:
+                async for batch in receive:
+                    bad = False
+                    async with self._sync_lock:
                         for committed in batch:
                             if committed.block.height <= self.node.log_store.ledger.height:
                                 continue
                             try:
                                 await self.node.append_block(committed)
                             except BlockError as exc:
-                                self._blame(self._id_at(address),
-                                            f"sent an invalid block: {exc}")
-                                tg.cancel_scope.cancel()
+                                self._blame(blame, f"sent an invalid block: {exc}")
+                                bad = True
                                 break
                             self._seen_blocks.add(committed.block.hash)
                             added += 1
-            if failure and not added:
-                raise failure[0]
+                    if bad:
+                        tg.cancel_scope.cancel()
+                        break
+        if failure and not added:
+            raise failure[0]
         if added:
             log.info(
                 "Synced %d block(s) from %s; ledger height %d",
@@ -622,10 +882,26 @@ class PeerService:
         if block.height <= ledger.height:
             return
         if block.height > ledger.height + 1:
-            # We missed blocks: catch up from the sender (range requests), in the background.
-            if self._tg is not None:
-                self._tg.start_soon(self._sync_quietly, env.address, block.height)
+            # We missed blocks: catch up from the sender (range requests), in the background
+            # -- if it is a proven peer, the block's certificate is signed by a quorum of
+            # the build nodes we know, and no catch-up is running already.
+            if not self.proven(env.sender) or self._catching_up or self._tg is None:
+                return
+            try:
+                ledger.check_certificate(committed)
+            except BlockError as exc:
+                # Possibly honest (the build nodes changed in between): the periodic sync
+                # catches up from heads; nothing is fetched on this block's word.
+                log.info("Far-ahead block %d from %s not certified by our build nodes: %s",
+                         block.height, env.sender[:16], exc)
+                return
+            self._catching_up = True
+            self._tg.start_soon(self._catch_up, env.sender, block.height)
             return
+        try:  # the cheap check first: a quorum of the build nodes signed it
+            ledger.check_certificate(committed)
+        except BlockError as exc:
+            raise PeerMisbehaved(env.sender, f"gossiped an invalid block: {exc}") from None
         async with self._sync_lock:
             if self.node.log_store.ledger.height + 1 != block.height:
                 return
@@ -637,11 +913,11 @@ class PeerService:
         log.info("Block %d from %s appended (gossip)", block.height, env.sender[:16])
         await self.gossip(committed, exclude={env.sender})
 
-    async def _sync_quietly(self, address: str, target: int) -> None:
+    async def _catch_up(self, node_id: str, target: int) -> None:
         try:
-            await self.sync_from(address, target)
-        except (PyrsiaError, ValueError) as exc:
-            log.warning("Sync from %s failed: %s", address, exc)
+            await self._sync_bounded(node_id, target)
+        finally:
+            self._catching_up = False
 
     async def gossip(self, committed: CommittedBlock, exclude: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         """Send a committed block to every known peer."""
@@ -696,6 +972,9 @@ class PeerService:
                 tg.start_soon(tell, c, keys)
 
     async def find_providers(self, digest: Digest) -> list[Contact]:
+        """Providers of ``digest``: records held here and found by a lookup. A provider
+        that is a proven peer is reached at its proven address (a record's own address is
+        only what its announcer claimed)."""
         key = digest.raw
         found: dict[bytes, Contact] = {
             c.node_id: c for c in self.providers.get(key, self.node.clock.monotonic())
@@ -705,27 +984,36 @@ class PeerService:
             for c in lookup.providers():
                 found.setdefault(c.node_id, c)
         found.pop(_node_key(self.node.node_id), None)
-        return list(found.values())
+        out = []
+        for nid, c in found.items():
+            address = self.address_of(nid.hex())
+            out.append(c if address is None or address == c.address else Contact(nid, address))
+        return out
 
     def _rank(self, providers: list[Contact], key: bytes) -> list[Contact]:
-        """Least loaded first: in-flight transfers over measured throughput.
+        """Proven peers that served before, then other proven peers, then at most
+        MAX_UNPROVEN_PROVIDERS others (named by records only); peers that misbehaved last.
 
-        Peers never measured count as fast (so they get tried and measured); ties go
-        to the provider closest to the key by XOR distance, which is deterministic.
-        Peers that misbehaved go last.
+        Within a class, least loaded first: in-flight transfers over measured throughput
+        (peers never measured count as fast, so they get tried and measured); ties go to
+        the provider closest to the key by XOR distance, which is deterministic.
         """
         target = int.from_bytes(key, "big")
 
-        def cost(c: Contact) -> tuple[int, float, int]:
+        def cost(c: Contact) -> tuple[int, int, float, int]:
             st = self.stats.get(c.node_id.hex())
             distance = c.id_int ^ target
             if st is None:
-                return (0, 0.0, distance)
+                return (0, 2, 0.0, distance)
+            trust = 0 if st.proven and (st.served or st.throughput) else 1 if st.proven else 2
             load = st.inflight + st.remote_uploads + 1
             speed = st.throughput or 1e9
-            return (st.misbehaved, load / speed, distance)
+            return (st.misbehaved, trust, load / speed, distance)
 
-        return sorted(providers, key=cost)
+        ranked = sorted(providers, key=cost)
+        unproven = [c for c in ranked if not self.proven(c.node_id.hex())]
+        skip = {c.node_id for c in unproven[MAX_UNPROVEN_PROVIDERS:]}
+        return [c for c in ranked if c.node_id not in skip]
 
     async def fetch(self, digest: Digest) -> BlobInfo:
         """Fetch a logged blob from peers, verified, resuming on another provider on failure.
@@ -816,28 +1104,96 @@ class PeerService:
             return info, nid
         raise TransportError(f"no provider sent the right bytes for {digest}")
 
+    def _open_timeout(self, c: Contact) -> float:
+        """Seconds ``c`` gets to answer a blob request: a proven peer gets the blob
+        timeout; a provider named only by records OPEN_TIMEOUT (a tarpit costs that)."""
+        if self.proven(c.node_id.hex()):
+            return self.config.blob_timeout
+        return min(OPEN_TIMEOUT, self.config.blob_timeout)
+
+    def query_timeout(self, node_id: str) -> float:
+        """Seconds a query to ``node_id`` may take: a proven peer gets the request timeout,
+        anyone else VERIFY_TIMEOUT."""
+        return self.config.rpc_timeout if self.proven(node_id) else VERIFY_TIMEOUT
+
+    async def _open_hedged(
+        self, digest: Digest, offset: int, queue: list[Contact]
+    ) -> tuple[Contact, PeerBlob] | None:
+        """Open ``digest`` at ``offset`` from the first of ``queue`` to answer.
+
+        Providers are asked in order; the next one is asked too when the current ones
+        have not answered within HEDGE_DELAY s (or failed). The first answer wins, the
+        other requests are cancelled (or their answers closed). Asked providers leave
+        ``queue``; ``None`` when none answered.
+        """
+        winner: list[tuple[Contact, PeerBlob]] = []
+
+        async def attempt(c: Contact, finished: anyio.Event) -> None:
+            nid = c.node_id.hex()
+            st = self._stats_for(nid, c.address)
+            try:
+                client = await self._client(c.address)
+                seconds = self._open_timeout(c)
+                try:
+                    with anyio.fail_after(seconds + 1):  # even if the transport does not
+                        blob = await client.open_blob(digest, offset=offset, timeout=seconds)
+                except TimeoutError:
+                    raise TransportError(f"{c.address} did not answer within {seconds:g} s"
+                                         ) from None
+            except (TransportError, PeerMisbehaved, OSError) as exc:
+                st.failures += 1
+                if isinstance(exc, PeerMisbehaved):
+                    self._blame(nid, exc.reason)
+                log.warning("Peer %s did not serve %s from byte %d (%s); trying the next "
+                            "provider", nid[:16], digest, offset, exc)
+                finished.set()
+                return
+            except BaseException:  # cancelled: another answered first; asked again on resume
+                queue.append(c)
+                finished.set()
+                raise
+            if winner:
+                await _close_body(blob.body)
+            else:
+                winner.append((c, blob))
+                tg.cancel_scope.cancel()
+            finished.set()
+
+        async with anyio.create_task_group() as tg:
+            while queue and not winner:
+                finished = anyio.Event()
+                tg.start_soon(attempt, queue.pop(0), finished)
+                with anyio.move_on_after(HEDGE_DELAY):
+                    await finished.wait()
+        return winner[0] if winner else None
+
     async def _chain(
         self, digest: Digest, providers: list[Contact], served_by: list[str]
     ) -> AsyncIterator[bytes]:
-        """The blob's bytes from ``providers`` in turn, resuming where the last one stopped."""
+        """The blob's bytes from ``providers`` in turn, resuming where the last one stopped.
+
+        Each provider is opened hedged (:meth:`_open_hedged`): a provider that does not
+        answer costs at most HEDGE_DELAY s before the next is asked too."""
         received = 0
         size: int | None = None
-        for c in providers:
+        queue = list(providers)
+        while queue:
+            opened = await self._open_hedged(digest, received, queue)
+            if opened is None:
+                break
+            c, blob = opened
             nid = c.node_id.hex()
-            st = self.stats.setdefault(nid, PeerStats(c.address))
+            st = self._stats_for(nid, c.address)
             st.inflight += 1
             started, got = time.monotonic(), 0
             try:
-                client = await self._client(c.address)
-                blob = await client.open_blob(
-                    digest, offset=received, timeout=self.config.blob_timeout
-                )
                 if blob.size is not None:
                     if size is None:
                         size = blob.size
                         await self.node.make_room(blob.size)
                     elif blob.size != size:
                         self._blame(nid, f"announced {blob.size} bytes for {digest}, not {size}")
+                        await _close_body(blob.body)
                         continue
                 served_by.append(nid)
                 async for chunk in blob.body:
@@ -847,6 +1203,7 @@ class PeerService:
                         raise PeerMisbehaved(nid, f"sent more than {size} bytes")
                     yield chunk
                 if size is None or received >= size:
+                    st.served += 1
                     return
                 raise TransportError(f"{c.address} ended {digest} early at byte {received}")
             except (TransportError, PeerMisbehaved, OSError) as exc:
@@ -890,17 +1247,20 @@ class PeerService:
                     log.warning("Bootstrap incomplete: %s", exc)
             while True:
                 await anyio.sleep(self.config.sync_interval)
-                try:
-                    for address in self.config.peers:
-                        if not any(s.address == address for s in self.stats.values()):
-                            await self.ping(address)
-                except (PyrsiaError, ValueError):
-                    pass
+                for address in self.config.peers:  # configured peers are met again if lost
+                    if not any(s.proven and address in split_address(s.address)
+                               for s in self.stats.values()):
+                        try:
+                            await self.rpc(address, "PING", {}, {"PONG"},
+                                           timeout=min(HEAD_TIMEOUT, self.config.rpc_timeout))
+                        except (PyrsiaError, ValueError):
+                            pass
                 try:
                     await self.sync()
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Ledger sync failed: %s", exc)
                 self.replay.expire(self.now())
+                self.expire_peers()
                 await self._republish()
 
     async def _republish(self) -> None:
@@ -915,6 +1275,21 @@ class PeerService:
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
+
+
+async def _close_body(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await aclose()
+            except Exception as exc:  # closing a peer's stream: nothing more to do
+                log.debug("Closing a peer's blob stream failed: %s", exc)
+
+
+def _authority(address: str) -> str:
+    """The hosts and ports of a (multi-) address, without paths: what gets contacted."""
+    return ",".join(urlsplit(url).netloc or url for url in split_address(address))
 
 
 def _attached_list(env: Envelope) -> list[Any]:

@@ -283,10 +283,11 @@ class _GenesisOnly:
     def __attrs_post_init__(self) -> None:
         from pyrsia_core.interfaces import SystemClock
 
-        from pyrsia_core import Ed25519Signer
-
-        # A throwaway key: the genesis reply is verified by its content, not by who asked.
-        self.signer = Ed25519Signer.generate()
+        # The node's own key (Node.open loads the same file): a throwaway id would be
+        # a phantom peer to whoever answers. The asked peer does not record a node that
+        # only asked for the genesis; the reply is verified by its content anyway.
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.signer = Node._load_identity(self.config.data_dir)
         self.node_id = self.signer.node_id
         self.clock = SystemClock()
 

@@ -409,7 +409,8 @@ class SwarmFetch:
                 except PyrsiaError as exc:
                     log.debug("Provider lookup for %s failed: %s", self.digest, exc)
                     contacts = []
-                for c in contacts:
+                # Providers that are not proven peers are only claims: a few at most.
+                for c in self.peers._rank(contacts, self.digest.raw):
                     nid = c.node_id.hex()
                     if nid not in self.holders:
                         self.holders[nid] = _Holder(nid, c.address, bytearray(len(self.parts)))
@@ -423,7 +424,7 @@ class SwarmFetch:
     async def _poll(self, holder: _Holder) -> None:
         try:
             env = await self.peers.rpc(holder.address, "GET_PARTS", {"digest": str(self.digest)},
-                                       {"PARTS"})
+                                       {"PARTS"}, timeout=self.peers.query_timeout(holder.node_id))
         except (PyrsiaError, ValueError) as exc:
             log.debug("GET_PARTS to %s failed: %s", holder.node_id[:16], exc)
             return
@@ -437,3 +438,4 @@ class SwarmFetch:
         holder.others = max(0, uploads - holder.inflight) if type(uploads) is int else 1
         holder.sending = parse_bitmap(env.body.get("sending", ""), len(self.parts)) or bytearray()
         holder.polled = time.monotonic()
+        self._wake.set()  # its parts are known now, whoever else is slow to answer
