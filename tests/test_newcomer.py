@@ -129,10 +129,13 @@ def test_four_nodes_join_authorize_deauthorize(
         build_commits(tmp_path, c, "library/multi:1.0")
         heights = {status(n)["ledger_head"] for n in nodes[:3]}
         assert len(heights) == 1
-        # Deauthorizing B too would leave A and C needing both of two: refused without --force.
+        # With C down, deauthorizing B would leave A and C, which must both sign: refused
+        # without --force, and nothing changes.
+        c.stop()
         out = run_cli(tmp_path, "deauthorize", "--peer", ids[b.port], *admin, "--node",
                       f"127.0.0.1:{a.port}")
-        assert out.returncode == 0 or "--force" in out.stderr
+        assert out.returncode != 0 and "--force" in out.stderr and "2 must sign" in out.stderr
+        assert set(status(a)["authorized_build_nodes"]) == three
         # Not a build node: a clear error.
         out = run_cli(tmp_path, "deauthorize", "--peer", ids[d.port], *admin, "--node",
                       f"127.0.0.1:{a.port}")
