@@ -179,6 +179,9 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             consensus_timeout=args.consensus_timeout,
             allowed_hosts=tuple(args.allowed_host),
             upstream_options=_upstream_options(args.upstream_option),
+            witness_key=args.witness_key,
+            witnesses=_witness_targets(args.witness),
+            witness_policy=_witness_policy(args),
         )
     except Exception as exc:
         _fail(f"invalid node configuration: {exc}", EXIT_USAGE)
@@ -228,6 +231,41 @@ def _upstream_options(items: list[str]) -> dict[str, str]:
                              "min_rate=4096")
         out[key.strip()] = value.strip()
     return out
+
+
+def _witness_targets(items: list[str]) -> tuple[Any, ...]:
+    """``--witness URL,KEY`` (repeatable): the witnesses a build node asks to cosign."""
+    from pyrsia_registry._witness import parse_witness_target
+
+    return tuple(parse_witness_target(item) for item in items)
+
+
+def _witness_policy(args: argparse.Namespace) -> Any:
+    """``--witness-policy KEY ... --witness-threshold K`` as a WitnessPolicy (or None)."""
+    from pyrsia_core import Cosigner, WitnessPolicy
+
+    if not args.witness_policy:
+        if args.witness_threshold is not None:
+            raise ValueError("--witness-threshold needs --witness-policy")
+        return None
+    cosigners = []
+    for item in args.witness_policy:
+        try:
+            cosigners.append(Cosigner.parse(item))
+        except ValueError as exc:
+            raise ValueError(f"--witness-policy {item!r:.200}: {exc}") from None
+    threshold = len(cosigners) if args.witness_threshold is None else args.witness_threshold
+    return WitnessPolicy(cosigners, threshold)
+
+
+def _add_witness_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--witness-policy", action="append", default=[], metavar="KEY",
+                        help="trust a checkpoint only with this witness's cosignature "
+                        "(KEY: its vkey NAME+ID+BASE64 as 'pyrsia status' shows it, or "
+                        "NAME=HEXKEY); repeatable")
+    parser.add_argument("--witness-threshold", type=int, default=None, metavar="K",
+                        help="how many of the --witness-policy witnesses must cosign "
+                        "(default: all)")
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -397,6 +435,16 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{' (this node is one)' if data.get('is_build_node') else ''}")
     if data.get("upstream"):
         print(f"Upstream:                   {data['upstream']}")
+    witness = data.get("witness")
+    if witness:
+        print(f"Witness key (vkey):         {witness['vkey']}")
+    policy = data.get("witness_policy")
+    if policy:
+        print(f"Witness policy:             {policy['threshold']} of "
+              f"{len(policy['witnesses'])} witnesses (trusted up to block "
+              f"{policy['trusted_height']})")
+    for ev in data.get("split_views") or []:
+        print(f"WARNING: SPLIT VIEW of {ev['origin']}: {ev['reason']}")
     stall = data.get("consensus_stall")
     if stall:
         print(f"WARNING: consensus stalled: {stall['reason']}")
@@ -514,7 +562,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir(args)
     try:
+        policy = _witness_policy(args)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    witnessed = None
+    try:
         report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
+        if policy is not None:
+            from pyrsia_registry._witness import verify_witnessed
+
+            witnessed = anyio.run(verify_witnessed, data_dir, "Docker", report.package_id,
+                                  policy)
     except PyrsiaError as exc:
         _fail(f"verification FAILED: {exc}")
     except OSError as exc:
@@ -525,6 +583,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
           f"(ledger height {report.ledger_height}, {report.log_size} records, every block's "
           f"certificate checked against its build nodes); {report.blobs_checked} stored "
           f"artifact(s) hash correctly, {report.blobs_missing} not stored here")
+    if witnessed is not None:
+        print(f"Witnessed: the checkpoint of block {witnessed[0]} covers them, cosigned by "
+              f"{len(witnessed[1])} of the policy's witnesses ({', '.join(sorted(witnessed[1]))};"
+              f" {policy.threshold} required)")
     return 0
 
 
@@ -718,6 +780,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--upstream-option", action="append", default=[], metavar="KEY=VALUE",
                        help="upstream setting (repeatable): min_rate (bytes/s), rate_window "
                             "(s), idle_timeout (s), timeout (s)")
+    start.add_argument("--witness-key", action="store_true",
+                       help="act as a witness for the network (C2SP tlog-witness at "
+                       "/witness/add-checkpoint), with a key of its own in the data dir")
+    start.add_argument("--witness", action="append", default=[], metavar="URL,KEY",
+                       help="a witness this build node asks to cosign each block: its URL "
+                       "and its key (vkey) as its 'pyrsia status' shows it (repeatable)")
+    _add_witness_policy(start)
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="how much the node logs to stderr (default info)")
@@ -769,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("package_type", choices=["docker"])
     verify.add_argument("--image", required=True, help="e.g. alpine:3.16.2")
     verify.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
+    _add_witness_policy(verify)
     verify.set_defaults(func=cmd_verify)
 
     for name, helptext in (("authorize", "make a peer an authorized build node (admin)"),

@@ -313,6 +313,18 @@ class LogStore:
     def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
         return self.ledger.tree.consistency_proof(old_size, new_size)
 
+    async def set_certificate(self, height: int, certificate: SignedNote) -> None:
+        """Replace the stored certificate of block ``height`` by one with the same text
+        (the same checkpoint) and more signature lines: witness cosignatures."""
+        raw = await self.kv.get(_block_key(height))
+        if raw is None:
+            raise StoreError(f"no stored block {height}")
+        data: Any = canonical_loads(raw)
+        if SignedNote.parse(data["certificate"]).text != certificate.text:
+            raise StoreError(f"the new certificate of block {height} signs another checkpoint")
+        data["certificate"] = certificate.to_text()
+        await self.kv.put(_block_key(height), canonical_json(data))
+
     async def certificate(self, height: int) -> SignedNote | None:
         raw = await self.kv.get(_block_key(height))
         if raw is None:

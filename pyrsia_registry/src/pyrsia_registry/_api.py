@@ -20,7 +20,7 @@ from ._apiguard import api_request_problem, json_problem
 from ._asgi import Receive, Scope, Send, header_values, read_body, route_path, send_bytes, send_json
 from ._cacheapi import cache_route
 from ._docker import RECORD_TYPE, DockerService
-from ._node import BuildQueueFull
+from ._node import BuildQueueFull, NotInLog
 
 __all__ = ["NodeApi", "format_records"]
 
@@ -89,6 +89,8 @@ class NodeApi:
             await send_json(send, exc.status, {"error": str(exc)})
         except BuildQueueFull as exc:
             await send_json(send, 429, {"error": str(exc)}, [("retry-after", "5")])
+        except NotInLog as exc:  # e.g. hidden by the node's witness policy
+            await send_json(send, 404, {"error": str(exc)})
         except PyrsiaError as exc:
             log.error("node API %s failed: %s", scope.get("path"), exc)
             await send_json(send, 500, {"error": str(exc)})

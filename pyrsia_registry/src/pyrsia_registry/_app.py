@@ -23,6 +23,8 @@ class NodeApp:
     p2p: Any = None  # the transport's ASGI app for peers, mounted at /p2p
     #: Package-type plugins' apps by mount path (``/maven2``), each behind a GuardedApp.
     packages: dict[str, Any] = attrs.Factory(dict)
+    #: The witness endpoint (C2SP tlog-witness) at ``/witness``.
+    witness: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -35,6 +37,8 @@ class NodeApp:
             await self.oci(scope, receive, send)
         elif path == "/api" or path.startswith("/api/"):
             await self.api(scope, receive, send)
+        elif self.witness is not None and (path == "/witness" or path.startswith("/witness/")):
+            await self.witness(scope, receive, send)
         elif self.p2p is not None and (path == "/p2p" or path.startswith("/p2p/")):
             child = dict(scope)
             child["root_path"] = scope.get("root_path", "") + "/p2p"

@@ -159,6 +159,15 @@ class NodeConfig:
     allowed_hosts: tuple[str, ...] = ()
     #: Config of the upstream plugin (``{"min_rate": "4096"}``), besides its URL.
     upstream_options: dict[str, str] = attrs.Factory(dict)
+    #: Act as a witness for the network (``--witness-key``): its own Ed25519 key in the
+    #: data dir (``witness.key``), answering ``POST /witness/add-checkpoint``.
+    witness_key: bool = False
+    #: Witnesses this build node asks to cosign every block (``--witness URL,KEY``):
+    #: :class:`~pyrsia_registry._witness.WitnessTarget` values.
+    witnesses: tuple[Any, ...] = ()
+    #: Trust checkpoints only with enough witness cosignatures (``--witness-policy`` and
+    #: ``--witness-threshold``): a :class:`~pyrsia_core.WitnessPolicy`, or ``None``.
+    witness_policy: Any = None
 
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -588,7 +588,7 @@ class ConsensusRunner:
 
     async def _commit(self, committed: CommittedBlock) -> None:
         try:
-            await self.node.append_block(committed)
+            await self.node.append_block(committed, own=True)
         except BlockError as exc:
             if committed.block.height <= self.node.log_store.ledger.height:
                 return  # already appended (from gossip)

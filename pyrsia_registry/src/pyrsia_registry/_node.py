@@ -181,6 +181,8 @@ class Node:
     commit_listeners: list[Callable[[CommittedBlock], Awaitable[None]]] = attrs.Factory(list)
     peers: Any = None  # the PeerService, when the node talks to peers
     consensus: Any = None  # the ConsensusRunner, on a build node among several
+    #: The WitnessService (witness endpoint, cosignature collection, witness policy).
+    witnesses: Any = None
     #: Handles a BUILD_REQUEST from a peer (set by the runtime): body -> build status.
     build_request_handler: Any = None
     #: Blobs of at least this many bytes get a logged part list (swarm fetch).
@@ -383,10 +385,18 @@ class Node:
     # -- the log -------------------------------------------------------------------
 
     async def records_for_package(self, package_type: str, package_id: str) -> list[StoredRecord]:
-        return await self.log_store.records_for_package(package_type, package_id)
+        """The records of a package this node vouches for (with a witness policy: those
+        a witnessed checkpoint covers; :class:`NotInLog` if that hides every one)."""
+        records = await self.log_store.records_for_package(package_type, package_id)
+        if self.witnesses is not None:
+            return self.witnesses.visible(records, package_id)  # type: ignore[no-any-return]
+        return records
 
     async def records_for_artifact(self, digest: Digest) -> list[StoredRecord]:
-        return await self.log_store.records_for_artifact(digest.hex)
+        records = await self.log_store.records_for_artifact(digest.hex)
+        if self.witnesses is not None:
+            return self.witnesses.visible(records, str(digest))  # type: ignore[no-any-return]
+        return records
 
     async def commit(self, records: list[Record]) -> CommittedBlock:
         """Sign records, propose a block and commit it (a network of one commits alone)."""
@@ -421,8 +431,17 @@ class Node:
             )
             return committed
 
-    async def append_block(self, committed: CommittedBlock) -> None:
-        """Validate and store a block committed elsewhere (from a peer or consensus)."""
+    async def append_block(
+        self, committed: CommittedBlock, *, own: bool = False, covered: bool = False
+    ) -> None:
+        """Validate and store a block committed elsewhere (from a peer or consensus).
+
+        With a witness policy, a peer's block needs K witness cosignatures, unless
+        ``covered`` (a later witnessed block of the same sync batch covers it) or ``own``
+        (this build node's consensus decided it).
+        """
+        if self.witnesses is not None:
+            self.witnesses.check_block(committed, covered=own or covered)
         async with self._commit_lock:
             ledger = self.log_store.ledger
             now = self.clock.now()
@@ -437,6 +456,8 @@ class Node:
                 await self.log_store.append(committed, now=now, validated=lambda: leaves)
             else:
                 await self.log_store.append(committed, now=now)
+        if self.witnesses is not None:
+            self.witnesses.adopted(committed)
         if self.consensus is not None:
             self.consensus.on_block(committed)
 
@@ -830,6 +851,7 @@ class Node:
             "is_build_node": self.is_build_node,
             "upstream": self.config.upstream,
             "consensus_stall": self.consensus.stall() if self.consensus is not None else None,
+            **(self.witnesses.status() if self.witnesses is not None else {}),
         }
 
     def build_json(self, build: Build) -> dict[str, Any]:

@@ -849,11 +849,14 @@ class PeerService:
                 async for batch in receive:
                     bad = False
                     async with self._sync_lock:
-                        for committed in batch:
+                        # With a witness policy: only blocks a witnessed checkpoint covers.
+                        witnesses = self.node.witnesses
+                        for committed in (batch if witnesses is None
+                                          else witnesses.covered(batch)):
                             if committed.block.height <= self.node.log_store.ledger.height:
                                 continue
                             try:
-                                await self.node.append_block(committed)
+                                await self.node.append_block(committed, covered=True)
                             except BlockError as exc:
                                 self._blame(blame, f"sent an invalid block: {exc}")
                                 bad = True
@@ -880,6 +883,9 @@ class PeerService:
             return
         ledger = self.node.log_store.ledger
         if block.height <= ledger.height:
+            if self.node.witnesses is not None:
+                # The same block (more cosignatures), or another one: a split view.
+                await self.node.witnesses.observe(committed)
             return
         if block.height > ledger.height + 1:
             # We missed blocks: catch up from the sender (range requests), in the background
@@ -908,6 +914,10 @@ class PeerService:
             try:
                 await self.node.append_block(committed)
             except BlockError as exc:
+                if exc.rule == "witness":  # honest, maybe: witnesses slow or down
+                    log.info("Block %d from %s not adopted: %s", block.height,
+                             env.sender[:16], exc)
+                    return
                 raise PeerMisbehaved(env.sender, f"gossiped an invalid block: {exc}") from None
         self._seen_blocks.add(block.hash)
         log.info("Block %d from %s appended (gossip)", block.height, env.sender[:16])

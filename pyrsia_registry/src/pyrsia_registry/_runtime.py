@@ -26,6 +26,7 @@ from ._oci import OciApp
 from ._p2p import PeerConfig, PeerService
 from ._packages import PackageService
 from ._transports import create_transports, transport_names
+from ._witness import WitnessApp, WitnessService
 
 __all__ = ["RunningNode", "run_node", "start_node"]
 
@@ -87,11 +88,22 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
         await transport.aclose()
         raise
     try:
+        node.witnesses = witnesses = await WitnessService.open(node)
         async with anyio.create_task_group() as tg:
             service = DockerService(node, tg)
             peers = PeerService(node, transport, peer_config)
             node.peers = peers
-            node.commit_listeners.append(lambda committed: _spawn(tg, peers.gossip, committed))
+
+            fork_peers = _test_fork_peers()
+
+            async def published(committed: Any) -> None:
+                # The witnesses cosign first, so the block travels with its cosignatures.
+                cosigned = await witnesses.after_commit(committed)
+                if fork_peers and committed.block.height > 0:  # a fault injected by tests
+                    await _test_equivocate(node, peers, witnesses, committed, fork_peers)
+                await peers.gossip(cosigned, exclude=fork_peers)
+
+            node.commit_listeners.append(lambda committed: _spawn(tg, published, committed))
             packages = PackageService(node, tg, timeout=config.plugin_timeout)
 
             async def rebuild_check(block: Any) -> bool:
@@ -117,7 +129,7 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 service.handle_build_request)
             p2p_app = transport.asgi_app(peers.handle, peers.blob_source)
             app = NodeApp(OciApp(service), NodeApi(service, packages), p2p_app,
-                          packages.mounts())
+                          packages.mounts(), witness=WitnessApp(witnesses))
             running = RunningNode(node, app, service, packages=packages)
             if serve_http:
                 from ._server import serve
@@ -143,6 +155,8 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                     (config.data_dir / URL_FILE).unlink(missing_ok=True)
     finally:
         with anyio.CancelScope(shield=True):
+            if node.witnesses is not None:
+                await node.witnesses.aclose()
             if node.peers is not None:
                 await node.peers.aclose()
             await transport.aclose()
@@ -245,6 +259,69 @@ async def _retrying(attempt: Any, limit: float) -> Any:
             log.info("Waiting for a peer to answer (%s)", exc)
             await anyio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+#: TEST-ONLY fault injection: a build node started with this variable (comma-separated
+#: node ids) equivocates -- it signs a second, conflicting block at each height, asks its
+#: witnesses to cosign that one too, and gossips it (not the real one) to those peers.
+TEST_FORK_PEERS_ENV = "PYRSIA_TEST_FORK_PEERS"
+
+
+def _test_fork_peers() -> set[str]:
+    import os
+
+    value = os.environ.get(TEST_FORK_PEERS_ENV, "")
+    peers = {p.strip() for p in value.split(",") if p.strip()}
+    if peers:
+        log.warning("TEST FAULT INJECTION: this build node equivocates to %d peer(s) (%s is "
+                    "set; never use it outside tests)", len(peers), TEST_FORK_PEERS_ENV)
+    return peers
+
+
+async def _test_equivocate(node: Node, peers: PeerService, witnesses: WitnessService,
+                           committed: Any, targets: set[str]) -> None:
+    """TEST-ONLY: sign another block at ``committed``'s height (its records under the tag
+    ``<tag>-fork``), try to have it cosigned, and send it to ``targets``."""
+    from pyrsia_core import Block, CommittedBlock, MerkleTree, Record, SignedRecord, leaf_hash
+
+    block = committed.block
+    records = []
+    for sr in block.records:
+        r = sr.record
+        pid = r.package_specific_id + "-fork"
+        records.append(SignedRecord.sign(Record.new(
+            signer=node.signer, package_type=r.package_type, package_specific_id=pid,
+            package_specific_artifact_id=(pid if r.package_specific_artifact_id
+                                          == r.package_specific_id
+                                          else r.package_specific_artifact_id),
+            artifact_hash=r.artifact_hash, num_artifacts=r.num_artifacts,
+            timestamp=r.timestamp + 1, operation=r.operation, source_hash=r.source_hash,
+            source_id=r.source_id), node.signer))
+    ledger = node.log_store.ledger
+    old = block.tree_size - len(block.records)
+    tree = MerkleTree.from_leaves(ledger.tree.leaf(i) for i in range(old))
+    tree.extend(leaf_hash(sr.record.canonical()) for sr in records)
+    fork_block = Block(height=block.height, parent=block.parent, timestamp=block.timestamp,
+                       proposer=block.proposer, records=tuple(records), tree_size=tree.size,
+                       root=tree.root().hex())
+    fork = CommittedBlock(fork_block, ledger.sign_block(fork_block, node.signer))
+    cosigned = 0
+    for target in witnesses.targets:
+        try:
+            if await witnesses._cosign(target, fork) is not None:
+                cosigned += 1
+        except Exception as exc:  # refused, as it must be
+            log.warning("TEST FAULT: witness %s refused the fork of block %d: %s",
+                        target.cosigner.name, block.height, exc)
+    log.warning("TEST FAULT: fork of block %d cosigned by %d of %d witnesses; sending it to "
+                "%d peer(s)", block.height, cosigned, len(witnesses.targets), len(targets))
+    for nid in targets:
+        address = peers.address_of(nid)
+        if address is not None:
+            try:
+                await peers.rpc(address, "NEW_BLOCK", {"block": fork.to_json()}, {"OK"})
+            except Exception as exc:
+                log.warning("TEST FAULT: fork to %s failed: %s", nid[:16], exc)
 
 
 async def _spawn(tg: anyio.abc.TaskGroup, fn: Any, *args: Any) -> None:

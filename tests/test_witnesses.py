@@ -1,0 +1,267 @@
+"""Witness cosigning with real node processes on 127.0.0.1 (issue: witnesses).
+
+Witnesses are nodes started with ``--witness-key``; the build node asks them (``--witness
+URL,KEY``) to cosign every block; nodes and ``pyrsia verify`` with ``--witness-policy``
+trust only checkpoints with K cosignatures. The split-view test makes the build node
+equivocate (the test-only ``PYRSIA_TEST_FORK_PEERS`` fault).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from support.fixtures import SeededUpstream
+from support.net import free_port
+from support.node import NodeProcess, node_status, run_cli, wait_until
+
+from pyrsia_core import Cosigner, Ed25519Signer
+
+pytestmark = pytest.mark.process
+FAST = ("--sync-interval", "0.5")
+IMAGE = "alpine:3.16.2"
+MANIFEST = "/v2/library/alpine/manifests/3.16.2"
+ACCEPT = {"accept": "application/vnd.docker.distribution.manifest.v2+json, "
+                    "application/vnd.docker.distribution.manifest.list.v2+json, "
+                    "application/vnd.oci.image.index.v1+json, "
+                    "application/vnd.oci.image.manifest.v1+json"}
+
+
+class Keys:
+    """A node's identity and witness keys, written into its data dir before it starts."""
+
+    def __init__(self, data: Path) -> None:
+        data.mkdir(parents=True, exist_ok=True)
+        self.data = data
+        self.node = Ed25519Signer.generate()
+        (data / "node.key").write_bytes(self.node.to_pem())
+        self.witness = Ed25519Signer.generate()
+        (data / "witness.key").write_bytes(self.witness.to_pem())
+        self.name = f"pyrsia-witness/{self.node.node_id}"
+        self.vkey = Cosigner(self.name, self.witness.public_key).vkey()
+
+
+def independent_cosignature_check(note: str, name: str, public_key: bytes) -> int:
+    """A verifier written from the C2SP texts alone (signed-note, tlog-cosignature), sharing
+    no code with pyrsia: the timestamp of ``name``'s valid cosignature line on ``note``."""
+    body, sep, sigs = note.rpartition("\n\n")
+    assert sep, "a signed note has a blank line before its signatures"
+    text = body + "\n"
+    key_id = hashlib.sha256(name.encode() + b"\n\x04" + public_key).digest()[:4]
+    for line in sigs.rstrip("\n").split("\n"):
+        assert line.startswith("\u2014 ")
+        line_name, _, b64 = line[2:].partition(" ")
+        raw = base64.b64decode(b64, validate=True)
+        if line_name != name or raw[:4] != key_id:
+            continue  # unknown keys are ignored
+        assert len(raw) == 4 + 8 + 64
+        (timestamp,) = struct.unpack(">Q", raw[4:12])
+        message = f"cosignature/v1\ntime {timestamp}\n".encode() + text.encode()
+        Ed25519PublicKey.from_public_bytes(public_key).verify(raw[12:], message)
+        return int(timestamp)
+    raise AssertionError(f"no cosignature by {name} on the checkpoint")
+
+
+def start_witnesses(tmp_path: Path, keys: list[Keys], ports: list[int], peer: str
+                    ) -> list[NodeProcess]:
+    out = []
+    for i, (k, port) in enumerate(zip(keys, ports, strict=True)):
+        out.append(NodeProcess(tmp_path / f"w{i}", port=port, data_dir=k.data, upstream=None,
+                               extra=(*FAST, "--peer", peer, "--witness-key")).start())
+    return out
+
+
+def policy_args(keys: list[Keys], threshold: int) -> tuple[str, ...]:
+    out: list[str] = []
+    for k in keys:
+        out += ["--witness-policy", k.vkey]
+    return (*out, "--witness-threshold", str(threshold))
+
+
+def proof_checkpoint(node: NodeProcess, tmp_path: Path, image: str = IMAGE) -> str:
+    out = run_cli(tmp_path, "inspect-log", "docker", "--image", image, "--proof",
+                  port=node.port)
+    assert out.returncode == 0, out.stderr
+    return str(json.loads(out.stdout)[0]["proof"]["checkpoint"])
+
+
+def test_blocks_are_cosigned_published_and_enforced(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(3)]
+    ports = [free_port() for _ in wkeys]
+    targets: list[str] = []
+    for k, port in zip(wkeys, ports, strict=True):
+        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    nodes: list[NodeProcess] = []
+    try:
+        build = NodeProcess(tmp_path / "b", upstream=fresh_seeded_upstream.url,
+                            extra=(*FAST, *targets)).start()
+        nodes.append(build)
+        nodes += start_witnesses(tmp_path, wkeys, ports, build.url)
+        # A witness shows its name and key, for an operator to copy.
+        w_status = node_status(nodes[1])
+        assert w_status["witness"]["vkey"] == wkeys[0].vkey
+        assert wkeys[0].vkey in run_cli(tmp_path, "status", port=nodes[1].port).stdout
+        trusting = NodeProcess(tmp_path / "p", upstream=None,
+                               extra=(*FAST, "--peer", build.url, *policy_args(wkeys, 2)))
+        nodes.append(trusting.start())
+        # A node whose policy no witness of this network can meet (an unknown witness).
+        stranger = Keys(tmp_path / "x" / "data")
+        strict = NodeProcess(tmp_path / "s", upstream=None,
+                             extra=(*FAST, "--peer", build.url, *policy_args([stranger], 1)))
+        nodes.append(strict.start())
+
+        out = run_cli(tmp_path, "build", "docker", "--image", IMAGE, "--wait", "120",
+                      port=build.port, timeout=150)
+        assert out.returncode == 0, out.stderr + build.log()[-3000:]
+        height = node_status(build)["ledger_height"]
+        wait_until("the three cosignatures", lambda: proof_checkpoint(build, tmp_path).count(
+            "pyrsia-witness/") == 3, timeout=30)
+        note = proof_checkpoint(build, tmp_path)
+        for k in wkeys:
+            assert independent_cosignature_check(note, k.name, k.witness.public_key.raw) > 0
+        assert "Witnesses cosigned block" in build.log()
+
+        # The trusting node adopts the witnessed block and serves the image.
+        wait_until("the trusting node to sync",
+                   lambda: node_status(trusting)["ledger_height"] == height)
+        assert node_status(trusting)["witness_policy"]["trusted_height"] == height
+        assert httpx.get(trusting.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
+        # The strict node never adopts it (not witnessed by its policy) and serves nothing.
+        assert node_status(strict)["ledger_height"] == 0
+        resp = httpx.get(strict.url + MANIFEST, headers=ACCEPT, timeout=60)
+        assert resp.status_code == 404
+        assert "not adopted" in strict.log() and "not witnessed" in strict.log()
+
+        # pyrsia verify with a policy: accepted with the witnesses, refused with another.
+        ok = run_cli(tmp_path, "verify", "docker", "--image", IMAGE, "--data-dir",
+                     str(build.data_dir), *policy_args(wkeys, 3))
+        assert ok.returncode == 0, ok.stderr
+        assert "Witnessed" in ok.stdout and "3 of the policy's witnesses" in ok.stdout
+        bad = run_cli(tmp_path, "verify", "docker", "--image", IMAGE, "--data-dir",
+                      str(build.data_dir), *policy_args([stranger], 1))
+        assert bad.returncode == 1 and "verification FAILED" in bad.stderr
+        assert "no checkpoint with 1 valid cosignatures" in bad.stderr
+        usage = run_cli(tmp_path, "verify", "docker", "--image", IMAGE, "--data-dir",
+                        str(build.data_dir), "--witness-policy", "nonsense")
+        assert usage.returncode == 2 and "Traceback" not in usage.stderr
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_witness_endpoint_follows_the_spec(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    """The add-checkpoint endpoint over HTTP: 409 with text/x.tlog.size, 404, 403, 400."""
+    k = Keys(tmp_path / "w" / "data")
+    port = free_port()
+    with NodeProcess(tmp_path / "b", upstream=fresh_seeded_upstream.url,
+                     extra=(*FAST, "--witness", f"http://127.0.0.1:{port},{k.vkey}")) as build:
+        (w,) = start_witnesses(tmp_path, [k], [port], build.url)
+        try:
+            out = run_cli(tmp_path, "build", "docker", "--image", IMAGE, "--wait", "120",
+                          port=build.port, timeout=150)
+            assert out.returncode == 0, out.stderr
+            wait_until("a cosignature", lambda: k.name in proof_checkpoint(build, tmp_path))
+            note = proof_checkpoint(build, tmp_path)
+            size = int(note.split("\n")[1])
+            url = w.url + "/witness/add-checkpoint"
+            stale = httpx.post(url, content=f"old 0\n\n{note}".encode(), timeout=30)
+            assert stale.status_code == 409
+            assert stale.headers["content-type"].startswith("text/x.tlog.size")
+            assert stale.text == f"{size}\n"
+            same = httpx.post(url, content=f"old {size}\n\n{note}".encode(), timeout=30)
+            assert same.status_code == 200 and same.text.startswith(f"\u2014 {k.name} ")
+            unsigned = note.split("\n\n")[0] + "\n\n\u2014 x AAAAAAAAAAAAAAAAAAAAAAA=\n"
+            assert httpx.post(url, content=f"old {size}\n\n{unsigned}".encode(),
+                              timeout=30).status_code == 403
+            other = note.replace(note.split("\n")[0], "other/log", 1)
+            assert httpx.post(url, content=f"old {size}\n\n{other}".encode(),
+                              timeout=30).status_code == 404
+            assert httpx.post(url, content=b"garbage", timeout=30).status_code == 400
+            assert httpx.get(url, timeout=30).status_code == 405
+            assert node_status(w)["split_views"] == []
+        finally:
+            w.stop()
+
+
+def test_split_view_is_cosigned_once_reported_and_never_served(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    """The build node signs two blocks at one height: the real one for group 1 and a fork
+    (the image under the tag 3.16.2-fork) for group 2, and asks the witnesses to cosign
+    both. At most one history gets cosigned; the evidence is reported; the node with a
+    witness policy in group 2 is never served from the fork."""
+    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(3)]
+    ports = [free_port() for _ in wkeys]
+    victim_keys, guarded_keys = Keys(tmp_path / "v" / "data"), Keys(tmp_path / "g" / "data")
+    targets: list[str] = []
+    for k, port in zip(wkeys, ports, strict=True):
+        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    fork_env = {"PYRSIA_TEST_FORK_PEERS":
+                f"{victim_keys.node.node_id},{guarded_keys.node.node_id}"}
+    nodes: list[NodeProcess] = []
+    try:
+        build = NodeProcess(tmp_path / "b", upstream=fresh_seeded_upstream.url,
+                            extra=(*FAST, *targets), env=fork_env).start()
+        nodes.append(build)
+        nodes += start_witnesses(tmp_path, wkeys, ports, build.url)
+        victim = NodeProcess(tmp_path / "v", data_dir=victim_keys.data, upstream=None,
+                             extra=(*FAST, "--peer", build.url)).start()
+        guarded = NodeProcess(tmp_path / "g", data_dir=guarded_keys.data, upstream=None,
+                              extra=(*FAST, "--peer", build.url, *policy_args(wkeys, 2))
+                              ).start()
+        nodes += [victim, guarded]
+        wait_until("the nodes to know each other", lambda: all(
+            node_status(n)["peers_count"] >= 5 for n in nodes), timeout=30)
+
+        out = run_cli(tmp_path, "build", "docker", "--image", IMAGE, "--wait", "120",
+                      port=build.port, timeout=150)
+        assert out.returncode == 0, out.stderr
+        height = node_status(build)["ledger_height"]
+        wait_until("the fork attempt", lambda: "TEST FAULT: fork of block" in build.log(),
+                   timeout=30)
+        # At most one history is cosigned: every witness cosigned the real block, none the
+        # fork, and each kept the fork as split-view evidence.
+        assert f"fork of block {height} cosigned by 0 of 3 witnesses" in build.log()
+        note = proof_checkpoint(build, tmp_path)
+        for k in wkeys:
+            independent_cosignature_check(note, k.name, k.witness.public_key.raw)
+        real_body = note.split("\n\n")[0]
+        for w in nodes[1:4]:
+            views = node_status(w)["split_views"]
+            assert views and any("two roots" in v["reason"] for v in views)
+            assert all(v["first"].startswith(real_body) for v in views
+                       if "two roots" in v["reason"])
+
+        # The victim without a policy took the fork, then saw the real block: evidence,
+        # reported by pyrsia status and in its log.
+        wait_until("the victim to report the split view",
+                   lambda: node_status(victim)["split_views"] != [], timeout=30)
+        assert "SPLIT VIEW" in run_cli(tmp_path, "status", port=victim.port).stdout
+        assert "SPLIT VIEW detected" in victim.log()
+
+        # The guarded node refused the unwitnessed fork and follows the witnessed history.
+        wait_until("the guarded node to adopt the witnessed block",
+                   lambda: node_status(guarded)["ledger_head"] == node_status(build)[
+                       "ledger_head"], timeout=30)
+        assert node_status(guarded)["witness_policy"]["trusted_height"] == height
+        assert "not witnessed" in guarded.log()
+        fork = httpx.get(guarded.url + "/v2/library/alpine/manifests/3.16.2-fork",
+                         headers=ACCEPT, timeout=60)
+        assert fork.status_code == 404
+        logged = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2-fork",
+                         port=guarded.port)
+        assert logged.returncode != 0
+        assert httpx.get(guarded.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
+    finally:
+        for n in nodes:
+            n.stop()
