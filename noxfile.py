@@ -64,5 +64,6 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_swarm.py")
     session.run("python", "bench/bench_quic.py")
     session.run("python", "bench/bench_consensus.py")
+    session.run("python", "bench/bench_witness.py")
     session.run("python", "bench/sim_kademlia.py")
     session.run("python", "bench/sim_consensus.py", "--seeds", "10000")

@@ -227,13 +227,13 @@ class WitnessService:
         async with anyio.create_task_group() as tg:
             for target in self.targets:
                 tg.start_soon(one, target)
+        published = (await self.merge(committed.block.height, lines) if lines else None
+                     ) or committed
         elapsed = time.perf_counter() - started
         self.latencies = [*self.latencies[-999:], elapsed]
-        log.info("Witnesses cosigned block %d: %d of %d, %.1f ms after the commit",
+        log.info("Witnesses cosigned block %d: %d of %d, stored %.1f ms after the commit",
                  committed.block.height, len(lines), len(self.targets), elapsed * 1000)
-        if not lines:
-            return committed
-        return await self.merge(committed.block.height, lines) or committed
+        return published
 
     async def _cosign(self, target: WitnessTarget, committed: CommittedBlock
                       ) -> NoteSignature | None:
