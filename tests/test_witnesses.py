@@ -265,3 +265,56 @@ def test_split_view_is_cosigned_once_reported_and_never_served(
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_build_nodes_in_consensus_each_collect_cosignatures(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    """Three build nodes commit by consensus and each asks the same two witnesses for
+    every block (authorizations too): the witnesses cosign each checkpoint for all of them
+    (the later askers learn the size from a 409), see no split view, and a node with a
+    policy follows the whole chain."""
+    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(2)]
+    ports = [free_port() for _ in wkeys]
+    targets: list[str] = []
+    for k, port in zip(wkeys, ports, strict=True):
+        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    nodes: list[NodeProcess] = []
+    try:
+        a = NodeProcess(tmp_path / "a", upstream=fresh_seeded_upstream.url,
+                        extra=(*FAST, *targets)).start()
+        nodes.append(a)
+        nodes += start_witnesses(tmp_path, wkeys, ports, a.url)
+        builders = [a]
+        for name in "bc":
+            n = NodeProcess(tmp_path / name, upstream=fresh_seeded_upstream.url,
+                            extra=(*FAST, "--peer", a.url, *targets)).start()
+            nodes.append(n)
+            builders.append(n)
+        trusting = NodeProcess(tmp_path / "p", upstream=None,
+                               extra=(*FAST, "--peer", a.url, *policy_args(wkeys, 2))).start()
+        nodes.append(trusting)
+        for peer in builders[1:]:
+            out = run_cli(tmp_path, "authorize", "--peer", node_status(peer)["node_id"],
+                          "--data-dir", str(a.data_dir), "--force", port=a.port, timeout=120)
+            assert out.returncode == 0, out.stderr + a.log()[-3000:]
+        out = run_cli(tmp_path, "build", "docker", "--image", IMAGE, "--wait", "120",
+                      port=builders[1].port, timeout=150)
+        assert out.returncode == 0, out.stderr + builders[1].log()[-3000:]
+        height = node_status(a)["ledger_height"]
+        assert height == 3  # two authorizations, one build
+        for n in builders:
+            wait_until(f"{n.url} to store both cosignatures", lambda n=n: proof_checkpoint(
+                n, tmp_path).count("pyrsia-witness/") == 2, timeout=30)
+            note = proof_checkpoint(n, tmp_path)
+            for k in wkeys:
+                independent_cosignature_check(note, k.name, k.witness.public_key.raw)
+        wait_until("the trusting node to follow the chain",
+                   lambda: node_status(trusting)["ledger_height"] == height)
+        assert node_status(trusting)["witness_policy"]["trusted_height"] == height
+        assert httpx.get(trusting.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
+        for n in nodes:
+            assert node_status(n)["split_views"] == [], n.log()[-2000:]
+    finally:
+        for n in nodes:
+            n.stop()

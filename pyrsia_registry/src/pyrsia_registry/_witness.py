@@ -62,8 +62,9 @@ _EVIDENCE: Final = b"w/evidence/"
 MAX_REQUEST: Final = 256 * 1024
 #: Split-view evidence kept (the first ones: later ones add little).
 MAX_EVIDENCE: Final = 100
-#: Seconds a build node waits for one witness's cosignature.
-COSIGN_TIMEOUT: Final = 5.0
+#: Seconds a build node waits for one witness's cosignature (the block is gossiped after:
+#: a witness that does not answer delays its propagation by at most this).
+COSIGN_TIMEOUT: Final = 3.0
 
 
 @attrs.frozen
