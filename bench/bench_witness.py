@@ -27,12 +27,11 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pyrsia_registry._witness import parse_witness_target
 from support.net import free_port
 from support.node import NodeProcess
 
 from pyrsia_core import Cosigner, Ed25519Signer, Record
-from pyrsia_registry import NodeConfig, start_node
+from pyrsia_registry import NodeConfig, parse_witness_target, start_node
 
 GOAL_MS = 50.0
 

@@ -235,7 +235,7 @@ def _upstream_options(items: list[str]) -> dict[str, str]:
 
 def _witness_targets(items: list[str]) -> tuple[Any, ...]:
     """``--witness URL,KEY`` (repeatable): the witnesses a build node asks to cosign."""
-    from pyrsia_registry._witness import parse_witness_target
+    from pyrsia_registry import parse_witness_target
 
     return tuple(parse_witness_target(item) for item in items)
 
@@ -569,7 +569,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
         if policy is not None:
-            from pyrsia_registry._witness import verify_witnessed
+            from pyrsia_registry import verify_witnessed
 
             witnessed = anyio.run(verify_witnessed, data_dir, "Docker", report.package_id,
                                   policy)

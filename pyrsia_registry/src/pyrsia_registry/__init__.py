@@ -20,6 +20,7 @@ from ._node import Build, BuildError, Node, NotInLog
 from ._oci import OciApp
 from ._runtime import RunningNode, run_node, start_node
 from ._verify_offline import VerifyFailed, VerifyReport, verify_offline
+from ._witness import WitnessTarget, parse_witness_target, verify_witnessed
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "RunningNode",
     "VerifyFailed",
     "VerifyReport",
+    "WitnessTarget",
     "__version__",
     "default_data_dir",
     "format_records",
@@ -43,8 +45,10 @@ __all__ = [
     "load_settings",
     "parse_rate",
     "parse_size",
+    "parse_witness_target",
     "run_node",
     "save_settings",
     "start_node",
     "verify_offline",
+    "verify_witnessed",
 ]

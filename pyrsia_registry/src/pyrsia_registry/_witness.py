@@ -52,7 +52,8 @@ from pyrsia_core import (
 
 from ._asgi import Receive, Scope, Send, read_body, route_path, send_bytes
 
-__all__ = ["WitnessApp", "WitnessService", "WitnessTarget", "parse_witness_target"]
+__all__ = ["WitnessApp", "WitnessService", "WitnessTarget", "parse_witness_target",
+           "verify_witnessed"]
 
 log = logging.getLogger("pyrsia.witness")
 WITNESS_KEY_FILE: Final = "witness.key"
