@@ -152,9 +152,42 @@ def test_blocks_are_cosigned_published_and_enforced(
         usage = run_cli(tmp_path, "verify", "docker", "--image", IMAGE, "--data-dir",
                         str(build.data_dir), "--witness-policy", "nonsense")
         assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+        # The trusting node restarted with a policy its blocks do not meet: it keeps them
+        # but serves nothing of them, naming the policy.
+        port, data = trusting.port, trusting.data_dir
+        trusting.stop()
+        nodes.remove(trusting)
+        again = NodeProcess(tmp_path / "p", port=port, data_dir=data, upstream=None,
+                            extra=(*FAST, "--peer", build.url, *policy_args([stranger], 1)))
+        nodes.append(again.start())
+        assert node_status(again)["ledger_height"] == height
+        assert node_status(again)["witness_policy"]["trusted_height"] == -1
+        resp = httpx.get(again.url + MANIFEST, headers=ACCEPT, timeout=60)
+        assert resp.status_code == 404
+        error = resp.json()["errors"][0]
+        assert error["code"] == "MANIFEST_UNKNOWN" and "witness policy" in error["message"]
+        logged = run_cli(tmp_path, "inspect-log", "docker", "--image", IMAGE, port=again.port)
+        assert logged.returncode == 1 and "witness policy" in logged.stderr
     finally:
         for n in nodes:
             n.stop()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--witness", "nonsense"), "expected URL,KEY"),
+    (("--witness", "http://127.0.0.1:1,name=zz"), "witness 'name'"),
+    (("--witness-threshold", "1"), "needs --witness-policy"),
+    (("--witness-policy", "a=" + "00" * 31), "--witness-policy"),
+])
+def test_bad_witness_options_are_usage_errors(tmp_path: Path, args: tuple[str, ...],
+                                              message: str) -> None:
+    out = run_cli(tmp_path, "node", "start", "--no-upstream", "-p", str(free_port()),
+                  "--data-dir", str(tmp_path / "d"), *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    out = run_cli(tmp_path, "node", "start", "--no-upstream", "-p", str(free_port()),
+                  "--data-dir", str(tmp_path / "d"), *policy_args([Keys(tmp_path / "k")], 2))
+    assert out.returncode == 2 and "threshold must be 1..1" in out.stderr
 
 
 def test_witness_endpoint_follows_the_spec(

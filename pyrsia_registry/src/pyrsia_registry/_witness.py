@@ -28,7 +28,13 @@ import anyio
 import attrs
 import httpx
 from pyrsia_core._witness import SIZE_CONTENT_TYPE
-from pyrsia_core.errors import BlockError, NoteError, SignatureError, StoreError
+from pyrsia_core.errors import (
+    BlockError,
+    CheckpointError,
+    NoteError,
+    SignatureError,
+    StoreError,
+)
 
 from pyrsia_core import (
     AddCheckpointRequest,
@@ -428,8 +434,8 @@ class WitnessApp:
             return
         try:
             status, content_type, answer = await self.service.handle_add_checkpoint(body)
-        except (StoreError, OSError) as exc:
-            log.error("Witness could not keep its state: %s", exc)
+        except (StoreError, OSError, NoteError, CheckpointError) as exc:
+            log.error("Witness could not keep or read its state: %s", exc)
             status, content_type, answer = 503, text, "the witness cannot store its state\n"
         await send_bytes(send, status, answer.encode(), content_type=content_type)
 
@@ -474,6 +480,6 @@ async def verify_witnessed(data_dir: Path, record_type: str, package_id: str,
                 return height, names
         finally:
             await kv.aclose()
-    names = ", ".join(c.name for c in policy.cosigners)
+    witnesses = ", ".join(c.name for c in policy.cosigners)
     raise VerifyFailed(f"no checkpoint with {policy.threshold} valid cosignatures of the "
-                       f"witness policy ({names}) covers the records of {package_id}")
+                       f"witness policy ({witnesses}) covers the records of {package_id}")
