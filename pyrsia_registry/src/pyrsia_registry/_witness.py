@@ -249,7 +249,8 @@ class WitnessService:
             self._client = httpx.AsyncClient(trust_env=False, timeout=COSIGN_TIMEOUT)
         size = committed.block.tree_size
         old = self._sizes.get(target.url, 0)
-        for _attempt in range(2):  # a 409 tells the witness's size: once more with it
+        conflicts = lagging = 0
+        while True:
             if old > size:
                 raise ValueError(f"the witness holds a larger tree ({old}) than block "
                                  f"{committed.block.height} ({size})")
@@ -259,9 +260,16 @@ class WitnessService:
             if resp.status_code == 409 and resp.headers.get("content-type", "").startswith(
                     SIZE_CONTENT_TYPE):
                 text = resp.text.strip()
-                if not text.isdigit() or int(text) == old:
+                conflicts += 1
+                if not text.isdigit() or int(text) == old or conflicts > 2:
                     raise ValueError(f"the witness refused the checkpoint: 409 {text[:80]}")
-                old = self._sizes[target.url] = int(text)
+                old = self._sizes[target.url] = int(text)  # once more, from its size
+                continue
+            if resp.status_code == 403 and lagging < 5:
+                # The witness may not know the build nodes of this height yet (it is a node
+                # of the network, and the block before, which changed them, is on its way).
+                await anyio.sleep(0.1 * 2**lagging)
+                lagging += 1
                 continue
             if resp.status_code != 200:
                 raise ValueError(f"HTTP {resp.status_code}: {resp.text.strip()[:200]}")
@@ -275,7 +283,6 @@ class WitnessService:
                 except (NoteError, SignatureError, ValueError) as exc:
                     raise ValueError(f"the witness answered a bad cosignature: {exc}") from None
             raise ValueError("the witness answered no cosignature of its key")
-        raise ValueError("the witness kept answering 409")
 
     async def merge(self, height: int, lines: Sequence[NoteSignature]) -> CommittedBlock | None:
         """Add cosignature ``lines`` to the stored certificate of block ``height``."""
