@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -75,6 +77,47 @@ def wait_for(what: str, nodes: list[NodeProcess], check: object, timeout: float 
     except AssertionError as exc:
         logs = "\n".join(f"--- {n.url}\n{n.log()[-2500:]}" for n in nodes)
         raise AssertionError(f"{exc}\n{logs}") from None
+
+
+async def stored_certificates(data_dir: Path) -> list[str]:
+    """The certificates of every block in a stopped node's ledger."""
+    from pyrsia_storage_leveldb import LevelDBStore
+
+    from pyrsia_core import LogStore
+
+    kv = LevelDBStore(data_dir / "ledger")
+    try:
+        store = await LogStore.open(kv)
+        out = []
+        for height in range(store.ledger.height + 1):
+            cert = await store.certificate(height)
+            assert cert is not None
+            out.append(cert.to_text())
+        return out
+    finally:
+        await kv.aclose()
+
+
+async def certificate_and_proofs(data_dir: Path, height: int
+                                 ) -> tuple[str, dict[int, list[str]]]:
+    """Block ``height``'s certificate in a (copied) ledger, and base64 consistency proofs
+    to its size from every smaller size."""
+    from pyrsia_storage_leveldb import LevelDBStore
+
+    from pyrsia_core import Checkpoint, LogStore
+
+    kv = LevelDBStore(data_dir / "ledger")
+    try:
+        store = await LogStore.open(kv)
+        cert = await store.certificate(height)
+        assert cert is not None
+        size = Checkpoint.from_text(cert.text).size
+        proofs = {old: [base64.b64encode(h).decode() for h in
+                        store.consistency_proof(old, size)] if 0 < old < size else []
+                  for old in range(size + 1)}
+        return cert.to_text(), proofs
+    finally:
+        await kv.aclose()
 
 
 def start_witnesses(tmp_path: Path, keys: list[Keys], ports: list[int], peer: str
@@ -344,6 +387,23 @@ def test_build_nodes_in_consensus_each_collect_cosignatures(
             out = run_cli(tmp_path, "authorize", "--peer", node_status(peer)["node_id"],
                           "--data-dir", str(a.data_dir), "--force", port=a.port, timeout=120)
             assert out.returncode == 0, out.stderr + a.log()[-3000:]
+        # Block 2 (signed by A and B) added C. A witness that adopted it since checks it
+        # by the block it holds: today's three build nodes did not all sign it.
+        w0 = nodes[1]
+        wait_for("the witness to adopt block 2", nodes,
+                 lambda: node_status(w0)["ledger_height"] == 2)
+        copy = tmp_path / "a-ledger"
+        shutil.copytree(a.data_dir / "ledger", copy / "ledger",
+                        ignore=shutil.ignore_patterns("LOCK"))
+        block2, proof_from = anyio.run(certificate_and_proofs, copy, 2)
+        url = w0.url + "/witness/add-checkpoint"
+        size = int(httpx.post(url, content=f"old 0\n\n{block2}".encode(), timeout=30).text)
+        proof = "".join(line + "\n" for line in proof_from[size])
+        resp = httpx.post(url, content=f"old {size}\n{proof}\n{block2}".encode(), timeout=30)
+        assert resp.status_code == 200, resp.text
+        independent_cosignature_check(block2.rstrip("\n") + "\n" + resp.text, wkeys[0].name,
+                                      wkeys[0].witness.public_key.raw)
+
         out = run_cli(tmp_path, "build", "docker", "--image", IMAGE, "--wait", "120",
                       port=builders[1].port, timeout=150)
         assert out.returncode == 0, out.stderr + builders[1].log()[-3000:]
@@ -361,6 +421,21 @@ def test_build_nodes_in_consensus_each_collect_cosignatures(
         assert httpx.get(trusting.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
         for n in nodes:
             assert node_status(n)["split_views"] == [], n.log()[-2000:]
+        # Each build node collects for the blocks it committed itself: A all three, B
+        # the two after its authorization, C the build.
+        own = {a.url: (1, 2, 3), builders[1].url: (2, 3), builders[2].url: (3,)}
+        for n in builders:
+            wait_for("every build node's collection", nodes, lambda n=n: all(
+                f"Witnesses cosigned block {h}:" in n.log() for h in own[n.url]))
     finally:
         for n in nodes:
             n.stop()
+    # Every build node stored both cosignatures of every block, even of blocks that
+    # changed the build nodes (a witness that adopted the block already verifies it by
+    # the block it holds, not by today's build nodes).
+    for n in builders:
+        certificates = anyio.run(stored_certificates, n.data_dir)
+        assert len(certificates) == 4
+        for height in own[n.url]:
+            note = certificates[height]
+            assert note.count("pyrsia-witness/") == 2, (height, note, n.log()[-3000:])

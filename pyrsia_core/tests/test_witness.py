@@ -237,3 +237,19 @@ def test_find_split_view() -> None:
     assert "two roots" in find_split_view(big, other, None).reason
     with pytest.raises(ValueError):
         find_split_view(big, small, None)
+
+
+def test_a_checkpoint_the_caller_holds_needs_no_current_log_signature() -> None:
+    """A witness whose build nodes changed since a block still cosigns that block's
+    checkpoint when it holds it (``log_signed``); without that, the current keys decide."""
+    t = tree([b"a"])
+    note = note_of(t, signers=1)  # fewer signatures than today's threshold
+    assert ask(AddCheckpointRequest(0, (), note), None).status == 403
+    out = add_checkpoint(AddCheckpointRequest(0, (), note), latest=None, log=LOG,
+                         signer=WITNESS, name=WNAME, now=1, log_signed=True)
+    assert out.status == 200
+    # Consistency is still checked: a held checkpoint of another root is refused.
+    fork = note_of(tree([b"b"]))
+    out = add_checkpoint(AddCheckpointRequest(1, (), fork), latest=note, log=LOG,
+                         signer=WITNESS, name=WNAME, now=1, log_signed=True)
+    assert out.status == 409 and out.evidence is not None

@@ -183,11 +183,12 @@ class WitnessService:
         keys = LogKeys(ledger.origin, ledger.validators.verifiers(ledger.origin),
                        ledger.validators.threshold)
         key = _LATEST + ledger.origin.encode()
+        held = await self._holds(request.note)
         async with self._lock:  # check and persist atomically (tlog-witness)
             raw = await self.node.kv.get(key)
             latest = SignedNote.parse(raw) if raw is not None else None
             out = add_checkpoint(request, latest=latest, log=keys, signer=self.signer,
-                                 name=self.name, now=int(time.time()))
+                                 name=self.name, now=int(time.time()), log_signed=held)
             if out.state is not None:
                 await self.node.kv.put(key, out.state.to_bytes())
                 self.cosigned = Checkpoint.from_text(out.state.text)
@@ -196,6 +197,24 @@ class WitnessService:
         if out.status not in (200, 409):
             log.info("Witness refused a checkpoint (%d): %s", out.status, out.body.strip())
         return out.status, out.content_type, out.body
+
+    async def _holds(self, note: SignedNote) -> bool:
+        """Is ``note`` the checkpoint of a block this node holds (certified when adopted)?
+        Then it is the log's even if the build nodes changed since: the current ones would
+        not verify it."""
+        try:
+            cp = Checkpoint.from_text(note.text)
+        except CheckpointError:
+            return False
+        for line in cp.extensions:
+            kind, _, rest = line.partition(" ")
+            height_text, _, _ = rest.partition(" ")
+            if kind == "block" and height_text.isdigit() and len(height_text) < 20:
+                height = int(height_text)
+                if height <= self.node.log_store.ledger.height:
+                    stored = await self.node.log_store.certificate(height)
+                    return stored is not None and stored.text == note.text
+        return False
 
     async def record_evidence(self, evidence: SplitView) -> None:
         """Keep split-view evidence (bounded), and say so loudly."""
@@ -227,7 +246,7 @@ class WitnessService:
                     sig = await self._cosign(target, committed)
             except (TimeoutError, httpx.HTTPError, ValueError, NoteError, SignatureError) as exc:
                 log.warning("Witness %s did not cosign block %d: %s", target.cosigner.name,
-                            committed.block.height, exc or type(exc).__name__)
+                            committed.block.height, str(exc) or type(exc).__name__)
                 return
             if sig is not None:
                 lines.append(sig)
