@@ -248,6 +248,11 @@ def test_a_checkpoint_the_caller_holds_needs_no_current_log_signature() -> None:
     out = add_checkpoint(AddCheckpointRequest(0, (), note), latest=None, log=LOG,
                          signer=WITNESS, name=WNAME, now=1, log_signed=True)
     assert out.status == 200
+    # Still at least one valid signature of the log's keys (tlog-witness: else 403).
+    bare = SignedNote(note.text, (NoteSignature("x", b"\0" * 4, b"\0" * 64),))
+    out = add_checkpoint(AddCheckpointRequest(0, (), bare), latest=None, log=LOG,
+                         signer=WITNESS, name=WNAME, now=1, log_signed=True)
+    assert out.status == 403
     # Consistency is still checked: a held checkpoint of another root is refused.
     fork = note_of(tree([b"b"]))
     out = add_checkpoint(AddCheckpointRequest(1, (), fork), latest=note, log=LOG,

@@ -425,7 +425,9 @@ class WitnessService:
             "witnesses": [{"url": t.url, **t.cosigner.to_json()} for t in self.targets],
             "witness_policy": None if self.policy is None else {
                 **self.policy.to_json(), "trusted_height": self.trusted_height},
-            "split_views": [e.to_json() for e in self.evidence],
+            # The first ones in full (the rest are in the data dir), and how many in all.
+            "split_views": [e.to_json() for e in self.evidence[:10]],
+            "split_view_count": len(self.evidence),
         }
 
 
