@@ -351,6 +351,17 @@ def test_split_view_is_cosigned_once_reported_and_never_served(
                          port=guarded.port)
         assert logged.returncode != 0
         assert httpx.get(guarded.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
+
+        # A node joining later through the victim gets no gossip of block 1: it syncs one
+        # history and finds the other as the head of a peer at its height.
+        late = NodeProcess(tmp_path / "late", upstream=None,
+                           extra=(*FAST, "--peer", victim.url)).start()
+        nodes.append(late)
+        wait_for("the late node to sync", nodes,
+                 lambda: node_status(late)["ledger_height"] == height)
+        wait_for("the late node to report the split view", nodes,
+                 lambda: node_status(late)["split_views"] != [])
+        assert "SPLIT VIEW detected" in late.log()
     finally:
         for n in nodes:
             n.stop()

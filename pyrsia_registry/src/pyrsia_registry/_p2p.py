@@ -141,6 +141,8 @@ class PeerService:
     bucket: TokenBucket | None = None
     _clients: dict[str, PeerClient] = attrs.Factory(dict)
     _seen_blocks: set[str] = attrs.Factory(set)
+    #: Other heads at this node's height already fetched for the witness checks.
+    _compared_heads: set[str] = attrs.Factory(set)
     _sync_lock: anyio.Lock = attrs.Factory(anyio.Lock)
     _tg: anyio.abc.TaskGroup | None = None
     _rng: random.Random = attrs.Factory(random.Random)
@@ -770,6 +772,7 @@ class PeerService:
         """
         ledger = self.node.log_store.ledger
         heights: dict[str, int] = {}
+        hashes: dict[str, Any] = {}
         limiter = anyio.CapacityLimiter(16)
 
         async def head(nid: str, st: PeerStats) -> None:
@@ -785,6 +788,7 @@ class PeerService:
             height = env.body.get("height")
             if env.body.get("genesis") == ledger.genesis_hash and type(height) is int:
                 heights[nid] = height
+                hashes[nid] = env.body.get("hash")
 
         async with anyio.create_task_group() as tg:
             for nid, st in self._polled():
@@ -795,6 +799,32 @@ class PeerService:
             if heights[nid] <= self.node.log_store.ledger.height:
                 continue
             await self._sync_bounded(nid, heights[nid])
+        await self._compare_heads(heights, hashes)
+
+    async def _compare_heads(self, heights: dict[str, int], hashes: dict[str, Any]) -> None:
+        """A peer whose head is at this node's height with another hash: fetch that block
+        once, for the witness checks (split-view evidence if it is certified)."""
+        ledger = self.node.log_store.ledger
+        witnesses = self.node.witnesses
+        if witnesses is None:
+            return
+        for nid, height in heights.items():
+            other = hashes.get(nid)
+            st = self.stats.get(nid)
+            if (height != ledger.height or not isinstance(other, str) or other == ledger.head_hash
+                    or other in self._seen_blocks or other in self._compared_heads
+                    or st is None or len(self._compared_heads) >= 10_000):
+                continue
+            self._compared_heads.add(other)  # asked once
+            try:
+                with anyio.move_on_after(SYNC_ATTEMPT_TIMEOUT):
+                    env = await self.rpc(st.address, "GET_BLOCKS",
+                                         {"start": height, "end": height + 1}, {"BLOCKS"},
+                                         sender=nid)
+                    for item in _blocks_of(env)[:1]:
+                        await witnesses.observe(CommittedBlock.from_json(item))
+            except (PyrsiaError, ValueError) as exc:
+                log.debug("fetching the other head of %s failed: %s", nid[:16], exc)
 
     async def _sync_bounded(self, node_id: str, target: int) -> bool:
         """One sync attempt from a proven peer, bounded in time; whether it added blocks."""
