@@ -351,6 +351,15 @@ def test_split_view_is_cosigned_once_reported_and_never_served(
                          port=guarded.port)
         assert logged.returncode != 0
         assert httpx.get(guarded.url + MANIFEST, headers=ACCEPT, timeout=60).status_code == 200
+        # Offline, with the policy: the witnessed history verifies, the fork never does
+        # (not even from the victim's data dir, whichever history it kept).
+        ok = run_cli(tmp_path, "verify", "docker", "--image", IMAGE, "--data-dir",
+                     str(guarded.data_dir), *policy_args(wkeys, 2))
+        assert ok.returncode == 0 and "Witnessed" in ok.stdout, ok.stderr
+        for n in (victim, guarded):
+            forked = run_cli(tmp_path, "verify", "docker", "--image", "alpine:3.16.2-fork",
+                             "--data-dir", str(n.data_dir), *policy_args(wkeys, 2))
+            assert forked.returncode == 1 and "verification FAILED" in forked.stderr
 
         # A node joining later through the victim gets no gossip of block 1: it syncs one
         # history and finds the other as the head of a peer at its height.
