@@ -149,11 +149,10 @@ def cmd_node_start(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import NodeConfig, default_data_dir, parse_rate, parse_size, run_node
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)-5s %(name)s > %(message)s",
-        stream=sys.stderr,
-    )
+    from ._logging import configure_logging
+
+    configure_logging(args.log_level, getattr(args, "log_format", "text"),
+                      getattr(args, "log_file", None))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
@@ -628,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="how much the node logs to stderr (default info)")
+    from ._logging import add_log_options
+
+    add_log_options(start)
     start.set_defaults(func=cmd_node_start)
 
     cfg = sub.add_parser("config", parents=[client],
@@ -706,6 +708,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="the status of a build, by its id")
     bstatus.add_argument("--id", required=True, help="the build id 'pyrsia build' printed")
     bstatus.set_defaults(func=cmd_build_status)
+
+    from ._setup import configure_parser as setup_commands
+
+    setup_commands(sub.add_parser("setup", help="point docker, podman or containerd at the "
+                                  "node, or run it as a systemd service"), _target)
+    from ._completion import configure_parser as completion_command
+
+    completion_command(sub.add_parser("completion", help="print a shell completion script "
+                                      "(bash or zsh)"), build_parser)
     return parser
 
 
