@@ -103,6 +103,10 @@ class PeerService:
     partials: dict[str, PartialBlob] = attrs.Factory(dict)
     swarms: dict[str, SwarmFetch] = attrs.Factory(dict)
     _sending: dict[str, dict[int, int]] = attrs.Factory(dict)
+    #: For /readyz: the first bootstrap is over, and the heights peers reported in the last
+    #: sync round (node id -> height; peers of another network left out).
+    bootstrapped: bool = False
+    last_heads: dict[str, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -541,6 +545,13 @@ class PeerService:
 
     async def sync(self) -> None:
         """Ask known peers for their head; fetch and validate any blocks we miss."""
+        heads: dict[str, int] = {}
+        try:
+            await self._sync_round(heads)
+        finally:
+            self.last_heads = heads
+
+    async def _sync_round(self, heads: dict[str, int]) -> None:
         for nid, st in list(self.stats.items()):
             try:
                 env = await self.rpc(st.address, "GET_HEAD", {}, {"HEAD"})
@@ -551,6 +562,8 @@ class PeerService:
             height = env.body.get("height")
             if env.body.get("genesis") != self.node.log_store.ledger.genesis_hash:
                 continue
+            if type(height) is int:
+                heads[nid] = height
             if type(height) is int and height > self.node.log_store.ledger.height:
                 try:
                     await self.sync_from(st.address, height)
@@ -888,6 +901,7 @@ class PeerService:
                     await self.bootstrap()
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Bootstrap incomplete: %s", exc)
+            self.bootstrapped = True
             while True:
                 await anyio.sleep(self.config.sync_interval)
                 try:
