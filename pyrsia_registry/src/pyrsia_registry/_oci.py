@@ -30,6 +30,7 @@ from pyrsia_pkg_docker._upstream import UpstreamError
 
 from pyrsia_core import Digest
 
+from . import _provenance as provenance
 from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
 from ._docker import DockerService
 from ._node import BuildError, NotInLog
@@ -92,6 +93,7 @@ class OciApp:
         if scope["type"] != "http":
             return
         head = scope["method"] == "HEAD"
+        provenance.take()  # a note left by an earlier request on this connection is not ours
         try:
             await self._dispatch(scope, send)
         except OciError as exc:
@@ -205,8 +207,9 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        log.info("Manifest %s (%s) served from %s", reference_text(name, reference), digest,
-                 resolved.source)
+        _log_served("Manifest", reference_text(name, reference), digest,
+                    "a new build (pulled from upstream)" if resolved.source == "build"
+                    else None)
         await send_bytes(
             send,
             200,
@@ -257,8 +260,8 @@ class OciApp:
         if scope["method"] == "HEAD":
             await send_bytes_headers_only(send, status, headers)
             return
-        log.info("Blob %s served from cache (%d bytes%s)", digest, count,
-                 f", range {offset}-{offset + count - 1}" if status == 206 else "")
+        _log_served("Blob", name, digest, None, f"{count} bytes" + (
+            f", range {offset}-{offset + count - 1}" if status == 206 else ""))
 
         def fallback() -> AsyncIterator[bytes]:
             return self.service.node.blobs.open(digest, offset=offset, length=count)
@@ -270,6 +273,19 @@ class OciApp:
             from ._asgi import send_stream
 
             await send_stream(send, status, fallback(), headers)
+
+
+def _log_served(kind: str, image: str, digest: Digest, built: str | None,
+                detail: str = "") -> None:
+    """The one line per manifest or blob served: which image, and where its bytes came from
+    (``served from cache``, ``pulled from peer <node id>``, ``pulled from upstream <url>``)."""
+    fetched = provenance.take()
+    source = f"served from {built}" if built else (fetched or "served from cache")
+    if fetched and not built:
+        source += ", verified"
+    log.info("%s %s of %s %s%s", kind, digest, image, source, f" ({detail})" if detail else "",
+             extra={"image": image, "digest": str(digest), "source": source,
+                    "artifact": kind.lower()})
 
 
 async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:

@@ -36,6 +36,7 @@ from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, 
 
 from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, PartListError
 
+from . import _provenance as provenance
 from ._node import Node
 from ._swarm import PartialBlob, SwarmFetch
 
@@ -774,6 +775,7 @@ class PeerService:
             ", ".join(n[:16] for n in dict.fromkeys(served_by)),
             info.size,
         )
+        provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)))
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
         return info
