@@ -397,11 +397,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not peers:
         print("No peers connected.")
         return 0
-    print(f"{'NODE ID':<66} {'ADDRESS':<30} {'BUILD NODE':<10} LAST SEEN")
-    for p in peers:
-        build = "yes" if p.get("is_build_node") else "no"
-        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {build:<10} "
-              f"{format_ago(p.get('last_seen'))}")
+    from ._terminal import format_table
+
+    print(format_table(["NODE ID", "ADDRESS", "BUILD NODE", "LAST SEEN"], [
+        [str(p.get("node_id", "")), str(p.get("address", "")),
+         "yes" if p.get("is_build_node") else "no", format_ago(p.get("last_seen"))]
+        for p in peers]))
     return 0
 
 
@@ -497,13 +498,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import verify_offline
 
+    from ._terminal import ProgressLine
+
     data_dir = _data_dir(args)
+    progress = ProgressLine(f"verifying {args.image}")  # on stderr, if it is a terminal
     try:
-        report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
+        report = anyio.run(verify_offline, data_dir, args.image, args.package_type, progress)
     except PyrsiaError as exc:
         _fail(f"verification FAILED: {exc}")
     except OSError as exc:
         _fail(f"verification FAILED: cannot read {data_dir}: {exc}")
+    finally:
+        progress.close()
     for artifact in report.records:
         print(f"verified  {artifact}")
     print(f"OK: {len(report.records)} record(s) of {report.package_id} are in the log "
@@ -550,14 +556,15 @@ def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="pyrsia",
         description="Pyrsia: a decentralized, verifiable package network. Run a node, configure "
         "the CLI, and inspect the transparency log.",
     )
-    parser.add_argument("-V", "--version", action="version", version=f"pyrsia {__version__}")
+    from ._version import VersionAction
+
+    parser.add_argument("-V", "--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # Every command that talks to a node takes --node (else PYRSIA_NODE, PYRSIA_HOME's node,
