@@ -345,7 +345,33 @@ def test_containerd_pulls_through_the_hosts_toml_setup_wrote(
         second.ctr(*pull, image)
         assert want in second.ctr("images", "list").stdout
         assert upstream.registry.requests_since(mark) == []
+        # A registry the node does not mirror: the node refuses (?ns=quay.io), it never
+        # passes Docker Hub's image off as quay.io's.
+        quay = certs / "quay.io" / "hosts.toml"
+        quay.parent.mkdir()
+        quay.write_text((certs / "docker.io" / "hosts.toml").read_text())
+        refused = second.ctr(*pull, "quay.io/library/alpine:3.16.2", check=False)
+        assert refused.returncode != 0
+        assert "Refused quay.io/library/alpine: this node mirrors docker.io only" in node.log()
         # A multi-arch image: containerd picks its platform from the index.
         second.ctr(*pull, "--platform", "linux/arm64/v8", "docker.io/library/multi:1.0")
         assert upstream.images["library/multi:1.0"].manifest_digest in second.ctr(
             "images", "list").stdout
+
+
+@pytest.mark.process
+def test_node_answers_only_for_the_docker_io_namespace(node: NodeProcess) -> None:
+    import httpx
+
+    path = "/v2/library/alpine/manifests/3.16.2"
+    accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+    ok = httpx.get(node.url + path + "?ns=docker.io", headers=accept, timeout=60)
+    assert ok.status_code == 200 and ok.headers["docker-content-digest"].startswith("sha256:")
+    for ns in ("quay.io", "ghcr.io", "docker.io.evil"):
+        refused = httpx.get(node.url + path + f"?ns={ns}", headers=accept, timeout=60)
+        assert refused.status_code == 404
+        error = refused.json()["errors"][0]
+        assert error["code"] == "NAME_UNKNOWN" and ns in error["message"]
+    blob = httpx.get(node.url + "/v2/library/alpine/blobs/sha256:" + "0" * 64 + "?ns=quay.io",
+                     timeout=60)
+    assert blob.status_code == 404 and blob.json()["errors"][0]["code"] == "NAME_UNKNOWN"

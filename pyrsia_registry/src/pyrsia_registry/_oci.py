@@ -128,6 +128,7 @@ class OciApp:
             raise OciError(404, "NOT_FOUND", f"no route for {path[:200]}")
         rest = path[4:]
         name, kind, ref = _split(rest)
+        _check_namespace(scope, name)
         if kind == "uploads" or method in _PUSH:
             raise OciError(405, "UNSUPPORTED", "this pyrsia node is a pull-only mirror; push is "
                            "not supported")
@@ -331,6 +332,21 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     if suffix == 0:
         return None
     return (max(0, size - suffix), size)
+
+
+#: The registries whose images this node serves. A mirror client (containerd's
+#: ``hosts.toml``) names the registry it wants in ``?ns=``; images of any other would be
+#: Docker Hub's under a wrong name, so they are refused.
+MIRRORED_NAMESPACES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+def _check_namespace(scope: Scope, name: str) -> None:
+    ns = _query(scope).get("ns")
+    if ns is None or ns.lower() in MIRRORED_NAMESPACES:
+        return
+    log.info("Refused %s/%s: this node mirrors docker.io only", ns[:100], name)
+    raise OciError(404, "NAME_UNKNOWN", f"this pyrsia node mirrors docker.io; it does not serve "
+                   f"images of {ns[:100]}", {"name": name[:256], "ns": ns[:100]})
 
 
 def _split(rest: str) -> tuple[str, str, str]:
