@@ -61,10 +61,28 @@ def test_bash_completion_is_valid_and_completes_from_the_parser(tmp_path: Path) 
     assert _complete(script, "setup", "docker", "--file", "") == []
     # Hidden options stay hidden.
     assert "--sync-interval" not in _complete(script, "node", "start", "--")
-    zsh = run_cli(tmp_path, "completion", "zsh")
-    assert zsh.returncode == 0 and "bashcompinit" in zsh.stdout
-    assert "complete -o default -F _pyrsia_complete pyrsia" in zsh.stdout
     assert run_cli(tmp_path, "completion", "fish").returncode == 2
+
+
+def test_zsh_completion_loads_through_bashcompinit(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "completion", "zsh")
+    assert out.returncode == 0, out.stderr
+    script = tmp_path / "pyrsia.zsh"
+    script.write_text(out.stdout)
+    assert subprocess.run(["zsh", "-n", str(script)], timeout=30).returncode == 0
+    prog = (f"source {script}\nprint -r -- \"$_comps[pyrsia]\"\n"
+            "COMP_WORDS=(pyrsia setup ''); COMP_CWORD=2; _pyrsia_complete\n"
+            "print -r -- \"${COMPREPLY[@]}\"\n"
+            # (zsh's compgen leaves the prefix filtering to compadd: ask with none)
+            "COMP_WORDS=(pyrsia node start --log-format ''); COMP_CWORD=4; _pyrsia_complete\n"
+            "print -r -- \"${COMPREPLY[@]}\"\n")
+    home = tmp_path / "zhome"
+    home.mkdir()
+    run = subprocess.run(["zsh", "-f", "-c", prog], capture_output=True, text=True, timeout=60,
+                         env={"HOME": str(home), "PATH": os.environ["PATH"]}, cwd=home)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout.splitlines() == ["_bash_complete -o default -F _pyrsia_complete",
+                                       "docker podman containerd service", "text json"]
 
 
 def test_format_table_aligns_columns() -> None:
