@@ -99,8 +99,6 @@ def _apply(change: Change, *, dry_run: bool, backup: bool = True) -> bool:
             os.replace(change.restore, path)
         elif change.content is None:
             path.unlink(missing_ok=True)
-            for stale in (_backup_of(path),):
-                stale.unlink(missing_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             saved = _backup_of(path)
@@ -410,8 +408,10 @@ def cmd_service(args: argparse.Namespace, target: Any) -> int:
                        f"systemd runs the node as {unit}")
     if args.dry_run:
         return code
-    commands = (["systemctl daemon-reload"] if args.undo else
-                ["systemctl daemon-reload", f"systemctl enable --now {unit}"])
+    if args.undo:  # systemd still knows the unit until the reload: it can be stopped
+        print(f"Then run: systemctl disable --now {unit} && systemctl daemon-reload")
+        return code
+    commands = ["systemctl daemon-reload", f"systemctl enable --now {unit}"]
     if not args.file and _systemd_running():
         result = subprocess.run(["systemctl", "daemon-reload"], check=False)
         if result.returncode != 0:
