@@ -100,3 +100,34 @@ def test_start_errors_still_reach_stderr_with_a_log_file(tmp_path: Path) -> None
     assert bad.returncode == 2
     assert bad.stderr.startswith("Error: cannot open the log file") and "Traceback" not in (
         bad.stderr)
+
+
+def test_a_large_blob_fetched_in_parts_names_the_peers_it_came_from(tmp_path: Path) -> None:
+    # 9 MiB: logged with a part list, so a peer fetch goes through the swarm (in parts).
+    import httpx
+    from support.images import make_image_layout, push
+    from support.registry import UpstreamRegistry
+
+    with UpstreamRegistry(tmp_path / "up") as reg:
+        layout = make_image_layout(tmp_path / "layout", seed="parts-log", layers=1,
+                                   layer_size=9 * 1024 * 1024, tag="1.0")
+        push(layout, reg, "library/large", "1.0", format="v2s2", src_tag="1.0")
+        layer = httpx.get(f"{reg.url}/v2/library/large/manifests/1.0", headers={
+            "Accept": "application/vnd.docker.distribution.manifest.v2+json"}).json()["layers"][0]
+        with NodeProcess(tmp_path / "a", upstream=reg.url,
+                         extra=("--sync-interval", "0.5")) as a:
+            assert httpx.get(f"{a.url}/v2/library/large/manifests/1.0", timeout=60).is_success
+            a_id = node_status(a)["node_id"]
+            with NodeProcess(tmp_path / "b", extra=("--peer", a.url, "--sync-interval", "0.5",
+                                                    "--log-format", "json")) as b:
+                wait_until("B synced", lambda: node_status(b)["ledger_height"]
+                           == node_status(a)["ledger_height"])
+                resp = httpx.get(f"{b.url}/v2/library/large/blobs/{layer['digest']}",
+                                 timeout=120)
+                assert resp.status_code == 200 and len(resp.content) == layer["size"]
+                lines = [json.loads(x) for x in b.log().splitlines()]
+    served = [x for x in lines if x.get("artifact") == "blob"
+              and x.get("digest") == layer["digest"]]
+    assert len(served) == 1
+    assert served[0]["image"] == "library/large"
+    assert served[0]["source"] == f"pulled from peer {a_id}, verified"

@@ -556,7 +556,6 @@ def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(
         prog="pyrsia",
         description="Pyrsia: a decentralized, verifiable package network. Run a node, configure "

@@ -547,12 +547,6 @@ class PeerService:
     async def sync(self) -> None:
         """Ask known peers for their head; fetch and validate any blocks we miss."""
         heads: dict[str, int] = {}
-        try:
-            await self._sync_round(heads)
-        finally:
-            self.last_heads = heads
-
-    async def _sync_round(self, heads: dict[str, int]) -> None:
         for nid, st in list(self.stats.items()):
             try:
                 env = await self.rpc(st.address, "GET_HEAD", {}, {"HEAD"})
@@ -571,6 +565,7 @@ class PeerService:
                 except (PyrsiaError, ValueError) as exc:
                     st.failures += 1
                     log.warning("Ledger sync from %s failed: %s", st.address, exc)
+        self.last_heads = heads
 
     async def sync_from(self, address: str, target: int) -> int:
         """Fetch blocks up to ``target`` from one peer, validating each; return how many.
@@ -808,6 +803,7 @@ class PeerService:
             del self.swarms[digest.hex]
             del self.partials[digest.hex]
             partial.close()
+        provenance.note("pulled from peer " + ", ".join(swarm.served_by))
         return info
 
     async def _fetch_strict(
