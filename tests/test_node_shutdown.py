@@ -145,3 +145,34 @@ def test_sigterm_cuts_a_too_slow_pull_within_the_bound(tmp_path: Path, big: Big)
     with NodeProcess(tmp_path / "n", upstream=big.upstream.url) as again:
         resp = httpx.get(again.url + f"/v2/library/big/blobs/{big.digest}", timeout=60)
         assert "sha256:" + hashlib.sha256(resp.content).hexdigest() == big.digest
+
+
+def test_sigterm_while_waiting_for_peers_exits_0(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from support.net import free_port
+
+    closed = free_port()  # nobody listens: the node keeps waiting for its peer
+    log = tmp_path / "node.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyrsia_cli", "node", "start", "-p", str(free_port()),
+             "--no-upstream", "--data-dir", str(tmp_path / "d"), "--peer",
+             f"http://127.0.0.1:{closed}"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while "Waiting for a peer" not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            t = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert code == 0 and time.monotonic() - t < 5
+    text = log.read_text()
+    assert "Received SIGTERM, stopping node (still starting)" in text
+    assert "Traceback" not in text
