@@ -382,3 +382,37 @@ def test_node_answers_only_for_the_docker_io_namespace(node: NodeProcess) -> Non
     blob = httpx.get(node.url + "/v2/library/alpine/blobs/sha256:" + "0" * 64 + "?ns=quay.io",
                      timeout=60)
     assert blob.status_code == 404 and blob.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+@pytest.mark.process
+def test_the_service_unit_starts_a_node_that_stops_cleanly(tmp_path: Path) -> None:
+    """What systemd would do with the unit: run ExecStart, probe it, send KillSignal."""
+    import shlex
+    import signal
+
+    import httpx
+    from support.net import wait_for_http
+
+    port = free_port()
+    unit = tmp_path / "pyrsia.service"
+    out = _setup(tmp_path, "service", "--file", str(unit), "--port", str(port), "--data-dir",
+                 str(tmp_path / "data"), "--node-arg=--no-upstream")
+    assert out.returncode == 0, out.stderr
+    lines = unit.read_text().splitlines()
+    argv = shlex.split(next(x for x in lines if x.startswith("ExecStart="))[len("ExecStart="):])
+    assert "KillSignal=SIGTERM" in lines
+    stop = int(next(x for x in lines if x.startswith("TimeoutStopSec="))[15:])
+    assert stop > 10  # longer than the node's drain bound
+    log = open(tmp_path / "service.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", 30, process=proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(stop) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert (tmp_path / "data" / "ledger").is_dir()
