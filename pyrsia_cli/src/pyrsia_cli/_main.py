@@ -149,11 +149,10 @@ def cmd_node_start(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import NodeConfig, default_data_dir, parse_rate, parse_size, run_node
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)-5s %(name)s > %(message)s",
-        stream=sys.stderr,
-    )
+    from ._logging import configure_logging
+
+    configure_logging(args.log_level, getattr(args, "log_format", "text"),
+                      getattr(args, "log_file", None))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
@@ -412,11 +411,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not peers:
         print("No peers connected.")
         return 0
-    print(f"{'NODE ID':<66} {'ADDRESS':<30} {'BUILD NODE':<10} LAST SEEN")
-    for p in peers:
-        build = "yes" if p.get("is_build_node") else "no"
-        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {build:<10} "
-              f"{format_ago(p.get('last_seen'))}")
+    from ._terminal import format_table
+
+    print(format_table(["NODE ID", "ADDRESS", "BUILD NODE", "LAST SEEN"], [
+        [str(p.get("node_id", "")), str(p.get("address", "")),
+         "yes" if p.get("is_build_node") else "no", format_ago(p.get("last_seen"))]
+        for p in peers]))
     return 0
 
 
@@ -512,13 +512,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import verify_offline
 
+    from ._terminal import ProgressLine
+
     data_dir = _data_dir(args)
+    progress = ProgressLine(f"verifying {args.image}")  # on stderr, if it is a terminal
     try:
-        report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
+        report = anyio.run(verify_offline, data_dir, args.image, args.package_type, progress)
     except PyrsiaError as exc:
         _fail(f"verification FAILED: {exc}")
     except OSError as exc:
         _fail(f"verification FAILED: cannot read {data_dir}: {exc}")
+    finally:
+        progress.close()
     for artifact in report.records:
         print(f"verified  {artifact}")
     print(f"OK: {len(report.records)} record(s) of {report.package_id} are in the log "
@@ -638,14 +643,14 @@ def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="pyrsia",
         description="Pyrsia: a decentralized, verifiable package network. Run a node, configure "
         "the CLI, and inspect the transparency log.",
     )
-    parser.add_argument("-V", "--version", action="version", version=f"pyrsia {__version__}")
+    from ._version import VersionAction
+
+    parser.add_argument("-V", "--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # Every command that talks to a node takes --node (else PYRSIA_NODE, PYRSIA_HOME's node,
@@ -721,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="how much the node logs to stderr (default info)")
+    from ._logging import add_log_options
+
+    add_log_options(start)
     start.set_defaults(func=cmd_node_start)
 
     cfg = sub.add_parser("config", parents=[client],
@@ -800,6 +808,15 @@ def build_parser() -> argparse.ArgumentParser:
     bstatus.add_argument("--id", required=True, help="the build id 'pyrsia build' printed")
     bstatus.set_defaults(func=cmd_build_status)
     _add_cache_parser(sub, client, admin)
+
+    from ._setup import configure_parser as setup_commands
+
+    setup_commands(sub.add_parser("setup", help="point docker, podman or containerd at the "
+                                  "node, or run it as a systemd service"), _target)
+    from ._completion import configure_parser as completion_command
+
+    completion_command(sub.add_parser("completion", help="print a shell completion script "
+                                      "(bash or zsh)"), build_parser)
     return parser
 
 

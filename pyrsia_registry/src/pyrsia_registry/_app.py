@@ -8,6 +8,7 @@ import attrs
 
 from ._api import NodeApi
 from ._asgi import Receive, Scope, Send, route_path, send_json
+from ._health import HEALTH_PATHS, health
 from ._oci import OciApp, _lifespan
 
 __all__ = ["NodeApp"]
@@ -16,7 +17,8 @@ __all__ = ["NodeApp"]
 @attrs.define(eq=False)
 class NodeApp:
     """The node's HTTP surface as one ASGI app: the OCI API at ``/v2``, the node API at
-    ``/api``, the peer transport's app at ``/p2p`` and package-type plugins' mounts."""
+    ``/api``, the probes ``/healthz`` and ``/readyz``, the peer transport's app at ``/p2p``
+    and package-type plugins' mounts."""
 
     oci: OciApp
     api: NodeApi
@@ -35,6 +37,8 @@ class NodeApp:
             await self.oci(scope, receive, send)
         elif path == "/api" or path.startswith("/api/"):
             await self.api(scope, receive, send)
+        elif path in HEALTH_PATHS:
+            await health(self.oci.service.node, path, scope, receive, send)
         elif self.p2p is not None and (path == "/p2p" or path.startswith("/p2p/")):
             child = dict(scope)
             child["root_path"] = scope.get("root_path", "") + "/p2p"

@@ -29,6 +29,7 @@ from pyrsia_pkg_docker._upstream import UpstreamError, UpstreamNotFound
 
 from pyrsia_core import Block, Digest, Operation, Record, StoredRecord
 
+from . import _provenance as provenance
 from ._node import Build, BuildError, Node, NotInLog
 
 __all__ = ["DockerService", "ResolvedManifest"]
@@ -283,6 +284,7 @@ class DockerService:
             why,
             info.size,
         )
+        provenance.note(f"pulled from upstream {self.node.config.upstream}")
         return info
 
     # -- builds ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ from pyrsia_pkg_docker._upstream import UpstreamError
 
 from pyrsia_core import Digest
 
+from . import _provenance as provenance
 from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
 from ._docker import DockerService
 from ._node import BuildError, BuildQueueFull, NotInLog
@@ -101,6 +102,7 @@ class OciApp:
         if scope["type"] != "http":
             return
         head = scope["method"] == "HEAD"
+        provenance.take()  # a note left by an earlier request on this connection is not ours
         try:
             await self._dispatch(scope, send)
         except OciError as exc:
@@ -144,6 +146,7 @@ class OciApp:
             raise OciError(404, "NOT_FOUND", f"no route for {path[:200]}")
         rest = path[4:]
         name, kind, ref = _split(rest)
+        _check_namespace(scope, name)
         if kind == "uploads" or method in _PUSH:
             raise OciError(405, "UNSUPPORTED", "this pyrsia node is a pull-only mirror; push is "
                            "not supported")
@@ -223,8 +226,9 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        log.info("Manifest %s (%s) served from %s", reference_text(name, reference), digest,
-                 resolved.source)
+        _log_served("Manifest", reference_text(name, reference), digest,
+                    "a new build (pulled from upstream)" if resolved.source == "build"
+                    else None)
         await send_bytes(
             send,
             200,
@@ -275,8 +279,8 @@ class OciApp:
         if scope["method"] == "HEAD":
             await send_bytes_headers_only(send, status, headers)
             return
-        log.info("Blob %s served from cache (%d bytes%s)", digest, count,
-                 f", range {offset}-{offset + count - 1}" if status == 206 else "")
+        _log_served("Blob", name, digest, None, f"{count} bytes" + (
+            f", range {offset}-{offset + count - 1}" if status == 206 else ""))
 
         def fallback() -> AsyncIterator[bytes]:
             return self.service.node.blobs.open(digest, offset=offset, length=count)
@@ -288,6 +292,19 @@ class OciApp:
             from ._asgi import send_stream
 
             await send_stream(send, status, fallback(), headers)
+
+
+def _log_served(kind: str, image: str, digest: Digest, built: str | None,
+                detail: str = "") -> None:
+    """The one line per manifest or blob served: which image, and where its bytes came from
+    (``served from cache``, ``pulled from peer <node id>``, ``pulled from upstream <url>``)."""
+    fetched = provenance.take()
+    source = f"served from {built}" if built else (fetched or "served from cache")
+    if fetched and not built:
+        source += ", verified"
+    log.info("%s %s of %s %s%s", kind, digest, image, source, f" ({detail})" if detail else "",
+             extra={"image": image, "digest": str(digest), "source": source,
+                    "artifact": kind.lower()})
 
 
 async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:
@@ -337,6 +354,21 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     if suffix == 0:
         return None
     return (max(0, size - suffix), size)
+
+
+#: The registries whose images this node serves. A mirror client (containerd's
+#: ``hosts.toml``) names the registry it wants in ``?ns=``; images of any other would be
+#: Docker Hub's under a wrong name, so they are refused.
+MIRRORED_NAMESPACES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+def _check_namespace(scope: Scope, name: str) -> None:
+    ns = _query(scope).get("ns")
+    if ns is None or ns.lower() in MIRRORED_NAMESPACES:
+        return
+    log.info("Refused %s/%s: this node mirrors docker.io only", ns[:100], name)
+    raise OciError(404, "NAME_UNKNOWN", f"this pyrsia node mirrors docker.io; it does not serve "
+                   f"images of {ns[:100]}", {"name": name[:256], "ns": ns[:100]})
 
 
 def _split(rest: str) -> tuple[str, str, str]:

@@ -44,6 +44,7 @@ from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, 
 
 from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, PartListError
 
+from . import _provenance as provenance
 from ._node import Node
 from ._swarm import PartialBlob, SwarmFetch
 from ._transports import split_address
@@ -156,6 +157,10 @@ class PeerService:
     _catching_up: bool = False
     _rejected_second: int = 0
     _rejected_logged: int = 0
+    #: For /readyz: the first bootstrap is over, and the heights peers reported in the last
+    #: sync round (node id -> height; peers of another network left out).
+    bootstrapped: bool = False
+    last_heads: dict[str, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -789,6 +794,7 @@ class PeerService:
         async with anyio.create_task_group() as tg:
             for nid, st in self._polled():
                 tg.start_soon(head, nid, st)
+        self.last_heads = dict(heights)
         ahead = [nid for nid, h in heights.items() if h > self.node.log_store.ledger.height]
         ahead.sort(key=lambda nid: (self.stats[nid].sync_failures, -heights[nid]))
         for nid in ahead:
@@ -1049,6 +1055,7 @@ class PeerService:
             ", ".join(n[:16] for n in dict.fromkeys(served_by)),
             info.size,
         )
+        provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)))
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
         return info
@@ -1081,6 +1088,7 @@ class PeerService:
             del self.swarms[digest.hex]
             del self.partials[digest.hex]
             partial.close()
+        provenance.note("pulled from peer " + ", ".join(swarm.served_by))
         return info
 
     async def _fetch_strict(
@@ -1245,6 +1253,7 @@ class PeerService:
                     await self.bootstrap()
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Bootstrap incomplete: %s", exc)
+            self.bootstrapped = True
             while True:
                 await anyio.sleep(self.config.sync_interval)
                 for address in self.config.peers:  # configured peers are met again if lost

@@ -293,15 +293,27 @@ class _GenesisOnly:
 
 
 async def run_node(config: NodeConfig) -> None:
-    """Serve until cancelled, SIGINT (Ctrl-C) or SIGTERM; then close the stores cleanly."""
+    """Serve until cancelled, SIGINT (Ctrl-C) or SIGTERM; then close the stores cleanly.
+
+    The signals are caught from the start: a node still starting (waiting for its peers)
+    stops as cleanly as a running one."""
     import signal
 
-    async with start_node(config) as running:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    started: list[RunningNode] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def serve() -> None:
+                async with start_node(config) as running:
+                    started.append(running)
+                    await anyio.sleep_forever()
+
+            tg.start_soon(serve)
             async for signum in signals:
                 log.info(
                     "Received %s, stopping node %s",
                     signal.Signals(signum).name,
-                    running.node.node_id,
+                    started[0].node.node_id if started else "(still starting)",
                 )
-                return
+                tg.cancel_scope.cancel()
+                break

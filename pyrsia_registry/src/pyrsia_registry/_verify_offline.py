@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -48,9 +49,16 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-async def verify_offline(data_dir: Path, image: str, package_type: str = "docker"
-                         ) -> VerifyReport:
-    """Verify ``image`` from ``data_dir``; raise :class:`VerifyFailed` with the reason."""
+#: ``progress(stage, done, total)``: ``"blocks"`` replayed, ``"artifacts"`` hashed.
+Progress = Callable[[str, int, int], None]
+
+
+async def verify_offline(data_dir: Path, image: str, package_type: str = "docker",
+                         progress: Progress | None = None) -> VerifyReport:
+    """Verify ``image`` from ``data_dir``; raise :class:`VerifyFailed` with the reason.
+
+    ``progress`` (optional) is told how far the replay and the hashing are."""
+    tell: Progress = progress or (lambda stage, done, total: None)
     if package_type != "docker":
         raise VerifyFailed(f"unknown package type {package_type!r} (known: docker)")
     try:
@@ -81,6 +89,7 @@ async def verify_offline(data_dir: Path, image: str, package_type: str = "docker
                     if committed is None:
                         raise VerifyFailed(f"block {height} is missing from the ledger")
                     replay.append(committed)
+                    tell("blocks", height, head)
             except VerificationError as exc:
                 raise VerifyFailed(f"the ledger does not verify: {exc}") from None
             if replay.tree.root() != store.ledger.tree.root():
@@ -92,7 +101,8 @@ async def verify_offline(data_dir: Path, image: str, package_type: str = "docker
             report = VerifyReport(ref.package_id, head, replay.tree.size,
                                   len(replay.validators))
             root, size = replay.tree.root(), replay.tree.size
-            for rec in records:
+            for done, rec in enumerate(records):
+                tell("artifacts", done, len(records))
                 record = rec.signed.record
                 try:
                     rec.signed.verify()
@@ -112,6 +122,7 @@ async def verify_offline(data_dir: Path, image: str, package_type: str = "docker
                     report.blobs_checked += 1
                 else:
                     report.blobs_missing += 1
+            tell("artifacts", len(records), len(records))
             return report
         finally:
             await kv.aclose()
