@@ -7,7 +7,8 @@ need=()
 # maven + libmaven-dependency-plugin-java + junit4: the mvn client test's upstream
 # (/usr/share/maven-repo holds the dependency plugin and what it needs).
 # zsh: the zsh completion script's test.
-for pkg in docker-registry skopeo podman containerd nginx-light curl maven libmaven-dependency-plugin-java junit4 zsh; do
+# chromium + chromium-driver: the status page's headless-browser test (selenium).
+for pkg in docker-registry skopeo podman containerd nginx-light curl maven libmaven-dependency-plugin-java junit4 zsh chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
