@@ -10,11 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import SeededUpstream
 from support.node import NodeProcess
+from support.pulls import pull as pull_image
 
 pytestmark = pytest.mark.process
 IMAGE = "library/alpine:3.16.2"
-MANIFEST_TYPES = ("application/vnd.docker.distribution.manifest.v2+json, "
-                  "application/vnd.oci.image.manifest.v1+json")
 
 
 def scrape(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -35,22 +34,6 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
                if n == name and set(labels.items()) <= set(ls))
 
 
-def pull(node: NodeProcess, upstream: SeededUpstream) -> int:
-    """GET the manifest and every blob of IMAGE, as a registry client does; body bytes."""
-    info = upstream.images[IMAGE]
-    repo, tag = IMAGE.split(":")
-    total = 0
-    with httpx.Client(base_url=node.url, timeout=60) as client:
-        resp = client.get(f"/v2/{repo}/manifests/{tag}", headers={"accept": MANIFEST_TYPES})
-        assert resp.status_code == 200, resp.text
-        total += len(resp.content)
-        for digest in (info.config_digest, *info.layer_digests):
-            resp = client.get(f"/v2/{repo}/blobs/{digest}")
-            assert resp.status_code == 200, resp.text
-            total += len(resp.content)
-    return total
-
-
 def test_metrics_count_pulls_bytes_and_sources(
     tmp_path: Path, fresh_seeded_upstream: SeededUpstream
 ) -> None:
@@ -63,7 +46,7 @@ def test_metrics_count_pulls_bytes_and_sources(
         assert value(before, "pyrsia_store_bytes") == 0
         assert value(before, "pyrsia_node_info", role="build node") == 1
 
-        first = pull(node, upstream)
+        first = pull_image(node.url, upstream, IMAGE)
         after = scrape(node)
         requests = 2 + len(info.layer_digests)  # manifest, config, layers
         assert value(after, "pyrsia_pulls_total", mount="/v2", method="GET",
@@ -86,7 +69,7 @@ def test_metrics_count_pulls_bytes_and_sources(
         assert value(after, "pyrsia_verification_failures_total") == 0
         assert value(after, "pyrsia_peers") == 0
 
-        second = pull(node, upstream)
+        second = pull_image(node.url, upstream, IMAGE)
         again = scrape(node)
         assert second == first
         assert value(again, "pyrsia_pulls_total", source="cache") == 2 * requests - 1

@@ -13,6 +13,10 @@
     return e;
   }
   function short(id) { return id && id.length > 16 ? id.slice(0, 16) + "…" : (id || ""); }
+  // "…/blobs/sha256:5af31004b1a8…": digests shortened for reading; the title has it all.
+  function shortDigests(text) {
+    return text.replace(/(sha256:[0-9a-f]{12})[0-9a-f]{52}/g, "$1…");
+  }
   function bytes(n) {
     if (n === null || n === undefined) return "–";
     var u = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
@@ -83,7 +87,8 @@
       sync.appendChild(el("dd", a.consensus));
     }
     rows($("pulls"), "pulls-empty", a.pulls, function (p) {
-      return [ago(p.time), el("td", p.method + " " + p.path, "mono"), p.status, bytes(p.bytes),
+      var what = p.method + " " + p.path;
+      return [ago(p.time), el("td", shortDigests(what), "mono", what), p.status, bytes(p.bytes),
               sourceCell(p), (p.seconds * 1000).toFixed(1) + " ms"];
     });
     rows($("peers"), "peers-empty", a.peers, function (p) {
@@ -103,7 +108,8 @@
     });
     rows($("failures"), "failures-empty", a.failures, function (f) {
       return [ago(f.time), f.reason, el("td", f.blamed, "mono"),
-              f.detail + (f.digest ? " (" + f.digest + ")" : "")];
+              el("td", shortDigests(f.detail + (f.digest ? " (" + f.digest + ")" : "")), null,
+                 f.detail + (f.digest ? " (" + f.digest + ")" : ""))];
     });
   }
 
