@@ -85,3 +85,43 @@ def test_metrics_count_pulls_bytes_and_sources(
                          timeout=30).status_code == 404
         assert value(scrape(node), "pyrsia_pulls_total", status="4xx") == 1
         assert httpx.post(f"{node.url}/metrics", timeout=10).status_code == 405
+
+
+def test_metrics_follow_consensus_heights_and_builds(
+    tmp_path: Path, fresh_seeded_upstream: SeededUpstream
+) -> None:
+    """Two build nodes: with one away, the other's metrics show the height it is deciding
+    and its build waiting for the quorum; once it is back, the block commits."""
+    from support.node import node_status, run_cli, wait_until
+    from test_consensus_nodes import FAST, authorize
+
+    upstream = fresh_seeded_upstream.url
+    with NodeProcess(tmp_path / "a", upstream=upstream, extra=FAST) as a, \
+            NodeProcess(tmp_path / "b", upstream=upstream, extra=(*FAST, "--peer", a.url)) as b:
+        authorize(tmp_path, a, b, force=True)
+        b_id = node_status(b)["node_id"]
+        for n in (a, b):
+            wait_until("two build nodes", lambda n=n: len(
+                node_status(n)["authorized_build_nodes"]) == 2)
+        height = node_status(a)["ledger_height"]
+        idle = scrape(a)
+        assert value(idle, "pyrsia_build_nodes") == 2
+        assert value(idle, "pyrsia_consensus_height") == 0
+        assert value(idle, "pyrsia_ledger_height") == height
+        assert value(idle, "pyrsia_peers") == 1
+        b.stop()
+        out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2", port=a.port)
+        assert out.returncode == 0, out.stderr
+        wait_until("A deciding the next height", lambda: value(
+            scrape(a), "pyrsia_consensus_height") == height + 1, timeout=60)
+        wait_until("the build waiting for the quorum", lambda: value(
+            scrape(a), "pyrsia_builds", state="WAITING_FOR_QUORUM") == 1, timeout=60)
+        assert value(scrape(a), "pyrsia_consensus_round") >= 0
+        b.start()
+        wait_until("the block to commit", lambda: value(
+            scrape(a), "pyrsia_ledger_height") == height + 1, timeout=90)
+        wait_until("A idle again", lambda: value(scrape(a), "pyrsia_consensus_height") == 0)
+        done = scrape(a)
+        assert value(done, "pyrsia_builds", state="SUCCESS") == 1
+        assert value(done, "pyrsia_builds", state="WAITING_FOR_QUORUM") == 0
+        assert value(done, "pyrsia_consensus_heard_height", node_id=b_id) >= height + 1
