@@ -9,8 +9,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import SeededUpstream
-from support.node import NodeProcess
+from support.node import NodeProcess, node_status, run_cli, wait_until
 from support.pulls import pull as pull_image
+from test_consensus_nodes import FAST, authorize
 
 pytestmark = pytest.mark.process
 IMAGE = "library/alpine:3.16.2"
@@ -92,9 +93,6 @@ def test_metrics_follow_consensus_heights_and_builds(
 ) -> None:
     """Two build nodes: with one away, the other's metrics show the height it is deciding
     and its build waiting for the quorum; once it is back, the block commits."""
-    from support.node import node_status, run_cli, wait_until
-    from test_consensus_nodes import FAST, authorize
-
     upstream = fresh_seeded_upstream.url
     with NodeProcess(tmp_path / "a", upstream=upstream, extra=FAST) as a, \
             NodeProcess(tmp_path / "b", upstream=upstream, extra=(*FAST, "--peer", a.url)) as b:

@@ -187,3 +187,74 @@ async def test_page_links_follow_the_mount_point() -> None:
     sent.clear()
     await status_page(None, "/", scope, receive, send)
     assert '"><script>' not in sent[1]["body"].decode()
+
+
+MOUNTED = '''
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from pyrsia_registry import NodeConfig, start_node
+
+port, data = int(sys.argv[1]), Path(sys.argv[2])
+node_app = {}
+
+
+async def pyrsia(scope, receive, send):
+    await node_app["app"](scope, receive, send)
+
+
+async def home(request):
+    return PlainTextResponse("the host app")
+
+
+@asynccontextmanager
+async def lifespan(app):
+    config = NodeConfig(host="127.0.0.1", port=port, data_dir=data, upstream=None)
+    async with start_node(config, serve_http=False) as running:
+        node_app["app"] = running.app
+        yield
+
+
+app = Starlette(routes=[Route("/", home), Mount("/pyrsia", app=pyrsia)], lifespan=lifespan)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+'''
+
+
+def test_status_page_mounted_below_a_host_app(tmp_path: Path) -> None:
+    """The node's app mounted at ``/pyrsia`` of a Starlette app: the page loads its script
+    and data from below the mount point and runs live, with no console error."""
+    import subprocess
+    import sys
+
+    from support.net import free_port, wait_for_http
+
+    script = tmp_path / "mounted.py"
+    script.write_text(MOUNTED)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(port), str(tmp_path / "d")],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for_http(f"{url}/", timeout=30, process=proc).text == "the host app"
+        node_id = httpx.get(f"{url}/pyrsia/api/status", timeout=10).json()["node_id"]
+        with chromium() as driver:
+            driver.get(f"{url}/pyrsia/")
+            wait_for("the page to go live", lambda: driver.find_element(
+                "id", "live").text.startswith("live"))
+            assert node_id[:16] in driver.find_element("id", "node").text
+            assert driver.find_element("id", "pulls-empty").is_displayed()
+            assert driver.find_element("id", "metrics").get_attribute(
+                "href") == f"{url}/pyrsia/metrics"
+            screenshot(driver, "status-page-mounted.png")
+            assert console_errors(driver) == []
+        assert "pyrsia_ledger_height 0.0" in httpx.get(f"{url}/pyrsia/metrics", timeout=10).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
