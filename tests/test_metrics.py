@@ -9,9 +9,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.fixtures import SeededUpstream
+from support.maven import maven_upstream
 from support.node import NodeProcess, node_status, run_cli, wait_until
 from support.pulls import pull as pull_image
 from test_consensus_nodes import FAST, authorize
+from test_maven import HELLO_DIR, _node, _repo
 
 pytestmark = pytest.mark.process
 IMAGE = "library/alpine:3.16.2"
@@ -123,3 +125,29 @@ def test_metrics_follow_consensus_heights_and_builds(
         assert value(done, "pyrsia_builds", state="SUCCESS") == 1
         assert value(done, "pyrsia_builds", state="WAITING_FOR_QUORUM") == 0
         assert value(done, "pyrsia_consensus_heard_height", node_id=b_id) >= height + 1
+
+
+@pytest.mark.anyio
+async def test_maven_pulls_are_counted_under_their_mount(tmp_path: Path) -> None:
+    """A plugin's mount (``/maven2``) is metered too: the first GET of a jar is a build,
+    the next ones come from the cache."""
+    root = tmp_path / "upstream"
+    files = _repo(root)
+    jar = f"{HELLO_DIR}/hello-1.0.jar"
+    with maven_upstream(root) as upstream:
+        async with _node(tmp_path, "a", upstream.url) as running, httpx.AsyncClient(
+            base_url=running.url, trust_env=False, timeout=30
+        ) as client:
+            for _ in range(3):
+                resp = await client.get(f"/maven2/{jar}")
+                assert resp.content == files[jar]
+            samples = {}
+            for family in text_string_to_metric_families((await client.get("/metrics")).text):
+                for s in family.samples:
+                    samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert value(samples, "pyrsia_pulls_total", mount="/maven2", status="2xx") == 3
+    assert value(samples, "pyrsia_pulls_total", mount="/maven2", source="build") == 1
+    assert value(samples, "pyrsia_pulls_total", mount="/maven2", source="cache") == 2
+    assert value(samples, "pyrsia_served_bytes_total") == 3 * len(files[jar])
+    assert value(samples, "pyrsia_pull_duration_seconds_count", mount="/maven2") == 3
+    assert value(samples, "pyrsia_pulls_total", mount="/v2") == 0
