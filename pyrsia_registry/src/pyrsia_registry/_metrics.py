@@ -94,21 +94,19 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("pyrsia_build_nodes", "Authorized build nodes.",
                                 value=len(list(ledger.validators.ordered())))
 
-        consensus = node.consensus
-        deciding = GaugeMetricFamily(
+        height, round_, heard_heights = (
+            node.consensus.progress() if node.consensus is not None else (None, 0, {}))
+        yield GaugeMetricFamily(
             "pyrsia_consensus_height", "The height the build nodes are deciding now (0: none).",
-            value=(consensus._height or 0) if consensus is not None else 0)
-        yield deciding
-        machine = consensus.machine if consensus is not None else None
+            value=height or 0)
         yield GaugeMetricFamily(
             "pyrsia_consensus_round", "The round of the height being decided (0 when idle).",
-            value=machine.round if machine is not None and consensus._height else 0)
+            value=round_)
         heard = GaugeMetricFamily(
             "pyrsia_consensus_heard_height", "The highest consensus height each other build "
             "node sent a message for.", labels=["node_id"])
-        if consensus is not None:
-            for nid, h in sorted(consensus._heard_height.items()):
-                heard.add_metric([nid], h)
+        for nid, h in sorted(heard_heights.items()):
+            heard.add_metric([nid], h)
         yield heard
 
         peers = node.peers
