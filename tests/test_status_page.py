@@ -130,6 +130,10 @@ def test_status_page_shows_pulls_live_in_a_browser(
         resp = httpx.get(node.url + "/", timeout=10)
         assert "script-src 'self'" in resp.headers["content-security-policy"]
         assert httpx.post(node.url + "/", timeout=10).status_code == 405
+        # A page elsewhere (DNS rebinding) cannot read the activity: the node API's Host rule.
+        rebound = httpx.get(node.url + "/api/activity", headers={"host": "evil.example"},
+                            timeout=10)
+        assert rebound.status_code == 421 and "pulls" not in rebound.text
 
 
 def test_status_page_of_a_mirror_shows_its_peer_and_a_pull_from_it(
