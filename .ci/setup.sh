@@ -8,7 +8,8 @@ need=()
 # (/usr/share/maven-repo holds the dependency plugin and what it needs).
 # zsh: the zsh completion script's test. iproute2 + util-linux (unshare): the README test runs
 # each README block in a network namespace of its own.
-for pkg in docker-registry skopeo podman containerd nginx-light curl maven libmaven-dependency-plugin-java junit4 zsh iproute2 util-linux; do
+# chromium + chromium-driver: the status page's headless-browser test (selenium).
+for pkg in docker-registry skopeo podman containerd nginx-light curl maven libmaven-dependency-plugin-java junit4 zsh iproute2 util-linux chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

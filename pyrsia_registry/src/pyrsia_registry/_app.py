@@ -6,10 +6,13 @@ from typing import Any
 
 import attrs
 
+from ._activity import metered
 from ._api import NodeApi
 from ._asgi import Receive, Scope, Send, route_path, send_json
 from ._health import HEALTH_PATHS, health
+from ._metrics import METRICS_PATH, metrics
 from ._oci import OciApp, _lifespan
+from ._statuspage import STATUS_PATHS, status_page
 
 __all__ = ["NodeApp"]
 
@@ -17,8 +20,9 @@ __all__ = ["NodeApp"]
 @attrs.define(eq=False)
 class NodeApp:
     """The node's HTTP surface as one ASGI app: the OCI API at ``/v2``, the node API at
-    ``/api``, the probes ``/healthz`` and ``/readyz``, the peer transport's app at ``/p2p``
-    and package-type plugins' mounts."""
+    ``/api``, the probes ``/healthz`` and ``/readyz``, the peer transport's app at ``/p2p``,
+    package-type plugins' mounts, the status page at ``/`` and ``/metrics``. Requests to
+    package mounts are counted for ``/metrics`` and the status page (``metered``)."""
 
     oci: OciApp
     api: NodeApi
@@ -33,12 +37,17 @@ class NodeApp:
         if scope["type"] != "http":
             return
         path = route_path(scope)
+        node = self.oci.service.node
         if path == "/v2" or path.startswith("/v2/"):
-            await self.oci(scope, receive, send)
+            await metered(node.activity, "/v2", self.oci, scope, receive, send)
+        elif path in STATUS_PATHS:
+            await status_page(node, path, scope, receive, send)
+        elif path == METRICS_PATH:
+            await metrics(node, scope, receive, send)
         elif path == "/api" or path.startswith("/api/"):
             await self.api(scope, receive, send)
         elif path in HEALTH_PATHS:
-            await health(self.oci.service.node, path, scope, receive, send)
+            await health(node, path, scope, receive, send)
         elif self.p2p is not None and (path == "/p2p" or path.startswith("/p2p/")):
             child = dict(scope)
             child["root_path"] = scope.get("root_path", "") + "/p2p"
@@ -48,7 +57,7 @@ class NodeApp:
                 if path == prefix or path.startswith(prefix + "/"):
                     child = dict(scope)
                     child["root_path"] = scope.get("root_path", "") + prefix
-                    await app(child, receive, send)
+                    await metered(node.activity, prefix, app, child, receive, send)
                     return
             await send_json(send, 404, {"errors": [{"code": "NOT_FOUND",
                                                     "message": f"no route for {path[:200]}"}]})

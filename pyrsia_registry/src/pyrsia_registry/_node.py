@@ -46,6 +46,8 @@ from pyrsia_core import (
 )
 from pyrsia_core import plugins as core_plugins
 
+from . import _provenance as provenance
+from ._activity import Activity
 from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, save_settings
 from ._priority import ConsensusPriority
 from ._verify import ParallelRecordVerifier
@@ -199,6 +201,8 @@ class Node:
     _sizes: dict[str, int] = attrs.Factory(dict)
     _verify_locks: dict[str, anyio.Lock] = attrs.Factory(dict)
     _rechecked: dict[str, float] = attrs.Factory(dict)
+    #: Recent pulls, failures and counters for the status page and ``/metrics``.
+    activity: Activity = attrs.Factory(Activity)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -460,6 +464,7 @@ class Node:
         running or waiting: past that, :class:`BuildQueueFull` (a client gets a 429).
         """
         key = (package_type, package_id)
+        provenance.building()
         existing = self._inflight.get(key)
         if existing is not None:
             return existing
@@ -540,6 +545,7 @@ class Node:
         if quota is None or await self.blobs.stat(expected) is not None:
             info = await self.blobs.put(chunks, expected=expected, expected_size=size)
             self._sizes[expected.hex] = info.size
+            provenance.stored(info.size)
             return info
         held = 0  # bytes of this blob counted in _reserved
 
@@ -561,6 +567,7 @@ class Node:
         finally:
             self._reserved -= held
         self._sizes[expected.hex] = info.size
+        provenance.stored(info.size)
         return info
 
     async def put_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
@@ -594,6 +601,7 @@ class Node:
             info = await self.blobs.stat(digest)
             if info is not None and await self.blobs.delete(digest):
                 free += info.size
+                self.activity.evicted(info.size)
                 log.info("Evicted %s (%d bytes) to stay within the disk quota", digest, info.size)
             if free >= needed:
                 return
@@ -683,6 +691,7 @@ class Node:
         where = await move(digest) if move is not None else (
             "deleted" if await self.blobs.delete(digest) else None)
         if where is not None:
+            self.activity.failure("stored_copy_damaged", "this node's store", why, str(digest))
             log.error("Stored blob %s is damaged (%s): quarantined (%s); it is fetched again "
                       "when next needed", digest, why, where)
 
@@ -698,6 +707,9 @@ class Node:
             self._rechecked = {k: t for k, t in self._rechecked.items()
                                if now - t < RECHECK_INTERVAL}
         self._rechecked[digest.hex] = now
+        self.activity.failure("reported_mismatch", "this node's store (reported by a client "
+                              "or peer)", "the copy served from here was reported wrong; "
+                              "re-hashing it", str(digest))
         return await self.verify_stored(digest, force=True)
 
     async def scrub(self) -> None:

@@ -123,6 +123,7 @@ class PeerStats:
     proven: bool = False
     served: int = 0  # blob transfers it completed for us
     sync_failures: int = 0  # sync attempts from it that failed, in a row
+    bytes_in: int = 0  # blob bytes received from it
 
 
 def _node_key(node_id: str) -> bytes:
@@ -371,10 +372,11 @@ class PeerService:
         st = self.stats.get(node_id)
         return st.address if st is not None and st.proven else None
 
-    def _blame(self, node_id: str, reason: str) -> None:
+    def _blame(self, node_id: str, reason: str, kind: str = "peer_misbehaved") -> None:
         st = self.stats.get(node_id)
         if st is not None:
             st.misbehaved += 1
+        self.node.activity.failure(kind, f"peer {node_id}", reason)
         log.warning("Peer %s misbehaved: %s", node_id[:16], reason)
 
     def peers(self) -> list[dict[str, Any]]:
@@ -552,12 +554,14 @@ class PeerService:
             run = partial.run_from(offset)
             if run <= 0:
                 return None
+            self.node.activity.uploading(run)
             return PeerBlob(size=partial.parts.size, offset=offset,
                             body=self._upload_partial(partial, offset, run))
         if not await self.node.records_for_artifact(digest):
             return None
         if offset < 0 or offset > info.size:
             return None
+        self.node.activity.uploading(info.size - offset)
         return PeerBlob(
             size=info.size,
             offset=offset,
@@ -600,6 +604,7 @@ class PeerService:
                 if self.bucket is not None:
                     delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
                     if delay > 0:
+                        self.node.activity.upload_waited(delay)
                         await anyio.sleep(delay)
                 yield piece
         finally:
@@ -1044,7 +1049,8 @@ class PeerService:
         except DigestMismatch:
             suspects = list(dict.fromkeys(served_by))
             if len(suspects) == 1:
-                self._blame(suspects[0], f"sent bytes for {digest} that do not match the digest")
+                self._blame(suspects[0], f"sent bytes for {digest} that do not match the digest",
+                            "digest_mismatch")
             log.warning("Bytes for %s from %s did not match; asking each provider alone",
                         digest, ", ".join(n[:16] for n in suspects))
             info, honest = await self._fetch_strict(digest, providers, suspects)
@@ -1055,7 +1061,7 @@ class PeerService:
             ", ".join(n[:16] for n in dict.fromkeys(served_by)),
             info.size,
         )
-        provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)))
+        provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)), info.size)
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
         return info
@@ -1088,7 +1094,7 @@ class PeerService:
             del self.swarms[digest.hex]
             del self.partials[digest.hex]
             partial.close()
-        provenance.note("pulled from peer " + ", ".join(swarm.served_by))
+        provenance.note("pulled from peer " + ", ".join(swarm.served_by), info.size)
         return info
 
     async def _fetch_strict(
@@ -1105,7 +1111,8 @@ class PeerService:
                     self._chain(digest, [c], served), digest, None
                 )
             except DigestMismatch:
-                self._blame(nid, f"sent bytes for {digest} that do not match the digest")
+                self._blame(nid, f"sent bytes for {digest} that do not match the digest",
+                            "digest_mismatch")
                 continue
             except TransportError:
                 continue
@@ -1228,6 +1235,7 @@ class PeerService:
                 )
             finally:
                 st.inflight -= 1
+                st.bytes_in += got
                 elapsed = max(time.monotonic() - started, 1e-3)
                 if got:
                     rate = got / elapsed

@@ -339,6 +339,8 @@ class SwarmFetch:
                                 holder.node_id, f"sent a wrong part {index} of {self.digest}")
                         self.partial.write(index, data)
                         self.received += length
+                        if (st := self.peers.stats.get(holder.node_id)) is not None:
+                            st.bytes_in += length
                         self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
                         self.inflight.discard(index)
                         self._part_written()
