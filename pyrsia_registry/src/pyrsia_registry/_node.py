@@ -524,7 +524,7 @@ class Node:
     # -- blobs ---------------------------------------------------------------------
 
     async def store_stream(
-        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None
+        self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None
     ) -> BlobInfo:
         """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
 
@@ -537,9 +537,10 @@ class Node:
             raise QuotaExceeded(
                 f"a blob of {size} bytes is larger than the disk quota ({quota} bytes)"
             )
-        if quota is None or await self.blobs.stat(expected) is not None:
+        if quota is None or (expected is not None
+                             and await self.blobs.stat(expected) is not None):
             info = await self.blobs.put(chunks, expected=expected, expected_size=size)
-            self._sizes[expected.hex] = info.size
+            self._sizes[info.digest.hex] = info.size
             return info
         held = 0  # bytes of this blob counted in _reserved
 
@@ -560,7 +561,7 @@ class Node:
             info = await self.blobs.put(metered(), expected=expected, expected_size=size)
         finally:
             self._reserved -= held
-        self._sizes[expected.hex] = info.size
+        self._sizes[info.digest.hex] = info.size
         return info
 
     async def put_bytes(self, data: bytes, expected: Digest) -> BlobInfo:

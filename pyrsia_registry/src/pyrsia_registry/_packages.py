@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any
 
 import anyio
@@ -29,12 +37,15 @@ from pyrsia_core.errors import (
     PyrsiaError,
 )
 from pyrsia_core.interfaces import (
+    ArtifactSink,
     ASGIApp,
+    BlobInfo,
     BuildInfo,
     BuiltArtifact,
     LoggedArtifact,
     PackageHost,
     PackageType,
+    VerifiedBlob,
 )
 
 from pyrsia_core import NODE_PACKAGE_TYPE, Block, Digest, Operation, Record
@@ -56,6 +67,76 @@ def plugin_label(name: str) -> str:
     except PyrsiaError:
         spec = None
     return f"{name} ({spec.dist})" if spec is not None else name
+
+
+@attrs.define(eq=False)
+class NodeSink(ArtifactSink):
+    """A build's way into the node's blob store: verified, quota-aware, evicting only as
+    bytes arrive (:meth:`Node.store_stream`). Remembers the blobs it added, so that a
+    failed build leaves nothing behind (:meth:`discard`)."""
+
+    node: Node
+    created: list[Digest] = attrs.Factory(list)
+
+    async def store(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+    ) -> BlobInfo:
+        # Builds step aside while the build nodes decide a height.
+        await self.node.priority.wait()
+        if expected is not None:
+            if await self.node.verified_blob(expected) is not None:
+                info = await self.node.blobs.stat(expected)
+                if info is not None:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    return info
+            info = await self.node.store_stream(chunks, expected, size)
+            self.created.append(info.digest)
+            return info
+        info = await self.node.store_stream(chunks, None, size)
+        if not await self.node.records_for_artifact(info.digest):
+            self.created.append(info.digest)  # a logged blob is never removed again
+        return info
+
+    async def store_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.store(one(), expected=expected, size=len(data))
+
+    async def open(self, digest: Digest) -> VerifiedBlob | None:
+        info = await self.node.verified_blob(digest)
+        return _node_blob(self.node, info) if info is not None else None
+
+    @property
+    def quota(self) -> int | None:
+        return self.node.blobs.quota
+
+    def keep(self, *digests: Digest) -> None:
+        """These blobs are logged (or vouched for): :meth:`discard` leaves them."""
+        keep = set(digests)
+        self.created = [d for d in self.created if d not in keep]
+
+    async def discard(self) -> None:
+        """Remove the blobs this sink added and were not kept."""
+        with anyio.CancelScope(shield=True):
+            for digest in dict.fromkeys(self.created):
+                await self.node.blobs.delete(digest)
+        self.created.clear()
+
+
+def _node_blob(node: Node, info: BlobInfo) -> VerifiedBlob:
+    digest = info.digest
+
+    def reader(offset: int, length: int | None) -> AsyncIterator[bytes]:
+        return node.blobs.open(digest, offset=offset, length=length)
+
+    return VerifiedBlob(digest, info.size, reader, info.path)
 
 
 @attrs.define(eq=False)
@@ -96,6 +177,17 @@ class PluginHost(PackageHost):
             out.add(k[len(key) - len(prefix.encode()):].split(b"\0", 1)[0].decode())
         return sorted(out)
 
+    async def artifacts_with_digest(self, digest: Digest) -> list[LoggedArtifact]:
+        out: list[LoggedArtifact] = []
+        for rec in await self.node.records_for_artifact(digest):
+            r = rec.signed.record
+            if (r.package_type == self.package_type.record_type
+                    and r.operation == Operation.ADD_ARTIFACT):
+                out.append(LoggedArtifact(r.package_specific_id, r.package_specific_artifact_id,
+                                          Digest(r.artifact_hash), r.timestamp,
+                                          r.num_artifacts))
+        return out
+
     async def _vouched(self, artifact: LoggedArtifact) -> bool:
         for rec in await self.node.records_for_artifact(artifact.digest):
             r = rec.signed.record
@@ -106,37 +198,33 @@ class PluginHost(PackageHost):
                 return True
         return False
 
-    async def _local(self, digest: Digest) -> bytes | None:
-        if await self.node.local_blob(digest) is None:
-            return None
-        data = await self.node.blobs.read_bytes(digest)
-        if Digest.of(data) != digest:
-            log.error("Stored blob %s is corrupt; deleted, fetching it again", digest)
-            await self.node.blobs.delete(digest)
+    async def _local(self, digest: Digest) -> VerifiedBlob | None:
+        info = await self.node.verified_blob(digest)
+        if info is None:
             return None
         await self.node.touch(digest)
-        return data
+        return _node_blob(self.node, info)
 
-    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
+    async def open_artifact(self, artifact: LoggedArtifact) -> VerifiedBlob:
         if not isinstance(artifact, LoggedArtifact) or not await self._vouched(artifact):
             raise ArtifactUnavailable(f"{getattr(artifact, 'artifact_id', artifact)!r:.200} is "
                                       "not in the transparency log")
         digest = artifact.digest
-        data = await self._local(digest)
-        if data is not None:
-            return data
+        blob = await self._local(digest)
+        if blob is not None:
+            return blob
         async with self.node.fetch_lock(digest):
-            data = await self._local(digest)
-            if data is not None:
-                return data
+            blob = await self._local(digest)
+            if blob is not None:
+                return blob
             peers = self.node.peers
             if peers is not None and len(peers.table):
                 try:
                     await peers.fetch(digest)
                     log.info("%s (%s) pulled from a peer", artifact.artifact_id, digest)
-                    data = await self._local(digest)
-                    if data is not None:
-                        return data
+                    blob = await self._local(digest)
+                    if blob is not None:
+                        return blob
                 except PyrsiaError as exc:
                     log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
             if not self.node.is_build_node:
@@ -144,15 +232,22 @@ class PluginHost(PackageHost):
                                           "peer provides it")
             # A build node fetches it again from the upstream: the bytes must still be
             # the ones the log vouches for.
-            built = await self.service.run_plugin_build(self.package_type, artifact.package_id,
-                                                        [artifact.artifact_id])
-            for item in built:
-                if item.artifact_id == artifact.artifact_id and item.digest == digest:
-                    await self.node.make_room(len(item.data))
-                    await self.node.blobs.put_bytes(item.data, expected=digest)
-                    log.info("%s (%s) fetched again from the upstream", artifact.artifact_id,
-                             digest)
-                    return item.data
+            sink = NodeSink(self.node)
+            try:
+                built = await self.service.run_plugin_build(
+                    self.package_type, artifact.package_id, [artifact.artifact_id], sink)
+                for item in built:
+                    if item.artifact_id == artifact.artifact_id and item.digest == digest:
+                        if item.data is not None:
+                            await sink.store_bytes(item.data, digest)
+                        sink.keep(digest)
+                        log.info("%s (%s) fetched again from the upstream",
+                                 artifact.artifact_id, digest)
+                        blob = await self._local(digest)
+                        if blob is not None:
+                            return blob
+            finally:
+                await sink.discard()
             log.error("The upstream now serves other bytes for %s than the log vouches for "
                       "(%s); not served", artifact.artifact_id, digest)
             raise ArtifactUnavailable(
@@ -216,13 +311,18 @@ class PackageService:
     # -- builds --------------------------------------------------------------------------
 
     async def run_plugin_build(
-        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str], sink: NodeSink
     ) -> list[BuiltArtifact]:
-        """The plugin's checked build, bounded by the timeout; failures name the plugin."""
+        """The plugin's checked build into ``sink``, bounded by the timeout; failures name
+        the plugin. The artifacts that carry bytes are stored too."""
         label = plugin_label(pt.name)
         try:
             with anyio.fail_after(self.timeout):
-                return await pt.build(package_id, artifact_ids=artifact_ids)
+                built = await pt.build(package_id, artifact_ids=artifact_ids, sink=sink)
+                for item in built:
+                    if item.data is not None:
+                        await sink.store_bytes(item.data, item.digest)
+            return built
         except TimeoutError:
             raise PluginFailed(label, f"build of {package_id!r:.200} did not finish within "
                                f"{self.timeout:g} s") from None
@@ -285,8 +385,21 @@ class PackageService:
     async def _build(
         self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build
     ) -> int:
+        sink = NodeSink(self.node)
         try:
-            built = await self.run_plugin_build(pt, package_id, artifact_ids)
+            return await self._build_commit(pt, package_id, artifact_ids, build, sink)
+        finally:
+            await sink.discard()  # after a commit, everything kept is logged
+
+    async def _build_commit(
+        self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build,
+        sink: NodeSink,
+    ) -> int:
+        """The one commit path of plugin builds: build into the node's store, sign one
+        record per new artifact, log part lists of large blobs, commit (with consensus),
+        announce."""
+        try:
+            built = await self.run_plugin_build(pt, package_id, artifact_ids, sink)
         except ArtifactUnavailable:
             build.result = "NOT_FOUND"
             raise
@@ -299,46 +412,29 @@ class PackageService:
         if not built:
             build.records = 0
             return self.node.log_store.ledger.height
-        created = await self._store(built)
-        try:
-            now = int(self.node.clock.now())
-            records = [
-                Record.new(signer=self.node.signer, package_type=pt.record_type,
-                           package_specific_id=package_id,
-                           package_specific_artifact_id=item.artifact_id,
-                           artifact_hash=item.digest.hex, num_artifacts=len(built),
-                           timestamp=now)
-                for item in built
-            ]
-            committed = await self.node.commit(records)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for digest in created:
-                    await self.node.blobs.delete(digest)
-            raise
+        now = int(self.node.clock.now())
+        records = [
+            Record.new(signer=self.node.signer, package_type=pt.record_type,
+                       package_specific_id=package_id,
+                       package_specific_artifact_id=item.artifact_id,
+                       artifact_hash=item.digest.hex, num_artifacts=len(built),
+                       timestamp=now)
+            for item in built
+        ]
+        digests = list(dict.fromkeys(i.digest for i in built))
+        # Large blobs also get a logged part list, so nodes fetching them at once can
+        # share verified parts (swarm fetch); it rides in the same block.
+        part_records = await self.node.part_list_records(digests, now)
+        committed = await self.node.commit(records + part_records)
+        sink.keep(*digests)
         build.records = len(records)
         if self.node.peers is not None and self.task_group is not None:
-            self.task_group.start_soon(self.node.peers.announce,
-                                       list(dict.fromkeys(i.digest for i in built)))
+            self.task_group.start_soon(
+                self.node.peers.announce,
+                digests + [Digest.parse("sha256:" + r.artifact_hash) for r in part_records])
         log.info("Built %s %s: %d artifacts, block %d", pt.name, package_id, len(records),
                  committed.block.height)
         return committed.block.height
-
-    async def _store(self, built: list[BuiltArtifact]) -> list[Digest]:
-        """Store the (already checked) artifacts; the digests this call added."""
-        created: list[Digest] = []
-        try:
-            for item in built:
-                if await self.node.local_blob(item.digest) is None:
-                    await self.node.make_room(len(item.data))
-                    await self.node.blobs.put_bytes(item.data, expected=item.digest)
-                    created.append(item.digest)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for digest in created:
-                    await self.node.blobs.delete(digest)
-            raise
-        return created
 
     async def rebuild_check(self, block: Block) -> bool:
         """Did this node, building every plugin package of ``block`` itself (asking for
@@ -359,19 +455,23 @@ class PackageService:
                 log.warning("Cannot rebuild %s %s: no package type here builds it",
                             record_type, package_id)
                 return False
+            sink = NodeSink(self.node)
             try:
                 built = await self.run_plugin_build(pt, package_id,
-                                                    sorted(aid for aid, _ in claimed))
+                                                    sorted(aid for aid, _ in claimed), sink)
                 mine = {(item.artifact_id, item.digest.hex) for item in built}
                 if not claimed <= mine:
                     log.warning("Proposal claims hashes for %s %s that differ from this "
                                 "node's build", record_type, package_id)
                     return False
-                await self._store(built)  # this validator can serve them too
+                # This validator can serve them too (and check their part lists).
+                sink.keep(*(Digest(h) for _, h in claimed))
             except (PyrsiaError, DigestMismatch) as exc:
                 log.warning("Could not rebuild %s %s to check a proposal: %s", record_type,
                             package_id, exc)
                 return False
+            finally:
+                await sink.discard()
         return True
 
     # -- build requests between nodes --------------------------------------------------
@@ -469,6 +569,28 @@ def _valid_body(message: Any) -> bool:
             and isinstance(message.get("more_body", False), bool))
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _zero_copy(message: Any, scope: _Scope) -> dict[str, Any] | None:
+    """A well-formed zero-copy body message the server offers (``send_verified_blob``),
+    normalised; ``None`` for anything else."""
+    if not isinstance(message, Mapping):
+        return None
+    kind = message.get("type")
+    extensions = scope.get("extensions") or {}
+    path = message.get("path")
+    if kind not in extensions or not isinstance(path, str) or not path or "\0" in path:
+        return None
+    if kind == "pyrsia.sendfile" and _int(message.get("offset")) and _int(message.get("count")):
+        return {"type": kind, "path": path, "offset": message["offset"],
+                "count": message["count"]}
+    if kind == "http.response.pathsend":
+        return {"type": kind, "path": path}
+    return None
+
+
 class _PluginGarbage(Exception):
     pass
 
@@ -513,6 +635,8 @@ class GuardedApp:
                 started = True
                 message = {"type": "http.response.start", "status": message["status"],
                            "headers": list(message.get("headers", []))}
+            elif (zero_copy := _zero_copy(message, scope)) is not None:
+                message, finished = zero_copy, True
             else:
                 if not _valid_body(message):
                     raise _PluginGarbage(f"sent {_describe(message)} instead of "
