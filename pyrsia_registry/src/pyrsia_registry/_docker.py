@@ -236,7 +236,8 @@ class DockerService:
             peers = self.node.peers
             if peers is not None and len(peers.table):
                 try:
-                    return await peers.fetch(digest)
+                    fetched: BlobInfo = await peers.fetch(digest)
+                    return fetched
                 except PyrsiaError as exc:
                     if self.node.upstream is None or not self.node.is_build_node:
                         raise BuildError(
@@ -602,7 +603,7 @@ class DockerService:
             self.forwarded[str(status["build_id"])] = address
         log.info("Sent a build request for %s to build node %s", ref.package_id,
                  status["build_node"][:16])
-        return status
+        return dict(status)
 
     async def forwarded_status(self, build_id: str) -> dict[str, Any] | None:
         address = self.forwarded.get(build_id)

@@ -528,7 +528,7 @@ class PeerService:
         if env.type == "BUILD_REQUEST":
             return "BUILD_STATUS", await self.node.handle_build_request(body)
         if env.type == "GET_BUILD":
-            build = self.node.builds.get(body.get("build_id"))
+            build = self.node.builds.get(str(body.get("build_id")))
             if build is None:
                 raise ValueError("no such build")
             return "BUILD_STATUS", self.node.build_json(build)

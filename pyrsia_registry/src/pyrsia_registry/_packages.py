@@ -515,7 +515,7 @@ class PackageService:
             raise BuildFailed(str(exc)) from None
         log.info("Sent a build request for %s %s to build node %s", pt.name, package_id,
                  status["build_node"][:16])
-        return status
+        return dict(status)
 
 
 def _parse(pt: PackageType, text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 import attrs
 from pyrsia_core.errors import DigestError, PyrsiaError
@@ -208,7 +208,7 @@ def _descriptor(d: Any) -> Descriptor:
     if not isinstance(media_type, str) or type(size) is not int or size < 0:
         raise ManifestError("manifest descriptor needs mediaType and a non-negative size")
     try:
-        parsed = Digest.parse(digest)
+        parsed = Digest.parse(cast(str, digest))  # a non-string is a DigestError too
     except DigestError as exc:
         raise ManifestError(f"manifest descriptor digest: {exc}") from None
     platform = d.get("platform")
