@@ -588,7 +588,10 @@ class _CheckedSink(ArtifactSink):
         return info
 
     async def open(self, digest: Digest) -> VerifiedBlob | None:
-        return await self.inner.open(digest)
+        blob = await self.inner.open(digest)
+        if blob is not None:  # held already: the build may name it without storing it
+            self.stored[blob.digest] = blob.size
+        return blob
 
     @property
     def quota(self) -> int | None:
@@ -682,6 +685,18 @@ class PackageHost(ABC):
     def is_build_node(self) -> bool:
         """Whether this node builds (regular nodes forward build requests)."""
 
+    @property
+    def upstream(self) -> Upstream | None:
+        """The node's configured upstream (``pyrsia node start --upstream``), if any: a
+        package type without an upstream of its own builds from it."""
+        return None
+
+    async def settle(self, prefix: str, *, limit: float = 5.0) -> None:
+        """Wait, at most ``limit`` seconds, for this type's running builds of package ids
+        starting with ``prefix`` to end (committed or failed): a client answered while
+        its package was still being built then sees the build in the log."""
+        return None
+
     @abstractmethod
     async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
         """The logged artifacts of a package (latest record per artifact id); ``[]`` if none."""
@@ -709,6 +724,11 @@ class PackageHost(ABC):
     async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
         """:meth:`open_artifact`, read into memory (small artifacts: a POM, a manifest)."""
         return await (await self.open_artifact(artifact)).read()
+
+    async def report_mismatch(self, digest: Digest) -> None:
+        """Bytes the host handed out for ``digest`` did not hash to it (the disk changed
+        under the node): the host drops its copy, so the next open fetches a good one."""
+        return None
 
     @abstractmethod
     async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
@@ -743,6 +763,10 @@ class PackageType(ABC):
     mount_path: ClassVar[str] = ""
     #: The package-id parameter of the node API and CLI (``pyrsia build maven --gav``).
     id_param: ClassVar[str] = "id"
+    #: Seconds a build may take, and the app may wait before (and between the parts of) a
+    #: response; ``None``: the node's plugin timeout (``plugin_timeout``).
+    build_timeout: ClassVar[float | None] = None
+    response_timeout: ClassVar[float | None] = None
 
     @abstractmethod
     def parse_package_id(self, text: str) -> str:
@@ -796,6 +820,16 @@ class PackageType(ABC):
         """
         return self._build(package_id, artifact_ids)
 
+    async def fetch_artifact(self, artifact: LoggedArtifact, sink: ArtifactSink) -> bool:
+        """Fetch one logged artifact again from the upstream into ``sink`` (to override).
+
+        The node calls this when it must serve a logged artifact that neither its store
+        nor a peer has (e.g. evicted by the disk quota), with ``artifact.digest`` to be
+        passed as ``expected``. Return ``False`` (the default) to have the node build
+        the package again instead.
+        """
+        return False
+
     async def build(
         self,
         package_id: str,
@@ -807,11 +841,12 @@ class PackageType(ABC):
 
         Every artifact must be a :class:`BuiltArtifact` with a unique, non-empty id and
         either bytes that hash to its digest or the digest (and size) of a blob this
-        build stored in ``sink``; at least one, at most :data:`MAX_BUILT_ARTIFACTS`;
-        every requested ``artifact_ids`` among them. Exceptions other than
-        ``PyrsiaError`` and garbage become :class:`~pyrsia_core.errors.PluginFailed`
-        naming the plugin. Returned artifacts always have ``size`` set. Without a
-        ``sink`` a :class:`MemorySink` is used and every artifact comes back with its
+        build stored in (or opened from) ``sink``; at least one, at most
+        :data:`MAX_BUILT_ARTIFACTS`; every requested ``artifact_ids`` among them.
+        Exceptions other than ``PyrsiaError`` and garbage become
+        :class:`~pyrsia_core.errors.PluginFailed` naming the plugin. Returned artifacts
+        always have ``size`` set. Without a ``sink`` a :class:`MemorySink` is used and
+        every artifact comes back with its
         ``data`` (for tests and tools; the node passes its own sink).
         """
         from .errors import PyrsiaError

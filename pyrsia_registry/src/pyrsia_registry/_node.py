@@ -23,6 +23,7 @@ import anyio
 import attrs
 from pyrsia_core.errors import (
     BlobNotFound,
+    BuildsBusy,
     PyrsiaError,
     QuotaExceeded,
     StoreError,
@@ -76,7 +77,7 @@ class NotInLog(PyrsiaError, LookupError):
     """No log record vouches for the requested artifact."""
 
 
-class BuildQueueFull(BuildError):
+class BuildQueueFull(BuildError, BuildsBusy):
     """Too many builds are running or queued: the request is refused, try again later."""
 
 

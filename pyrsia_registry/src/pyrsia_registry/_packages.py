@@ -6,9 +6,9 @@ commit/consensus path as Docker builds) and its ASGI app is mounted under that p
 behind a :class:`GuardedApp`: a plugin that raises, hangs or sends garbage fails that
 request -- with an error naming the plugin, within ``timeout`` -- and nothing else.
 
-Validators rebuild plugin packages with :meth:`PackageService.rebuild_check`,
-dispatched by each record's ``package_type``. Docker keeps its own path
-(:class:`~pyrsia_registry.DockerService`).
+Validators rebuild packages with :meth:`PackageService.rebuild_check`, dispatched by
+each record's ``package_type``. The node knows no package type by name: Docker is a
+plugin like Maven (its OCI app is mounted at ``/v2``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from pyrsia_core.interfaces import (
     LoggedArtifact,
     PackageHost,
     PackageType,
+    Upstream,
     VerifiedBlob,
 )
 
@@ -56,8 +57,7 @@ from ._node import Build, Node
 __all__ = ["GuardedApp", "PackageService", "PluginHost"]
 
 log = logging.getLogger("pyrsia.packages")
-DOCKER_RECORD_TYPE = "Docker"
-RESERVED_PATHS = ("/v2", "/api", "/p2p")
+RESERVED_PATHS = ("/api", "/p2p")
 
 
 def plugin_label(name: str) -> str:
@@ -158,6 +158,17 @@ class PluginHost(PackageHost):
     def is_build_node(self) -> bool:
         return self.node.is_build_node
 
+    @property
+    def upstream(self) -> Upstream | None:
+        return self.node.upstream
+
+    async def settle(self, prefix: str, *, limit: float = 5.0) -> None:
+        record_type = self.package_type.record_type
+        with anyio.move_on_after(limit):
+            for (package_type, package_id), running in list(self.node.inflight.items()):
+                if package_type == record_type and package_id.startswith(prefix):
+                    await running.done.wait()
+
     async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
         latest: dict[str, LoggedArtifact] = {}
         for rec in await self.node.records_for_package(self.package_type.record_type,
@@ -227,6 +238,9 @@ class PluginHost(PackageHost):
                         return blob
                 except PyrsiaError as exc:
                     log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
+            blob = await self._fetch_again(artifact)
+            if blob is not None:
+                return blob
             if not self.node.is_build_node:
                 raise ArtifactUnavailable(f"{artifact.artifact_id} is not stored here and no "
                                           "peer provides it")
@@ -254,23 +268,61 @@ class PluginHost(PackageHost):
                 f"the upstream no longer provides {artifact.artifact_id} with the logged digest "
                 f"{digest} (tampered or changed upstream); not served")
 
+    async def _fetch_again(self, artifact: LoggedArtifact) -> VerifiedBlob | None:
+        """The plugin's own re-fetch of one artifact (a build node, or a node with an
+        upstream), verified against the logged digest; ``None`` if it has none."""
+        if not (self.node.is_build_node or self.node.upstream is not None):
+            return None
+        pt = self.package_type
+        if type(pt).fetch_artifact is PackageType.fetch_artifact:
+            return None
+        sink = NodeSink(self.node)
+        label = plugin_label(pt.name)
+        try:
+            with anyio.fail_after(_timeout(pt, "build_timeout", self.service.timeout)):
+                fetched = await pt.fetch_artifact(artifact, sink)
+            if fetched is True:
+                blob = await self._local(artifact.digest)
+                if blob is not None:
+                    sink.keep(artifact.digest)
+                    return blob
+            return None
+        except TimeoutError:
+            log.warning("package type %s: re-fetching %s took too long", label,
+                        artifact.artifact_id)
+            return None
+        except PyrsiaError as exc:
+            raise ArtifactUnavailable(f"{artifact.artifact_id} could not be fetched again: "
+                                      f"{exc}") from None
+        except Exception as exc:
+            raise ArtifactUnavailable(f"package type {label} failed to fetch "
+                                      f"{artifact.artifact_id}: {type(exc).__name__}: {exc}"
+                                      ) from None
+        finally:
+            await sink.discard()
+
+    async def report_mismatch(self, digest: Digest) -> None:
+        await self.node.quarantine(digest, "a served blob failed its re-hash")
+
     async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
         return await self.service.build(self.package_type, package_id, artifact_ids)
 
 
 @attrs.define(eq=False)
 class PackageService:
-    """The node's package-type plugins other than Docker: mounts, builds, rebuild checks."""
+    """The node's package-type plugins: mounts, builds, rebuild checks."""
 
     node: Node
     task_group: anyio.abc.TaskGroup | None = None
     #: Seconds a plugin may take to build, or to start (and continue) a response.
     timeout: float = 60.0
     hosts: dict[str, PluginHost] = attrs.Factory(dict)
+    #: Builds this (regular) node asked a build node for: build id -> that node's address.
+    forwarded: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         for name, pt in self.node.package_types.items():
-            if name != "docker" and isinstance(pt, PackageType):
+            if isinstance(pt, PackageType):
                 self.hosts[name] = PluginHost(self, pt)
 
     def get(self, name: str) -> PackageType | None:
@@ -304,7 +356,8 @@ class PackageService:
             except Exception as exc:
                 log.error("package type %s failed to create its app: %s", label, exc)
                 app = _failed_app(f"it failed to start: {type(exc).__name__}: {exc}")
-            out[path.rstrip("/")] = GuardedApp(app, label, self.timeout)
+            out[path.rstrip("/")] = GuardedApp(
+                app, label, _timeout(host.package_type, "response_timeout", self.timeout))
             log.info("Package type %s serves %s", label, path)
         return out
 
@@ -316,8 +369,9 @@ class PackageService:
         """The plugin's checked build into ``sink``, bounded by the timeout; failures name
         the plugin. The artifacts that carry bytes are stored too."""
         label = plugin_label(pt.name)
+        timeout = _timeout(pt, "build_timeout", self.timeout)
         try:
-            with anyio.fail_after(self.timeout):
+            with anyio.fail_after(timeout):
                 built = await pt.build(package_id, artifact_ids=artifact_ids, sink=sink)
                 for item in built:
                     if item.data is not None:
@@ -325,7 +379,7 @@ class PackageService:
             return built
         except TimeoutError:
             raise PluginFailed(label, f"build of {package_id!r:.200} did not finish within "
-                               f"{self.timeout:g} s") from None
+                               f"{timeout:g} s") from None
         except PluginFailed as exc:
             raise PluginFailed(label, exc.reason) from None
         except PyrsiaError:
@@ -437,15 +491,14 @@ class PackageService:
         return committed.block.height
 
     async def rebuild_check(self, block: Block) -> bool:
-        """Did this node, building every plugin package of ``block`` itself (asking for
-        each claimed artifact), get the claimed hash for every claimed artifact? Docker
-        and node records are checked elsewhere; an artifact of a type no plugin here
-        builds is not vouched for."""
+        """Did this node, building every package of ``block`` itself (asking for each
+        claimed artifact), get the claimed hash for every claimed artifact? Node records
+        are checked elsewhere; an artifact of a type no plugin here builds is not
+        vouched for."""
         packages: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for sr in block.records:
             r = sr.record
-            if r.operation != Operation.ADD_ARTIFACT or r.package_type in (
-                    DOCKER_RECORD_TYPE, NODE_PACKAGE_TYPE):
+            if r.operation != Operation.ADD_ARTIFACT or r.package_type == NODE_PACKAGE_TYPE:
                 continue
             packages.setdefault((r.package_type, r.package_specific_id), set()).add(
                 (r.package_specific_artifact_id, r.artifact_hash))
@@ -476,16 +529,16 @@ class PackageService:
 
     # -- build requests between nodes --------------------------------------------------
 
-    def build_request_handler(
-        self, docker: Callable[[Any], Awaitable[dict[str, Any]]]
-    ) -> Callable[[Any], Awaitable[dict[str, Any]]]:
-        """A BUILD_REQUEST handler: plugin package types here, Docker to ``docker``."""
+    def build_request_handler(self) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        """A BUILD_REQUEST handler: ``{"package_type", "package_id", "artifact_ids"}``."""
 
         async def handle(body: Any) -> dict[str, Any]:
-            name = body.get("package_type", "docker") if isinstance(body, dict) else None
+            name = body.get("package_type") if isinstance(body, dict) else None
             pt = self.get(name) if isinstance(name, str) else None
             if pt is None:
-                return await docker(body)
+                raise ValueError(f"BUILD_REQUEST for package type {str(name)[:40]!r}, which "
+                                 f"this node does not have (it has: "
+                                 f"{', '.join(sorted(self.hosts)) or 'none'})")
             if not self.node.is_build_node:
                 raise BuildFailed("this node is not a build node")
             package_id = _parse(pt, str(body.get("package_id", "")))
@@ -508,14 +561,33 @@ class PackageService:
         if self.node.peers is None:
             raise BuildFailed("no build node could be reached: none known")
         try:
-            status, _ = await self.node.peers.request_build(
+            status, address = await self.node.peers.request_build(
                 {"package_type": pt.name, "package_id": package_id,
                  "artifact_ids": list(artifact_ids)})
         except PyrsiaError as exc:
             raise BuildFailed(str(exc)) from None
+        if "build_id" in status:
+            self.forwarded[str(status["build_id"])] = address
         log.info("Sent a build request for %s %s to build node %s", pt.name, package_id,
                  status["build_node"][:16])
         return dict(status)
+
+    async def forwarded_status(self, build_id: str) -> dict[str, Any] | None:
+        """The status of a build this node forwarded, asked of the build node doing it."""
+        address = self.forwarded.get(build_id)
+        peers = self.node.peers
+        if address is None or peers is None:
+            return None
+        env = await peers.rpc(address, "GET_BUILD", {"build_id": build_id}, {"BUILD_STATUS"})
+        return dict(env.body)
+
+
+def _timeout(pt: PackageType, name: str, default: float) -> float:
+    """A package type's own timeout (``build_timeout``...), if it sets a sane one."""
+    value = getattr(pt, name, None)
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
+        return float(value)
+    return default
 
 
 def _parse(pt: PackageType, text: str) -> str:

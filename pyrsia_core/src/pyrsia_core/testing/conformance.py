@@ -1937,7 +1937,7 @@ class PackageTypeConformance:
         app = package_type.asgi_app(host)
         if mount:
             assert mount.startswith("/") and mount != "/" and not mount.endswith("/")
-            assert not mount.startswith(("/v2", "/api", "/p2p")), "reserved by the node"
+            assert not mount.startswith(("/api", "/p2p")), "reserved by the node"
             assert callable(app), "a package type with a mount_path serves an ASGI app"
         else:
             assert app is None, "an app needs a mount_path"
