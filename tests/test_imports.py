@@ -4,7 +4,9 @@
   the ones under ``TYPE_CHECKING`` and inside functions: a cycle hidden there is still one
   (the peer service and the swarm fetch depend one way only).
 * The dependencies between distributions point one way: the core imports no other
-  pyrsia distribution, and no plugin imports the node (``pyrsia_registry``) or the CLI.
+  pyrsia distribution, no plugin imports the node (``pyrsia_registry``) or the CLI, and
+  the node and the CLI import no package-type plugin (``pyrsia_pkg_*``): they know
+  package types only through the contract and the entry points.
 """
 
 from __future__ import annotations
@@ -144,3 +146,18 @@ def test_plugins_do_not_import_the_node(package: str) -> None:
                  for m, deps in _external(package).items()}
     offenders = {m: deps for m, deps in offenders.items() if deps}
     assert not offenders, f"plugin modules import the node or the CLI: {offenders}"
+
+
+@pytest.mark.parametrize("package", ["pyrsia_registry", "pyrsia_cli"])
+def test_the_node_and_cli_import_no_package_type(package: str) -> None:
+    offenders = {m: {d for d in deps if d.startswith("pyrsia_pkg_")}
+                 for m, deps in _external(package).items()}
+    offenders = {m: deps for m, deps in offenders.items() if deps}
+    assert not offenders, f"{package} imports package-type plugins: {offenders}"
+    # The check sees such an import where it is (here: a function-local one).
+    probe = ROOT / "tests" / "_imports_probe.py"
+    probe.write_text("def f():\n    from pyrsia_pkg_docker._upstream import UpstreamError\n")
+    try:
+        assert "pyrsia_pkg_docker._upstream" in imports_of(f"{package}._probe", probe)
+    finally:
+        probe.unlink()
