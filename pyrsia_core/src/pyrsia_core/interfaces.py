@@ -763,6 +763,8 @@ class PackageType(ABC):
     mount_path: ClassVar[str] = ""
     #: The package-id parameter of the node API and CLI (``pyrsia build maven --gav``).
     id_param: ClassVar[str] = "id"
+    #: An example package id, for help texts (``alpine:3.16.3``).
+    id_example: ClassVar[str] = ""
     #: Seconds a build may take, and the app may wait before (and between the parts of) a
     #: response; ``None``: the node's plugin timeout (``plugin_timeout``).
     build_timeout: ClassVar[float | None] = None

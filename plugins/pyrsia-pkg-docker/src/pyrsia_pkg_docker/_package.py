@@ -43,6 +43,7 @@ class DockerPackageType(PackageType):
     record_type: ClassVar[str] = "Docker"
     mount_path: ClassVar[str] = "/v2"
     id_param: ClassVar[str] = "image"
+    id_example: ClassVar[str] = "alpine:3.16.3"
     #: Images may have multi-gigabyte layers: a build is bounded by the upstream's own
     #: timeouts (per request, minimum rate), and by this in all.
     build_timeout: ClassVar[float | None] = 6 * 3600.0

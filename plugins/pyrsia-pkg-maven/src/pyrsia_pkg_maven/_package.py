@@ -71,6 +71,7 @@ class MavenPackageType(PackageType):
     record_type = RECORD_TYPE
     mount_path = "/maven2"
     id_param = "gav"
+    id_example = "junit:junit:4.13.2"
 
     def __init__(self, upstream: str = DEFAULT_UPSTREAM, *, timeout: float = 60.0,
                  max_file: int = MAX_FILE) -> None:
