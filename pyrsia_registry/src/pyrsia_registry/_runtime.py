@@ -168,12 +168,14 @@ def _check_address(host: str, port: int) -> None:
 
 
 def _upstreams(node: Node) -> list[str]:
-    """Where the node builds from: its registry upstream and each package type's."""
-    out = [f"docker {node.config.upstream}"] if node.config.upstream else []
+    """Where the node builds from: each package type's own upstream, or the node's."""
+    out = []
     for name, pt in sorted(node.package_types.items()):
         url = getattr(pt, "upstream_url", None) or getattr(pt, "upstream", None)
         if isinstance(url, str) and url:
             out.append(f"{name} {url}")
+        elif getattr(pt, "can_build", False) and node.config.upstream:
+            out.append(f"{name} {node.config.upstream}")
     return out
 
 
