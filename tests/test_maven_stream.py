@@ -83,3 +83,35 @@ async def test_a_jar_that_fails_its_sha1_is_not_logged_and_leaves_nothing(
             node = running.node
             assert not await node.records_for_package("Maven2", "com.example:big:1.0")
             assert await node.blobs.stat(Digest.of(data)) is None
+
+
+@pytest.mark.anyio
+async def test_verify_and_inspect_log_work_for_maven_through_the_cli(tmp_path: Path) -> None:
+    """``pyrsia verify`` is not Docker's alone: any installed package type is verified
+    offline from a node's data directory (and refused for an unknown type)."""
+    import anyio
+    from support.node import run_cli
+
+    data = _big_gav(tmp_path / "repo")
+    with maven_upstream(tmp_path / "repo") as upstream:
+        async with _node(tmp_path, upstream.url) as running, httpx.AsyncClient(
+                base_url=running.url, timeout=60) as client:
+            assert (await client.get(f"/maven2/{JAR}")).content == data
+            port = running.port
+            out = await anyio.to_thread.run_sync(lambda: run_cli(
+                tmp_path / "cli", "inspect-log", "maven", "--gav", "com.example:big:1.0",
+                "--fields", "package_specific_artifact_id", port=port))
+            assert out.returncode == 0, out.stderr
+            assert JAR in out.stdout
+    ok = await anyio.to_thread.run_sync(lambda: run_cli(
+        tmp_path / "cli", "verify", "maven", "--gav", "com.example:big:1.0", "--data-dir",
+        str(tmp_path / "node")))
+    assert ok.returncode == 0, ok.stderr
+    assert f"verified  {JAR}" in ok.stdout
+    assert "2 stored artifact(s) hash correctly" in ok.stdout
+    unknown = await anyio.to_thread.run_sync(lambda: run_cli(
+        tmp_path / "cli", "verify", "nosuchtype", "--id", "x", "--data-dir",
+        str(tmp_path / "node")))
+    assert unknown.returncode != 0
+    assert "unknown package type 'nosuchtype'" in unknown.stderr
+    assert "docker" in unknown.stderr and "maven" in unknown.stderr
