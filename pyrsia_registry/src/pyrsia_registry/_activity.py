@@ -13,7 +13,8 @@ import time
 from collections import deque
 from typing import Any
 
-from . import _provenance as provenance
+from pyrsia_core import provenance
+
 from ._asgi import Receive, Scope, Send, route_path
 
 __all__ = ["LATENCY_BUCKETS", "Activity", "metered"]
@@ -104,7 +105,7 @@ async def metered(activity: Activity, mount: str, app: Any, scope: Scope, receiv
                   send: Send) -> None:
     """Run ``app`` for a request to ``mount``, counting it in ``activity`` when answered:
     status, body bytes (from ``content-length``; summed only for responses without one),
-    duration and where the artifact came from (:mod:`._provenance`)."""
+    duration and where the artifact came from (:mod:`pyrsia_core.provenance`)."""
     started = time.perf_counter()
     status = 0
     size = -1  # -1: no content-length seen yet

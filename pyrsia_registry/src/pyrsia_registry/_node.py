@@ -23,6 +23,7 @@ import anyio
 import attrs
 from pyrsia_core.errors import (
     BlobNotFound,
+    BuildsBusy,
     PyrsiaError,
     QuotaExceeded,
     StoreError,
@@ -43,10 +44,10 @@ from pyrsia_core import (
     SignedRecord,
     StoredRecord,
     make_genesis,
+    provenance,
 )
 from pyrsia_core import plugins as core_plugins
 
-from . import _provenance as provenance
 from ._activity import Activity
 from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, save_settings
 from ._priority import ConsensusPriority
@@ -78,7 +79,7 @@ class NotInLog(PyrsiaError, LookupError):
     """No log record vouches for the requested artifact."""
 
 
-class BuildQueueFull(BuildError):
+class BuildQueueFull(BuildError, BuildsBusy):
     """Too many builds are running or queued: the request is refused, try again later."""
 
 
@@ -529,7 +530,7 @@ class Node:
     # -- blobs ---------------------------------------------------------------------
 
     async def store_stream(
-        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None
+        self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None
     ) -> BlobInfo:
         """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
 
@@ -542,9 +543,10 @@ class Node:
             raise QuotaExceeded(
                 f"a blob of {size} bytes is larger than the disk quota ({quota} bytes)"
             )
-        if quota is None or await self.blobs.stat(expected) is not None:
+        if quota is None or (expected is not None
+                             and await self.blobs.stat(expected) is not None):
             info = await self.blobs.put(chunks, expected=expected, expected_size=size)
-            self._sizes[expected.hex] = info.size
+            self._sizes[info.digest.hex] = info.size
             provenance.stored(info.size)
             return info
         held = 0  # bytes of this blob counted in _reserved
@@ -566,7 +568,7 @@ class Node:
             info = await self.blobs.put(metered(), expected=expected, expected_size=size)
         finally:
             self._reserved -= held
-        self._sizes[expected.hex] = info.size
+        self._sizes[info.digest.hex] = info.size
         provenance.stored(info.size)
         return info
 

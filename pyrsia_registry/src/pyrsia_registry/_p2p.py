@@ -42,9 +42,15 @@ from pyrsia_core.errors import (
 )
 from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, PeerTransport
 
-from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, PartListError
+from pyrsia_core import (
+    PARTS_RECORD_TYPE,
+    CommittedBlock,
+    Digest,
+    PartList,
+    PartListError,
+    provenance,
+)
 
-from . import _provenance as provenance
 from ._node import Node
 from ._swarm import PartialBlob, SwarmFetch
 from ._transports import split_address
@@ -372,6 +378,12 @@ class PeerService:
         st = self.stats.get(node_id)
         return st.address if st is not None and st.proven else None
 
+    def received_from(self, node_id: str, count: int) -> None:
+        """Count ``count`` verified bytes received from peer ``node_id`` (swarm parts)."""
+        st = self.stats.get(node_id)
+        if st is not None:
+            st.bytes_in += count
+
     def _blame(self, node_id: str, reason: str, kind: str = "peer_misbehaved") -> None:
         st = self.stats.get(node_id)
         if st is not None:
@@ -535,7 +547,7 @@ class PeerService:
         if env.type == "BUILD_REQUEST":
             return "BUILD_STATUS", await self.node.handle_build_request(body)
         if env.type == "GET_BUILD":
-            build = self.node.builds.get(body.get("build_id"))
+            build = self.node.builds.get(str(body.get("build_id")))
             if build is None:
                 raise ValueError("no such build")
             return "BUILD_STATUS", self.node.build_json(build)

@@ -1,8 +1,10 @@
-"""Where the bytes of the artifact a request is serving came from, for its log line.
+"""Where the bytes of the artifact a request is serving came from (for its log line, the
+node's metrics and status page).
 
 The code that fetches an artifact for a request (from a peer, from the upstream) calls
-:func:`note`; the OCI app asks :func:`take` once the artifact is local, in the same task
-(a context variable: concurrent requests never see each other's notes).
+:func:`note`; a package type's app (the OCI app) asks :func:`take` once the artifact is
+local, in the same task (a context variable: concurrent requests never see each other's
+notes).
 
 The node's app also opens a :class:`Pull` around each request to a package mount
 (:func:`begin`): every note made for that request (and by a build it starts, which runs

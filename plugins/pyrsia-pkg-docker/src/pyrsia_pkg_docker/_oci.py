@@ -1,26 +1,34 @@
 """The OCI Distribution pull API as an ASGI app (any repository name).
 
-Mount it at the root of a server (``/v2/...``) or inside another ASGI app; it
-reads paths relative to ``root_path``.
+The node mounts it at ``/v2`` (it is the Docker package type's app); it reads paths
+relative to ``root_path``, and everything it serves comes through the node's
+:class:`~pyrsia_core.interfaces.PackageHost` (or a running build, verified).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import attrs
+from pyrsia_core.asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_json
 from pyrsia_core.errors import (
     BlobNotFound,
+    BuildFailed,
+    BuildsBusy,
     DigestError,
     DigestMismatch,
     PyrsiaError,
     QuotaExceeded,
     StoreError,
 )
-from pyrsia_pkg_docker import (
+from pyrsia_core.interfaces import send_verified_blob
+
+from pyrsia_core import Digest, provenance
+
+from ._model import (
     DOCKER_MANIFEST,
     INDEX_TYPES,
     OCI_MANIFEST,
@@ -33,14 +41,8 @@ from pyrsia_pkg_docker import (
     validate_repository,
     validate_tag,
 )
-from pyrsia_pkg_docker._upstream import UpstreamError
-
-from pyrsia_core import Digest
-
-from . import _provenance as provenance
-from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
-from ._docker import DockerService
-from ._node import BuildError, BuildQueueFull, NotInLog
+from ._service import DockerService, NotInLog
+from ._upstream import UpstreamError
 
 __all__ = ["OciApp"]
 
@@ -97,7 +99,7 @@ class OciApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -107,7 +109,7 @@ class OciApp:
             await self._dispatch(scope, send)
         except OciError as exc:
             await self._error(send, exc, head=head)
-        except BuildQueueFull as exc:
+        except BuildsBusy as exc:
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(429, "TOOMANYREQUESTS", str(exc)), head=head,
                               headers=[("retry-after", "5")])
@@ -115,7 +117,7 @@ class OciApp:
             # Said on the manifest, before a client starts an image it could not finish.
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(507, "DENIED", f"disk quota: {exc}"), head=head)
-        except BuildError as exc:
+        except BuildFailed as exc:
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             status, code = (404, "MANIFEST_UNKNOWN") if "not found upstream" in str(exc) else (
                 503, "UNAVAILABLE")
@@ -135,6 +137,8 @@ class OciApp:
 
     async def _dispatch(self, scope: Scope, send: Send) -> None:
         path = route_path(scope)
+        if str(scope.get("root_path", "")).endswith("/v2"):
+            path = "/v2" + path  # mounted at /v2 (the node): the API's own paths
         method = scope["method"]
         head = method == "HEAD"
         if path in ("/v2", "/v2/"):
@@ -247,12 +251,12 @@ class OciApp:
             raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         ref = ImageRef(name, None, digest)
         try:
-            info = await self.service.ensure_blob(ref, digest)
+            blob = await self.service.ensure_blob(ref, digest)
         except NotInLog as exc:
             raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
         except BlobNotFound as exc:
             raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
-        size = info.size
+        size = blob.size
         status, offset, count = 200, 0, size
         headers: list[tuple[str, str]] = [
             API_VERSION,
@@ -276,22 +280,11 @@ class OciApp:
                 status = 206
                 headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
         headers.append(("content-length", str(count)))
-        if scope["method"] == "HEAD":
-            await send_bytes_headers_only(send, status, headers)
-            return
-        _log_served("Blob", name, digest, None, f"{count} bytes" + (
-            f", range {offset}-{offset + count - 1}" if status == 206 else ""))
-
-        def fallback() -> AsyncIterator[bytes]:
-            return self.service.node.blobs.open(digest, offset=offset, length=count)
-
-        if info.path is not None:
-            await send_file(scope, send, status, headers, path=info.path, offset=offset,
-                            count=count, size=size, fallback=fallback)
-        else:
-            from ._asgi import send_stream
-
-            await send_stream(send, status, fallback(), headers)
+        if scope["method"] != "HEAD":
+            _log_served("Blob", name, digest, None, f"{count} bytes" + (
+                f", range {offset}-{offset + count - 1}" if status == 206 else ""))
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        await send_verified_blob(scope, send, status, raw, blob, offset=offset, length=count)
 
 
 def _log_served(kind: str, image: str, digest: Digest, built: str | None,
@@ -322,12 +315,6 @@ async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:
         return await call()
     except DigestMismatch as exc:
         raise OciError(503, "UNAVAILABLE", f"no verified copy of the manifest: {exc}") from None
-
-
-async def send_bytes_headers_only(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
-    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": b""})
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -390,7 +377,8 @@ def _query(scope: Scope) -> dict[str, str]:
     return dict(parse_qsl(raw, keep_blank_values=True))
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol (nothing to start or stop)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
