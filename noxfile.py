@@ -21,7 +21,7 @@ DISTRIBUTIONS = [
     "./pyrsia_cli",
 ]
 TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis>=6", "anyio>=4", "httpx>=0.27",
-             "pyyaml", "starlette", "uvicorn", "hatchling"]
+             "pyyaml", "starlette", "uvicorn", "hatchling", "selenium>=4.10"]
 
 
 def _install(session: nox.Session) -> None:
@@ -44,11 +44,21 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
 
 
+#: The import package of each distribution, for ``mypy --strict -p``.
+PACKAGES = ["pyrsia_core", "pyrsia_storage_fs", "pyrsia_storage_leveldb", "pyrsia_pkg_docker",
+            "pyrsia_pkg_maven", "pyrsia_transport_http", "pyrsia_transport_quic",
+            "pyrsia_registry", "pyrsia_cli"]
+
+
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the pure core."""
-    session.install("mypy", "-e", "./pyrsia_core[testing]")
-    session.run("mypy", "--strict", "pyrsia_core/src/pyrsia_core")
+    """mypy --strict on every distribution: the core, the node, the CLI and each plugin."""
+    _install(session)
+    session.install("mypy")
+    args: list[str] = []
+    for package in PACKAGES:
+        args += ["-p", package]
+    session.run("mypy", "--strict", *args)
 
 
 @nox.session(python=PYTHON)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pyrsia_core.testing.conformance import PackageTypeConformance, UpstreamConformance
 from pyrsia_pkg_docker import ALL_MANIFEST_TYPES, DockerPackageType, RegistryUpstream
-from support.fixtures import SeededUpstream
+from support.fixtures import ImageInfo, SeededUpstream
 from support.tokenauth import TokenAuthRegistry
 
 from pyrsia_core import Digest
@@ -88,10 +88,42 @@ class TestTokenAuthRegistryUpstream(TestRegistryUpstream):
             yield upstream
 
 
+def _image_artifacts(short: str, tag: str, info: ImageInfo) -> dict[str, str]:
+    """The artifact ids and digests the seed's record layout gives an image: the tag,
+    then ``short@digest`` for each manifest, config and layer (from the seeding, not from
+    the code under test)."""
+    out = {f"{short}:{tag}": info.manifest_digest, f"{short}@{info.manifest_digest}":
+           info.manifest_digest}
+    images = list(info.platforms.values()) if info.is_index else [info]
+    for digest in (info.platform_manifest_digests.values() if info.is_index else ()):
+        out[f"{short}@{digest}"] = digest
+    for image in images:
+        for digest in image.blob_digests:
+            out[f"{short}@{digest}"] = digest
+    return out
+
+
 class TestDockerPackageType(PackageTypeConformance):
+    """The Docker plugin runs the suite any third-party package type runs, building from
+    a real local registry."""
+
     @pytest.fixture
-    def package_type(self) -> DockerPackageType:
-        return DockerPackageType.from_config({})
+    def package_type(self, seeded_upstream: SeededUpstream) -> DockerPackageType:
+        return DockerPackageType.from_config({"upstream": seeded_upstream.url})
+
+    @pytest.fixture
+    def builds(self, seeded_upstream: SeededUpstream) -> list[tuple[str, dict[str, str]]]:
+        images = seeded_upstream.images
+        return [
+            ("alpine:3.16.2", _image_artifacts("alpine", "3.16.2", images[ALPINE])),
+            ("multi:1.0", _image_artifacts("multi", "1.0", images["library/multi:1.0"])),
+            ("some/nested/repo:v1", _image_artifacts("some/nested/repo", "v1",
+                                                     images["some/nested/repo:v1"])),
+        ]
+
+    @pytest.fixture
+    def missing_packages(self) -> list[str]:
+        return ["alpine:no-such-tag", "no/such/repository:1"]
 
     @pytest.fixture
     def valid_ids(self, seeded_upstream: SeededUpstream) -> list[str]:

@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "pyrsia_transport_quic",
     "pyrsia_pkg_docker",
     "pyrsia_pkg_maven",
+    "pyrsia_core.asgi",
 ]
 #: Trees whose code may use only the public API of pyrsia_core and pyrsia_registry.
 CLIENT_TREES = ["pyrsia_cli/src", "plugins", "examples"]

@@ -104,3 +104,8 @@ def test_readme_block_runs_as_written(index: int, tmp_path: Path, registry_confi
         assert "is no longer a build node" in out.stdout
         assert out.stdout.count("SUCCESS") >= 1
         assert "Authorized build nodes:     1" in out.stdout
+    if "/readyz" in block:
+        assert '"status": "ready"' in out.stdout
+        assert (tmp_path / "containers" / "registries.conf.d" / "50-pyrsia.conf").is_file()
+        assert '"registry-mirrors"' in out.stdout and not (tmp_path / "daemon.json").exists()
+        assert json.loads((tmp_path / "node.log").read_text().splitlines()[0])["level"]

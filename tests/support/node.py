@@ -65,8 +65,12 @@ class NodeProcess:
         data_dir: Path | None = None,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        python: str | None = None,
     ) -> None:
         self.workdir = workdir
+        #: The interpreter running the node (another environment's, e.g. one without a
+        #: plugin installed); this one by default.
+        self.python = python or sys.executable
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.data_dir = data_dir or workdir / "data"
@@ -82,7 +86,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 30) -> NodeProcess:
         args = [
-            sys.executable,
+            self.python,
             "-m",
             "pyrsia_cli",
             "node",

@@ -29,8 +29,45 @@ __all__ = ["format_ago", "main"]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 #: Package types the CLI knows, and the option naming a package of each.
-ID_OPTIONS: dict[str, str] = {"docker": "image", "maven": "gav"}
-PACKAGE_TYPES = list(ID_OPTIONS)
+#: The package-id option of a package type the node has but this machine does not.
+GENERIC_ID = "id"
+
+
+def installed_package_types() -> dict[str, tuple[str, str]]:
+    """``name -> (id option, example)`` of the package-type plugins installed here
+    (``docker -> ("image", "alpine:3.16.3")``): the CLI knows no package type by name."""
+    from pyrsia_core.errors import PyrsiaError
+
+    from pyrsia_core import plugins
+
+    try:
+        names = sorted(plugins.available("pyrsia.package_type"))
+    except PyrsiaError:
+        return {}
+    out: dict[str, tuple[str, str]] = {}
+    for name in names:
+        try:
+            pt = plugins.create("pyrsia.package_type", name, {})
+            param, example = getattr(pt, "id_param", GENERIC_ID), getattr(pt, "id_example", "")
+        except Exception:  # a broken plugin: still reachable with the generic option
+            param, example = GENERIC_ID, ""
+        if not isinstance(param, str) or not param.isidentifier():
+            param = GENERIC_ID
+        out[name] = (param, example if isinstance(example, str) else "")
+    return out
+
+
+def _id_option(package_type: str) -> str:
+    return installed_package_types().get(package_type, (GENERIC_ID, ""))[0]
+
+
+def _package_id(args: argparse.Namespace, command: str) -> tuple[str, str]:
+    """``(option, value)`` of the package id the user gave for ``args.package_type``."""
+    option = _id_option(args.package_type)
+    value = getattr(args, option, None) or getattr(args, GENERIC_ID, None)
+    if not value:
+        args.parser.error(f"{command} {args.package_type} needs --{option}")
+    return option, str(value)
 
 
 class CliError(Exception):
@@ -149,11 +186,10 @@ def cmd_node_start(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import NodeConfig, default_data_dir, parse_rate, parse_size, run_node
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)-5s %(name)s > %(message)s",
-        stream=sys.stderr,
-    )
+    from ._logging import configure_logging
+
+    configure_logging(args.log_level, getattr(args, "log_format", "text"),
+                      getattr(args, "log_file", None))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
@@ -204,6 +240,19 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             _fail(f"cannot start the node: {leaf}")
         raise
     return 0
+
+
+def _id_arguments(parser: argparse.ArgumentParser,
+                  types: dict[str, tuple[str, str]]) -> None:
+    """``--image``, ``--gav``...: the id option of each installed package type, and ``--id``
+    for any other type the node may have."""
+    by_option: dict[str, list[str]] = {}
+    for name, (option, example) in types.items():
+        by_option.setdefault(option, []).append(f"{name}: e.g. {example}" if example else name)
+    by_option.setdefault(GENERIC_ID, [])
+    for option, uses in by_option.items():
+        parser.add_argument(f"--{option}", help="; ".join(uses) if uses else
+                            "the package id (any package type)")
 
 
 def _package_options(
@@ -460,11 +509,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not peers:
         print("No peers connected.")
         return 0
-    print(f"{'NODE ID':<66} {'ADDRESS':<30} {'BUILD NODE':<10} LAST SEEN")
-    for p in peers:
-        build = "yes" if p.get("is_build_node") else "no"
-        print(f"{p.get('node_id', ''):<66} {p.get('address', ''):<30} {build:<10} "
-              f"{format_ago(p.get('last_seen'))}")
+    from ._terminal import format_table
+
+    print(format_table(["NODE ID", "ADDRESS", "BUILD NODE", "LAST SEEN"], [
+        [str(p.get("node_id", "")), str(p.get("address", "")),
+         "yes" if p.get("is_build_node") else "no", format_ago(p.get("last_seen"))]
+        for p in peers]))
     return 0
 
 
@@ -485,11 +535,9 @@ def format_ago(epoch: Any, now: float | None = None) -> str:
 
 
 def cmd_inspect_log(args: argparse.Namespace) -> int:
-    option = ID_OPTIONS[args.package_type]
-    if not getattr(args, option):
-        args.parser.error(f"inspect-log {args.package_type} needs --{option}")
+    option, value = _package_id(args, "inspect-log")
     cfg = _target(args)
-    params: dict[str, str] = {option: getattr(args, option), "format": args.format}
+    params: dict[str, str] = {option: value, "format": args.format}
     if args.fields:
         params["fields"] = args.fields
     if args.latest:
@@ -517,9 +565,9 @@ def cmd_build_status(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     cfg = _target(args)
-    option = ID_OPTIONS[args.package_type]
+    option, value = _package_id(args, "build")
     resp = _request(cfg, "POST", f"/api/build/{args.package_type}",
-                    json={option: getattr(args, option)})
+                    json={option if option != GENERIC_ID else "package_id": value})
     data = _json_or_fail(resp, "Build request")
     if args.json and not args.wait:
         print(json.dumps(data, indent=2))
@@ -560,23 +608,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from pyrsia_registry import verify_offline
 
+    from ._terminal import ProgressLine
+
     data_dir = _data_dir(args)
+    progress = ProgressLine("verifying")  # on stderr, if it is a terminal
     try:
         policy = _witness_policy(args)
     except ValueError as exc:
         _fail(str(exc), EXIT_USAGE)
     witnessed = None
     try:
-        report = anyio.run(verify_offline, data_dir, args.image, args.package_type)
+        _, value = _package_id(args, "verify")
+        progress.label = f"verifying {value}"
+        report = anyio.run(verify_offline, data_dir, value, args.package_type, progress)
         if policy is not None:
             from pyrsia_registry import verify_witnessed
 
-            witnessed = anyio.run(verify_witnessed, data_dir, "Docker", report.package_id,
-                                  policy)
+            witnessed = anyio.run(verify_witnessed, data_dir, args.package_type, value, policy)
     except PyrsiaError as exc:
         _fail(f"verification FAILED: {exc}")
     except OSError as exc:
         _fail(f"verification FAILED: cannot read {data_dir}: {exc}")
+    finally:
+        progress.close()
     for artifact in report.records:
         print(f"verified  {artifact}")
     print(f"OK: {len(report.records)} record(s) of {report.package_id} are in the log "
@@ -700,14 +754,14 @@ def _checked(validate: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="pyrsia",
         description="Pyrsia: a decentralized, verifiable package network. Run a node, configure "
         "the CLI, and inspect the transparency log.",
     )
-    parser.add_argument("-V", "--version", action="version", version=f"pyrsia {__version__}")
+    from ._version import VersionAction
+
+    parser.add_argument("-V", "--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # Every command that talks to a node takes --node (else PYRSIA_NODE, PYRSIA_HOME's node,
@@ -790,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"],
                        help="how much the node logs to stderr (default info)")
+    from ._logging import add_log_options
+
+    add_log_options(start)
     start.set_defaults(func=cmd_node_start)
 
     cfg = sub.add_parser("config", parents=[client],
@@ -823,9 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect-log", parents=[client],
                              help="show the transparency log of a package")
-    inspect.add_argument("package_type", choices=PACKAGE_TYPES)
-    inspect.add_argument("--image", help="docker: e.g. alpine:3.16.2")
-    inspect.add_argument("--gav", help="maven: group:artifact:version, e.g. junit:junit:4.13.2")
+    types = installed_package_types()
+    inspect.add_argument("package_type", metavar="TYPE",
+                         help=f"the package type ({', '.join(types) or 'none installed here'})")
+    _id_arguments(inspect, types)
     inspect.add_argument("--format", choices=["json", "csv"], default="json",
                          help="output format (default json)")
     inspect.add_argument("--fields", help="comma-separated record fields to show")
@@ -835,8 +893,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect_log, parser=inspect)
 
     verify = sub.add_parser("verify", help="verify a package offline from a node's data dir")
-    verify.add_argument("package_type", choices=["docker"])
-    verify.add_argument("--image", required=True, help="e.g. alpine:3.16.2")
+    verify.add_argument("package_type", metavar="TYPE",
+                        help=f"the package type ({', '.join(types) or 'none installed here'})")
+    _id_arguments(verify, types)
+    verify.set_defaults(parser=verify)
     verify.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")
     _add_witness_policy(verify)
     verify.set_defaults(func=cmd_verify)
@@ -853,13 +913,15 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="request a build, or follow one ('build status')")
     build.set_defaults(help_parser=build)
     build_sub = build.add_subparsers(dest="package_type", metavar="TYPE")
-    for package_type, option, example in (("docker", "image", "alpine:3.16.3"),
-                                          ("maven", "gav", "junit:junit:4.13.2")):
+    for package_type, (option, example) in types.items():
+        if package_type == "status":
+            continue
+        eg = f", e.g. --{option} {example}" if example else f" (--{option})"
         one = build_sub.add_parser(package_type, parents=[client, as_json],
-                                   help=f"build a {package_type} package, e.g. --{option} "
-                                   f"{example}")
+                                   help=f"build a {package_type} package{eg}")
         one.add_argument(f"--{option}", required=True,
-                         help=f"the package to build, e.g. {example}")
+                         help=f"the package to build{', e.g. ' + example if example else ''}")
+        one.set_defaults(parser=one)
         one.add_argument("--wait", type=float, nargs="?", const=300.0, default=0.0,
                          metavar="SECONDS",
                          help="follow the build until it is committed or fails (at most "
@@ -870,6 +932,15 @@ def build_parser() -> argparse.ArgumentParser:
     bstatus.add_argument("--id", required=True, help="the build id 'pyrsia build' printed")
     bstatus.set_defaults(func=cmd_build_status)
     _add_cache_parser(sub, client, admin)
+
+    from ._setup import configure_parser as setup_commands
+
+    setup_commands(sub.add_parser("setup", help="point docker, podman or containerd at the "
+                                  "node, or run it as a systemd service"), _target)
+    from ._completion import configure_parser as completion_command
+
+    completion_command(sub.add_parser("completion", help="print a shell completion script "
+                                      "(bash or zsh)"), build_parser)
     return parser
 
 

@@ -180,11 +180,19 @@ class Cosigner:
         return {"name": self.name, "public_key": self.public_key.hex, "vkey": self.vkey()}
 
 
+def _tuple_of(items: Iterable[Cosigner]) -> tuple[Cosigner, ...]:
+    return tuple(items)
+
+
+def _verifier_tuple(items: Iterable[NoteVerifier]) -> tuple[NoteVerifier, ...]:
+    return tuple(items)
+
+
 @attrs.frozen
 class WitnessPolicy:
     """Trust a checkpoint only with valid cosignatures from ``threshold`` of ``cosigners``."""
 
-    cosigners: tuple[Cosigner, ...] = attrs.field(converter=tuple)
+    cosigners: tuple[Cosigner, ...] = attrs.field(converter=_tuple_of)
     threshold: int
 
     def __attrs_post_init__(self) -> None:
@@ -359,7 +367,7 @@ class LogKeys:
     """A log a witness serves: its origin and the keys (and how many) that sign it."""
 
     origin: str
-    verifiers: tuple[NoteVerifier, ...] = attrs.field(converter=tuple)
+    verifiers: tuple[NoteVerifier, ...] = attrs.field(converter=_verifier_tuple)
     threshold: int
 
 

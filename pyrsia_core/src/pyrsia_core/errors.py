@@ -19,6 +19,7 @@ __all__ = [
     "BlobNotFound",
     "BlockError",
     "BuildFailed",
+    "BuildsBusy",
     "CheckpointError",
     "DigestError",
     "DigestMismatch",
@@ -158,6 +159,10 @@ class ArtifactUnavailable(PyrsiaError, LookupError):
 
 class BuildFailed(PyrsiaError):
     """A package build (or the request for one) failed; nothing of it was committed."""
+
+
+class BuildsBusy(BuildFailed):
+    """Too many builds are running or queued: the request is refused, try again later."""
 
 
 class PluginFailed(PyrsiaError):

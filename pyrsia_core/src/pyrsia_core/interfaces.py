@@ -27,10 +27,11 @@ import attrs
 
 from ._digest import Digest
 from ._identity import Signer, Verifier
-from .errors import PluginFailed, StoreClosed, UsageError
+from .errors import DigestMismatch, PluginFailed, StoreClosed, UsageError
 
 __all__ = [
     "ASGIApp",
+    "ArtifactSink",
     "BlobInfo",
     "BlobSource",
     "BlobStore",
@@ -39,6 +40,7 @@ __all__ = [
     "Clock",
     "KeyValueStore",
     "LoggedArtifact",
+    "MemorySink",
     "OpeningPeerClient",
     "PackageHost",
     "PackageType",
@@ -52,10 +54,13 @@ __all__ = [
     "SystemClock",
     "Upstream",
     "UpstreamResponse",
+    "VerifiedBlob",
     "Verifier",
     "WriteBatch",
     "check_blob_args",
     "check_timeout",
+    "memory_blob",
+    "send_verified_blob",
     "served_blob_problem",
 ]
 
@@ -455,7 +460,8 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 
-#: Largest artifact a package type may hand to the node from :meth:`PackageType.build`.
+#: Largest artifact a package type may hand to the node *in memory* (``BuiltArtifact.data``);
+#: larger ones are streamed through the :class:`ArtifactSink`, bounded by the disk quota.
 MAX_BUILT_ARTIFACT = 2 * 1024**3
 #: Most artifacts one package build may produce.
 MAX_BUILT_ARTIFACTS = 10_000
@@ -463,17 +469,175 @@ MAX_BUILT_ARTIFACTS = 10_000
 
 @attrs.frozen
 class BuiltArtifact:
-    """One artifact of a package, as a package type's :meth:`~PackageType.build` yields it.
+    """One artifact of a package, as a package type's build yields it.
 
     ``artifact_id`` becomes the log record's ``package_specific_artifact_id`` (for Maven
-    the file's repository path). The node re-hashes ``data`` and refuses the build if it
-    is not ``digest``.
+    the file's repository path, for Docker ``repository@digest`` or the tag). Either the
+    artifact carries its bytes in ``data`` (small ones: a manifest, a POM), which the node
+    re-hashes, or the build streamed them into the node first with
+    :meth:`ArtifactSink.store` and yields only ``digest`` and ``size`` (large ones: a
+    layer, a jar): then the digest must be one this build stored, of that size.
     """
 
     artifact_id: str
     digest: Digest
-    data: bytes = attrs.field(repr=False)
+    data: bytes | None = attrs.field(default=None, repr=False)
     media_type: str = "application/octet-stream"
+    size: int | None = None
+
+
+class VerifiedBlob:
+    """A blob whose bytes hash to ``digest``: stored by the node, verified when stored.
+
+    ``path`` is set when the blob is a local file that a server may send with zero copy
+    (see :func:`send_verified_blob`); :meth:`open` always works.
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        size: int,
+        reader: Callable[[int, int | None], AsyncIterator[bytes]],
+        path: str | None = None,
+    ) -> None:
+        self.digest = digest
+        self.size = size
+        self.path = path
+        self._reader = reader
+
+    def __repr__(self) -> str:
+        return f"VerifiedBlob({self.digest}, size={self.size}, path={self.path!r})"
+
+    def open(self, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes from ``offset`` (``length`` of them, or to the end)."""
+        if type(offset) is not int or not 0 <= offset <= self.size:
+            raise UsageError(f"offset must be in 0..{self.size}, got {offset!r}")
+        if length is not None and (type(length) is not int or length < 0
+                                   or offset + length > self.size):
+            raise UsageError(f"length {length!r} from {offset} runs past the blob's end")
+        return self._reader(offset, length)
+
+    async def read(self, limit: int = 64 * 1024 * 1024) -> bytes:
+        """All the bytes, for small blobs only (``UsageError`` above ``limit``)."""
+        if self.size > limit:
+            raise UsageError(f"{self.digest} has {self.size} bytes, more than {limit} to read "
+                             "into memory; stream it with open()")
+        return b"".join([chunk async for chunk in self.open()])
+
+
+class ArtifactSink(ABC):
+    """Where a build streams its artifacts: into the node's blob store, verified.
+
+    A :class:`PackageType` that overrides :meth:`PackageType._build_into` gets one per
+    build. Bytes are hashed as they arrive, never held whole in memory; room is made in
+    the disk quota only as they arrive. A failed build's stored blobs are removed again
+    by the node. A blob stored here may be served (:meth:`open`) to the plugin's own
+    clients at once, before the build commits: its bytes are verified.
+    """
+
+    @abstractmethod
+    async def store(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+    ) -> BlobInfo:
+        """Store the streamed bytes; ``expected`` (when known) and ``size`` are checked.
+
+        Raises :class:`~pyrsia_core.errors.DigestMismatch` (nothing is kept) or
+        :class:`~pyrsia_core.errors.QuotaExceeded`.
+        """
+
+    @abstractmethod
+    async def open(self, digest: Digest) -> VerifiedBlob | None:
+        """A blob this build stored (or the node already held), or ``None``."""
+
+    @property
+    def quota(self) -> int | None:
+        """The node's disk quota in bytes (``None``: no limit), to refuse early what
+        cannot fit."""
+        return None
+
+
+@attrs.define(eq=False)
+class _CheckedSink(ArtifactSink):
+    """The rim's view of a sink: remembers what this build stored, and bounds it."""
+
+    inner: ArtifactSink
+    stored: dict[Digest, int] = attrs.Factory(dict)
+
+    async def store(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+    ) -> BlobInfo:
+        if expected is not None and not isinstance(expected, Digest):
+            raise UsageError(f"expected must be a Digest, got {type(expected).__name__}")
+        if size is not None and (type(size) is not int or size < 0):
+            raise UsageError(f"size must be an integer >= 0, got {size!r}")
+        if len(self.stored) >= MAX_BUILT_ARTIFACTS:
+            raise UsageError("a build may store at most "
+                             f"{MAX_BUILT_ARTIFACTS} blobs")
+        info = await self.inner.store(chunks, expected=expected, size=size)
+        if size is not None and info.size != size:
+            raise DigestMismatch(f"{size} bytes", f"{info.size} bytes")
+        self.stored[info.digest] = info.size
+        return info
+
+    async def open(self, digest: Digest) -> VerifiedBlob | None:
+        blob = await self.inner.open(digest)
+        if blob is not None:  # held already: the build may name it without storing it
+            self.stored[blob.digest] = blob.size
+        return blob
+
+    @property
+    def quota(self) -> int | None:
+        return self.inner.quota
+
+
+class MemorySink(ArtifactSink):
+    """An :class:`ArtifactSink` in memory (each blob at most :data:`MAX_BUILT_ARTIFACT`):
+    what :meth:`PackageType.build` uses when it is given no sink (tests, tools)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[Digest, bytes] = {}
+
+    async def store(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+    ) -> BlobInfo:
+        parts: list[bytes] = []
+        n = 0
+        async for chunk in chunks:
+            n += len(chunk)
+            if n > MAX_BUILT_ARTIFACT:
+                raise UsageError(f"a blob over {MAX_BUILT_ARTIFACT} bytes does not fit in memory")
+            parts.append(chunk)
+        data = b"".join(parts)
+        digest = Digest.of(data)
+        if expected is not None and digest != expected:
+            raise DigestMismatch(str(expected), str(digest))
+        self.blobs[digest] = data
+        return BlobInfo(digest, len(data))
+
+    async def open(self, digest: Digest) -> VerifiedBlob | None:
+        data = self.blobs.get(digest)
+        return memory_blob(data) if data is not None else None
+
+
+def memory_blob(data: bytes) -> VerifiedBlob:
+    """A :class:`VerifiedBlob` of bytes in memory."""
+
+    async def reader(offset: int, length: int | None) -> AsyncIterator[bytes]:
+        yield data[offset:None if length is None else offset + length]
+
+    return VerifiedBlob(Digest.of(data), len(data), reader)
 
 
 @attrs.frozen
@@ -521,6 +685,18 @@ class PackageHost(ABC):
     def is_build_node(self) -> bool:
         """Whether this node builds (regular nodes forward build requests)."""
 
+    @property
+    def upstream(self) -> Upstream | None:
+        """The node's configured upstream (``pyrsia node start --upstream``), if any: a
+        package type without an upstream of its own builds from it."""
+        return None
+
+    async def settle(self, prefix: str, *, limit: float = 5.0) -> None:
+        """Wait, at most ``limit`` seconds, for this type's running builds of package ids
+        starting with ``prefix`` to end (committed or failed): a client answered while
+        its package was still being built then sees the build in the log."""
+        return None
+
     @abstractmethod
     async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
         """The logged artifacts of a package (latest record per artifact id); ``[]`` if none."""
@@ -529,24 +705,43 @@ class PackageHost(ABC):
     async def package_ids(self, prefix: str) -> list[str]:
         """Logged package ids of this type that start with ``prefix``, sorted."""
 
-    @abstractmethod
-    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
-        """The artifact's bytes, re-hashed against the log before they are returned.
+    async def artifacts_with_digest(self, digest: Digest) -> list[LoggedArtifact]:
+        """Every logged artifact of this type with ``digest`` (e.g. a layer shared by
+        several images); ``[]`` if none. Hosts override this walk."""
+        return []
 
-        From the local store, else from a peer, else (build node) rebuilt from the
+    @abstractmethod
+    async def open_artifact(self, artifact: LoggedArtifact) -> VerifiedBlob:
+        """The artifact's verified bytes, streamed (``open(offset, length)``) or sent with
+        zero copy (``path``): never loaded whole into memory.
+
+        From the local store (checked against the log), else from peers (large blobs in
+        verified parts from several at once), else (build node) built again from the
         upstream. Raises :class:`~pyrsia_core.errors.ArtifactUnavailable` if no verified
         copy can be had (e.g. the upstream now serves different bytes).
         """
+
+    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
+        """:meth:`open_artifact`, read into memory (small artifacts: a POM, a manifest)."""
+        return await (await self.open_artifact(artifact)).read()
+
+    async def report_mismatch(self, digest: Digest) -> None:
+        """Bytes the host handed out for ``digest`` did not hash to it (the disk changed
+        under the node): the host drops its copy, so the next open fetches a good one."""
+        return None
 
     @abstractmethod
     async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
         """Build a package (or join its running build) through the node's commit path.
 
-        On a build node this calls the plugin's :meth:`PackageType.build`, stores the
-        verified artifacts and commits one record per artifact not yet logged (with
-        consensus when there are several build nodes); it returns when the build has
-        ended. ``EXISTS`` if the package (and each of ``artifact_ids``) is already
-        logged. A regular node forwards the request to a build node (``REQUESTED``).
+        On a build node this calls the plugin's :meth:`PackageType.build` with an
+        :class:`ArtifactSink` into the node's blob store, stores the artifacts that carry
+        bytes and commits one record per artifact not yet logged (with consensus when
+        there are several build nodes; with a part list for each large blob, so peers
+        can fetch it from several nodes at once) and announces them to peers; it returns
+        when the build has ended. ``EXISTS`` if the package (and each of
+        ``artifact_ids``) is already logged. A regular node forwards the request to a
+        build node (``REQUESTED``).
         """
 
 
@@ -568,6 +763,12 @@ class PackageType(ABC):
     mount_path: ClassVar[str] = ""
     #: The package-id parameter of the node API and CLI (``pyrsia build maven --gav``).
     id_param: ClassVar[str] = "id"
+    #: An example package id, for help texts (``alpine:3.16.3``).
+    id_example: ClassVar[str] = ""
+    #: Seconds a build may take, and the app may wait before (and between the parts of) a
+    #: response; ``None``: the node's plugin timeout (``plugin_timeout``).
+    build_timeout: ClassVar[float | None] = None
+    response_timeout: ClassVar[float | None] = None
 
     @abstractmethod
     def parse_package_id(self, text: str) -> str:
@@ -589,8 +790,10 @@ class PackageType(ABC):
 
     @property
     def can_build(self) -> bool:
-        """Whether this package type implements :meth:`_build`."""
-        return type(self)._build is not PackageType._build
+        """Whether this package type implements :meth:`_build` or :meth:`_build_into`."""
+        cls = type(self)
+        return cls._build is not PackageType._build or (
+            cls._build_into is not PackageType._build_into)
 
     def _build(self, package_id: str, artifact_ids: Sequence[str]) -> AsyncIterator[BuiltArtifact]:
         """Fetch the package from the upstream and yield its artifacts (to override).
@@ -601,44 +804,64 @@ class PackageType(ABC):
         yields the same (artifact id, digest) pairs. Raise
         :class:`~pyrsia_core.errors.ArtifactUnavailable` when the upstream does not have
         the package or a requested artifact, another ``PyrsiaError`` on other failures.
+
+        Each artifact carries its bytes. A package type with large artifacts overrides
+        :meth:`_build_into` instead, which streams them into the node.
         """
         raise UsageError(f"package type {self.name!r} does not build packages")
 
+    def _build_into(
+        self, package_id: str, artifact_ids: Sequence[str], sink: ArtifactSink
+    ) -> AsyncIterator[BuiltArtifact]:
+        """Like :meth:`_build`, streaming large artifacts into ``sink`` (to override).
+
+        ``await sink.store(chunks, expected=digest, size=n)`` stores one artifact's bytes,
+        verified as they arrive; the build then yields ``BuiltArtifact(artifact_id,
+        digest, size=n, media_type=...)`` without bytes. Small artifacts may still carry
+        ``data``. By default this calls :meth:`_build`.
+        """
+        return self._build(package_id, artifact_ids)
+
+    async def fetch_artifact(self, artifact: LoggedArtifact, sink: ArtifactSink) -> bool:
+        """Fetch one logged artifact again from the upstream into ``sink`` (to override).
+
+        The node calls this when it must serve a logged artifact that neither its store
+        nor a peer has (e.g. evicted by the disk quota), with ``artifact.digest`` to be
+        passed as ``expected``. Return ``False`` (the default) to have the node build
+        the package again instead.
+        """
+        return False
+
     async def build(
-        self, package_id: str, *, artifact_ids: Sequence[str] = ()
+        self,
+        package_id: str,
+        *,
+        artifact_ids: Sequence[str] = (),
+        sink: ArtifactSink | None = None,
     ) -> list[BuiltArtifact]:
         """Build ``package_id`` (normalised first) and check what the plugin returned.
 
-        Every artifact must be a :class:`BuiltArtifact` whose bytes hash to its digest,
-        with a unique, non-empty id; at least one, at most :data:`MAX_BUILT_ARTIFACTS`;
-        every requested ``artifact_ids`` among them. Exceptions other than
-        ``PyrsiaError`` and garbage become :class:`~pyrsia_core.errors.PluginFailed`
-        naming the plugin.
+        Every artifact must be a :class:`BuiltArtifact` with a unique, non-empty id and
+        either bytes that hash to its digest or the digest (and size) of a blob this
+        build stored in (or opened from) ``sink``; at least one, at most
+        :data:`MAX_BUILT_ARTIFACTS`; every requested ``artifact_ids`` among them.
+        Exceptions other than ``PyrsiaError`` and garbage become
+        :class:`~pyrsia_core.errors.PluginFailed` naming the plugin. Returned artifacts
+        always have ``size`` set. Without a ``sink`` a :class:`MemorySink` is used and
+        every artifact comes back with its
+        ``data`` (for tests and tools; the node passes its own sink).
         """
         from .errors import PyrsiaError
 
         package_id = self.parse_package_id(package_id)
         wanted = list(dict.fromkeys(artifact_ids))
+        memory = MemorySink() if sink is None else None
+        checked = _CheckedSink(sink if sink is not None else memory)  # type: ignore[arg-type]
         out: list[BuiltArtifact] = []
         seen: set[str] = set()
         try:
-            async for item in self._build(package_id, wanted):
-                if not isinstance(item, BuiltArtifact):
-                    raise PluginFailed(self.name, f"build yielded {type(item).__name__}, "
-                                       "not a BuiltArtifact")
-                if not isinstance(item.data, bytes) or len(item.data) > MAX_BUILT_ARTIFACT:
-                    raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has no "
-                                       "bytes or is too large")
-                if not isinstance(item.artifact_id, str) or not item.artifact_id or (
-                    item.artifact_id in seen
-                ):
-                    raise PluginFailed(self.name, "artifact ids must be unique non-empty "
-                                       f"strings, got {item.artifact_id!r:.100}")
-                if not isinstance(item.digest, Digest) or Digest.of(item.data) != item.digest:
-                    raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} does "
-                                       "not hash to the digest the plugin gave")
-                seen.add(item.artifact_id)
-                out.append(item)
+            async for item in self._build_into(package_id, wanted, checked):
+                out.append(self._checked_artifact(item, seen, checked))
                 if len(out) > MAX_BUILT_ARTIFACTS:
                     raise PluginFailed(self.name, "build yielded too many artifacts")
         except PyrsiaError:
@@ -651,7 +874,97 @@ class PackageType(ABC):
         if missing:
             raise PluginFailed(self.name, f"build of {package_id!r:.100} did not yield the "
                                f"requested {missing[0]!r:.100}")
+        if memory is not None:
+            out = [item if item.data is not None else
+                   attrs.evolve(item, data=memory.blobs[item.digest]) for item in out]
         return out
+
+    def _checked_artifact(
+        self, item: Any, seen: set[str], sink: _CheckedSink
+    ) -> BuiltArtifact:
+        if not isinstance(item, BuiltArtifact):
+            raise PluginFailed(self.name, f"build yielded {type(item).__name__}, "
+                               "not a BuiltArtifact")
+        if not isinstance(item.artifact_id, str) or not item.artifact_id or (
+            item.artifact_id in seen
+        ):
+            raise PluginFailed(self.name, "artifact ids must be unique non-empty "
+                               f"strings, got {item.artifact_id!r:.100}")
+        if not isinstance(item.digest, Digest):
+            raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has no Digest")
+        if not isinstance(item.media_type, str):
+            raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has a "
+                               "media type that is not a string")
+        if item.data is not None:
+            if not isinstance(item.data, bytes) or len(item.data) > MAX_BUILT_ARTIFACT:
+                raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has no "
+                                   "bytes or is too large")
+            if Digest.of(item.data) != item.digest:
+                raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} does "
+                                   "not hash to the digest the plugin gave")
+            if item.size is not None and item.size != len(item.data):
+                raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has "
+                                   f"{len(item.data)} bytes, not the size it gave")
+            item = attrs.evolve(item, size=len(item.data))
+        else:
+            stored = sink.stored.get(item.digest)
+            if stored is None:
+                raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} has no "
+                                   "bytes and its digest was not stored by this build")
+            if item.size is not None and item.size != stored:
+                raise PluginFailed(self.name, f"artifact {item.artifact_id!r:.100} claims "
+                                   f"{item.size!r:.30} bytes; {stored} were stored")
+            item = attrs.evolve(item, size=stored)
+        seen.add(item.artifact_id)
+        checked: BuiltArtifact = item
+        return checked
+
+
+async def send_verified_blob(
+    scope: MutableMapping[str, Any],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    blob: VerifiedBlob,
+    *,
+    offset: int = 0,
+    length: int | None = None,
+) -> None:
+    """Send ``length`` bytes of ``blob`` from ``offset`` as an ASGI response body.
+
+    With zero copy when the blob is a local file and the server offers it (the node's
+    ``pyrsia.sendfile`` extension, any range; the standard ``http.response.pathsend``,
+    whole file only); otherwise streamed in chunks. ``headers`` must already include
+    ``content-length``. A ``HEAD`` request gets the headers only.
+    """
+    count = blob.size - offset if length is None else length
+    start = {"type": "http.response.start", "status": status, "headers": list(headers)}
+    if scope.get("method") == "HEAD":
+        await send(start)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    extensions = scope.get("extensions") or {}
+    if blob.path is not None and "pyrsia.sendfile" in extensions:
+        await send(start)
+        await send({"type": "pyrsia.sendfile", "path": blob.path, "offset": offset,
+                    "count": count})
+        return
+    if (blob.path is not None and "http.response.pathsend" in extensions and offset == 0
+            and count == blob.size):
+        await send(start)
+        await send({"type": "http.response.pathsend", "path": blob.path})
+        return
+    await send(start)
+    body = blob.open(offset, count)
+    try:
+        async for chunk in body:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # --------------------------------------------------------------------------- time

@@ -1,7 +1,8 @@
-"""pyrsia_registry: the pyrsia node, its OCI Distribution API and node API (ASGI).
+"""pyrsia_registry: the pyrsia node and its node API (ASGI), for every installed
+package type (the Docker plugin's OCI Distribution API is mounted at ``/v2``).
 
 ``start_node(NodeConfig(...))`` runs a node inside your anyio program;
-``NodeApp``/``OciApp``/``NodeApi`` are ASGI apps you can mount in another server.
+``NodeApp``/``NodeApi`` are ASGI apps you can mount in another server.
 """
 
 from ._api import NodeApi, format_records
@@ -15,9 +16,7 @@ from ._config import (
     parse_size,
     save_settings,
 )
-from ._docker import DockerService
 from ._node import Build, BuildError, Node, NotInLog
-from ._oci import OciApp
 from ._runtime import RunningNode, run_node, start_node
 from ._verify_offline import VerifyFailed, VerifyReport, verify_offline
 from ._witness import WitnessTarget, parse_witness_target, verify_witnessed
@@ -27,13 +26,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Build",
     "BuildError",
-    "DockerService",
     "Node",
     "NodeApi",
     "NodeApp",
     "NodeConfig",
     "NotInLog",
-    "OciApp",
     "RunningNode",
     "VerifyFailed",
     "VerifyReport",

@@ -11,16 +11,13 @@ from typing import Any, Final
 from urllib.parse import parse_qsl
 
 import attrs
-from pyrsia_core.errors import EncodingError, PyrsiaError
-from pyrsia_pkg_docker import ImageRef, ReferenceError_
+from pyrsia_core.errors import BuildsBusy, EncodingError, PyrsiaError
 
 from pyrsia_core import RECORD_FIELDS, StoredRecord, canonical_loads
 
 from ._apiguard import api_request_problem, json_problem
 from ._asgi import Receive, Scope, Send, header_values, read_body, route_path, send_bytes, send_json
 from ._cacheapi import cache_route
-from ._docker import RECORD_TYPE, DockerService
-from ._node import BuildQueueFull, NotInLog
 
 __all__ = ["NodeApi", "format_records"]
 
@@ -64,15 +61,15 @@ def format_records(
 
 @attrs.define(eq=False)
 class NodeApi:
-    """``/api/ping``, ``/api/status``, ``/api/peers``, builds and inspect-log."""
+    """``/api/ping``, ``/api/status``, ``/api/peers``, ``/api/package-types``, builds and
+    inspect-log, for every installed package type (``/api/build/<type>``)."""
 
-    service: DockerService
-    #: The node's PackageService (package-type plugins: ``/api/build/maven`` etc.), if any.
-    packages: Any = None
+    #: The node's PackageService: its package-type plugins.
+    packages: Any
 
     @property
     def node(self) -> Any:
-        return self.service.node
+        return self.packages.node
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,10 +84,8 @@ class NodeApi:
             await self._dispatch(scope, receive, send)
         except ApiError as exc:
             await send_json(send, exc.status, {"error": str(exc)})
-        except BuildQueueFull as exc:
+        except BuildsBusy as exc:
             await send_json(send, 429, {"error": str(exc)}, [("retry-after", "5")])
-        except NotInLog as exc:  # e.g. hidden by the node's witness policy
-            await send_json(send, 404, {"error": str(exc)})
         except PyrsiaError as exc:
             log.error("node API %s failed: %s", scope.get("path"), exc)
             await send_json(send, 500, {"error": str(exc)})
@@ -120,6 +115,8 @@ class NodeApi:
         elif route == ["peers"] and method == "GET":
             peers = self.node.peers
             await send_json(send, 200, peers.peers() if peers is not None else [])
+        elif route == ["package-types"] and method == "GET":
+            await send_json(send, 200, self._package_types())
         elif len(route) == 2 and route[0] == "build" and method == "POST":
             self._require_json(scope)
             await self._build(scope, receive, send, route[1])
@@ -129,7 +126,7 @@ class NodeApi:
                 await send_json(send, 200, self.node.build_json(build))
                 return
             try:
-                remote = await self.service.forwarded_status(route[1])
+                remote = await self.packages.forwarded_status(route[1])
             except PyrsiaError as exc:
                 raise ApiError(503, f"build {route[1][:64]!r} runs on a build node that did not "
                                f"answer: {exc}") from None
@@ -154,7 +151,7 @@ class NodeApi:
         elif route[:1] == ["cache"]:
             await cache_route(self, scope, receive, send, route[1:])
         elif route and route[0] in ("ping", "status", "peers", "build", "builds", "inspect-log",
-                                    "authorize", "deauthorize", "config"):
+                                    "authorize", "deauthorize", "config", "package-types"):
             raise ApiError(405, f"{method} is not allowed on {path}")
         else:
             raise ApiError(404, f"no route for {path[:200]}")
@@ -193,15 +190,22 @@ class NodeApi:
         if problem is not None:
             raise ApiError(415, problem)
 
+    def _package_types(self) -> list[dict[str, Any]]:
+        """The installed package types: name, log record type, id parameter, mount."""
+        out = []
+        for name, host in sorted(self.packages.hosts.items()):
+            pt = host.package_type
+            out.append({"name": name, "record_type": pt.record_type, "id_param": pt.id_param,
+                        "mount_path": pt.mount_path, "builds": bool(pt.can_build)})
+        return out
+
     def _plugin(self, package_type: str) -> Any:
-        """The package-type plugin serving ``package_type``, or ``None`` for docker."""
-        if package_type == "docker":
-            return None
-        pt = self.packages.get(package_type) if self.packages is not None else None
+        """The package-type plugin serving ``package_type``."""
+        pt = self.packages.get(package_type)
         if pt is None:
-            known = ["docker", *(sorted(self.packages.hosts) if self.packages else [])]
-            raise ApiError(400, f"unknown package type {package_type!r} (known: "
-                           f"{', '.join(known)})")
+            known = sorted(self.packages.hosts)
+            raise ApiError(400, f"unknown package type {package_type!r:.100} (known: "
+                           f"{', '.join(known) or 'none installed'})")
         return pt
 
     def _package_id(self, pt: Any, text: Any) -> str:
@@ -214,16 +218,6 @@ class NodeApi:
         except ValueError as exc:
             raise ApiError(400, f"invalid {pt.id_param} {text!r:.200}: {exc}") from None
 
-    def _image(self, package_type: str, text: str | None) -> ImageRef:
-        if package_type != "docker":
-            raise ApiError(400, f"unknown package type {package_type!r} (known: docker)")
-        if not text:
-            raise ApiError(400, "an image is required, e.g. alpine:3.16.2")
-        try:
-            return ImageRef.parse(text)
-        except ReferenceError_ as exc:
-            raise ApiError(400, str(exc)) from None
-
     async def _build(self, scope: Scope, receive: Receive, send: Send, package_type: str) -> None:
         try:
             body: Any = canonical_loads(await read_body(receive, 64 * 1024) or b"{}")
@@ -232,23 +226,8 @@ class NodeApi:
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         pt = self._plugin(package_type)
-        if pt is not None:
-            await self._plugin_build(send, pt, self._package_id(pt, body.get(pt.id_param)))
-            return
-        ref = self._image(package_type, body.get("image"))
-        if await self.service.tag_digest(ref) is not None or (
-            ref.digest is not None and await self.service.in_log(ref, ref.digest)
-        ):
-            raise ApiError(409, f"Artifact already exists: {ref.package_id} is in the "
-                           "transparency log")
-        if not self.node.is_build_node:
-            try:
-                await send_json(send, 202, await self.service.forward_build(ref))
-            except PyrsiaError as exc:
-                raise ApiError(503, f"this node is not a build node, and {exc}") from None
-            return
-        build = self.service.request_build(ref)
-        await send_json(send, 202, build.to_json())
+        text = body.get(pt.id_param, body.get("package_id"))
+        await self._plugin_build(send, pt, self._package_id(pt, text))
 
     async def _plugin_build(self, send: Send, pt: Any, package_id: str) -> None:
         if await self.node.records_for_package(pt.record_type, package_id):
@@ -412,11 +391,8 @@ class NodeApi:
     async def _inspect(self, scope: Scope, send: Send, package_type: str) -> None:
         query = _query(scope)
         pt = self._plugin(package_type)
-        if pt is not None:
-            record_type, package_id = pt.record_type, self._package_id(pt, query.get(pt.id_param))
-        else:
-            ref = self._image(package_type, query.get("image"))
-            record_type, package_id = RECORD_TYPE, ref.package_id
+        record_type = pt.record_type
+        package_id = self._package_id(pt, query.get(pt.id_param, query.get("package_id")))
         fmt = query.get("format", "json")
         if fmt not in ("json", "csv"):
             raise ApiError(400, "format must be json or csv")
@@ -427,10 +403,7 @@ class NodeApi:
             if unknown:
                 raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; fields are "
                                f"{', '.join(FIELD_NAMES)}")
-        if pt is None:
-            await self.service.settle(package_id)
-        else:
-            await self._settle(record_type, package_id)
+        await self._settle(record_type, package_id)
         stored: list[StoredRecord] = await self.node.records_for_package(record_type, package_id)
         if not stored:
             raise ApiError(404, f"no transparency log records for {package_id}")

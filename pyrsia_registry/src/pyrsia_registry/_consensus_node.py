@@ -535,6 +535,13 @@ class ConsensusRunner:
                 "needed": needed, "build_nodes": len(validators),
                 "missing_build_nodes": silent, "reason": reason}
 
+    def progress(self) -> tuple[int | None, int, dict[str, int]]:
+        """For ``/metrics``: the height being decided (``None``: none), its round, and the
+        highest consensus height each build node sent a message for."""
+        machine = self.machine
+        round_ = machine.round if machine is not None and self._height is not None else 0
+        return self._height, round_, dict(self._heard_height)
+
     def _check_stall(self) -> None:
         stall = self.stall()
         now = self.node.clock.monotonic()

@@ -23,6 +23,7 @@ import anyio
 import attrs
 from pyrsia_core.errors import (
     BlobNotFound,
+    BuildsBusy,
     PyrsiaError,
     QuotaExceeded,
     StoreError,
@@ -43,9 +44,11 @@ from pyrsia_core import (
     SignedRecord,
     StoredRecord,
     make_genesis,
+    provenance,
 )
 from pyrsia_core import plugins as core_plugins
 
+from ._activity import Activity
 from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, save_settings
 from ._priority import ConsensusPriority
 from ._verify import ParallelRecordVerifier
@@ -76,7 +79,7 @@ class NotInLog(PyrsiaError, LookupError):
     """No log record vouches for the requested artifact."""
 
 
-class BuildQueueFull(BuildError):
+class BuildQueueFull(BuildError, BuildsBusy):
     """Too many builds are running or queued: the request is refused, try again later."""
 
 
@@ -201,6 +204,8 @@ class Node:
     _sizes: dict[str, int] = attrs.Factory(dict)
     _verify_locks: dict[str, anyio.Lock] = attrs.Factory(dict)
     _rechecked: dict[str, float] = attrs.Factory(dict)
+    #: Recent pulls, failures and counters for the status page and ``/metrics``.
+    activity: Activity = attrs.Factory(Activity)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -385,8 +390,8 @@ class Node:
     # -- the log -------------------------------------------------------------------
 
     async def records_for_package(self, package_type: str, package_id: str) -> list[StoredRecord]:
-        """The records of a package this node vouches for (with a witness policy: those
-        a witnessed checkpoint covers; :class:`NotInLog` if that hides every one)."""
+        """The records of a package this node vouches for (with a witness policy: only
+        those a witnessed checkpoint covers)."""
         records = await self.log_store.records_for_package(package_type, package_id)
         if self.witnesses is not None:
             return self.witnesses.visible(records, package_id)  # type: ignore[no-any-return]
@@ -481,6 +486,7 @@ class Node:
         running or waiting: past that, :class:`BuildQueueFull` (a client gets a 429).
         """
         key = (package_type, package_id)
+        provenance.building()
         existing = self._inflight.get(key)
         if existing is not None:
             return existing
@@ -545,7 +551,7 @@ class Node:
     # -- blobs ---------------------------------------------------------------------
 
     async def store_stream(
-        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None
+        self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None
     ) -> BlobInfo:
         """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
 
@@ -558,9 +564,11 @@ class Node:
             raise QuotaExceeded(
                 f"a blob of {size} bytes is larger than the disk quota ({quota} bytes)"
             )
-        if quota is None or await self.blobs.stat(expected) is not None:
+        if quota is None or (expected is not None
+                             and await self.blobs.stat(expected) is not None):
             info = await self.blobs.put(chunks, expected=expected, expected_size=size)
-            self._sizes[expected.hex] = info.size
+            self._sizes[info.digest.hex] = info.size
+            provenance.stored(info.size)
             return info
         held = 0  # bytes of this blob counted in _reserved
 
@@ -581,7 +589,8 @@ class Node:
             info = await self.blobs.put(metered(), expected=expected, expected_size=size)
         finally:
             self._reserved -= held
-        self._sizes[expected.hex] = info.size
+        self._sizes[info.digest.hex] = info.size
+        provenance.stored(info.size)
         return info
 
     async def put_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
@@ -615,6 +624,7 @@ class Node:
             info = await self.blobs.stat(digest)
             if info is not None and await self.blobs.delete(digest):
                 free += info.size
+                self.activity.evicted(info.size)
                 log.info("Evicted %s (%d bytes) to stay within the disk quota", digest, info.size)
             if free >= needed:
                 return
@@ -704,6 +714,7 @@ class Node:
         where = await move(digest) if move is not None else (
             "deleted" if await self.blobs.delete(digest) else None)
         if where is not None:
+            self.activity.failure("stored_copy_damaged", "this node's store", why, str(digest))
             log.error("Stored blob %s is damaged (%s): quarantined (%s); it is fetched again "
                       "when next needed", digest, why, where)
 
@@ -719,6 +730,9 @@ class Node:
             self._rechecked = {k: t for k, t in self._rechecked.items()
                                if now - t < RECHECK_INTERVAL}
         self._rechecked[digest.hex] = now
+        self.activity.failure("reported_mismatch", "this node's store (reported by a client "
+                              "or peer)", "the copy served from here was reported wrong; "
+                              "re-hashing it", str(digest))
         return await self.verify_stored(digest, force=True)
 
     async def scrub(self) -> None:

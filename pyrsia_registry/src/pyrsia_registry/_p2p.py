@@ -42,7 +42,14 @@ from pyrsia_core.errors import (
 )
 from pyrsia_core.interfaces import BlobInfo, PeerAddress, PeerBlob, PeerClient, PeerTransport
 
-from pyrsia_core import PARTS_RECORD_TYPE, CommittedBlock, Digest, PartList, PartListError
+from pyrsia_core import (
+    PARTS_RECORD_TYPE,
+    CommittedBlock,
+    Digest,
+    PartList,
+    PartListError,
+    provenance,
+)
 
 from ._node import Node
 from ._swarm import PartialBlob, SwarmFetch
@@ -122,6 +129,7 @@ class PeerStats:
     proven: bool = False
     served: int = 0  # blob transfers it completed for us
     sync_failures: int = 0  # sync attempts from it that failed, in a row
+    bytes_in: int = 0  # blob bytes received from it
 
 
 def _node_key(node_id: str) -> bytes:
@@ -158,6 +166,10 @@ class PeerService:
     _catching_up: bool = False
     _rejected_second: int = 0
     _rejected_logged: int = 0
+    #: For /readyz: the first bootstrap is over, and the heights peers reported in the last
+    #: sync round (node id -> height; peers of another network left out).
+    bootstrapped: bool = False
+    last_heads: dict[str, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         self.table = RoutingTable(_node_key(self.node.node_id), k=K)
@@ -368,10 +380,17 @@ class PeerService:
         st = self.stats.get(node_id)
         return st.address if st is not None and st.proven else None
 
-    def _blame(self, node_id: str, reason: str) -> None:
+    def received_from(self, node_id: str, count: int) -> None:
+        """Count ``count`` verified bytes received from peer ``node_id`` (swarm parts)."""
+        st = self.stats.get(node_id)
+        if st is not None:
+            st.bytes_in += count
+
+    def _blame(self, node_id: str, reason: str, kind: str = "peer_misbehaved") -> None:
         st = self.stats.get(node_id)
         if st is not None:
             st.misbehaved += 1
+        self.node.activity.failure(kind, f"peer {node_id}", reason)
         log.warning("Peer %s misbehaved: %s", node_id[:16], reason)
 
     def peers(self) -> list[dict[str, Any]]:
@@ -530,7 +549,7 @@ class PeerService:
         if env.type == "BUILD_REQUEST":
             return "BUILD_STATUS", await self.node.handle_build_request(body)
         if env.type == "GET_BUILD":
-            build = self.node.builds.get(body.get("build_id"))
+            build = self.node.builds.get(str(body.get("build_id")))
             if build is None:
                 raise ValueError("no such build")
             return "BUILD_STATUS", self.node.build_json(build)
@@ -549,12 +568,14 @@ class PeerService:
             run = partial.run_from(offset)
             if run <= 0:
                 return None
+            self.node.activity.uploading(run)
             return PeerBlob(size=partial.parts.size, offset=offset,
                             body=self._upload_partial(partial, offset, run))
         if not await self.node.records_for_artifact(digest):
             return None
         if offset < 0 or offset > info.size:
             return None
+        self.node.activity.uploading(info.size - offset)
         return PeerBlob(
             size=info.size,
             offset=offset,
@@ -597,6 +618,7 @@ class PeerService:
                 if self.bucket is not None:
                     delay = self.bucket.reserve(len(piece), self.node.clock.monotonic())
                     if delay > 0:
+                        self.node.activity.upload_waited(delay)
                         await anyio.sleep(delay)
                 yield piece
         finally:
@@ -793,6 +815,7 @@ class PeerService:
         async with anyio.create_task_group() as tg:
             for nid, st in self._polled():
                 tg.start_soon(head, nid, st)
+        self.last_heads = dict(heights)
         ahead = [nid for nid, h in heights.items() if h > self.node.log_store.ledger.height]
         ahead.sort(key=lambda nid: (self.stats[nid].sync_failures, -heights[nid]))
         for nid in ahead:
@@ -1078,7 +1101,8 @@ class PeerService:
         except DigestMismatch:
             suspects = list(dict.fromkeys(served_by))
             if len(suspects) == 1:
-                self._blame(suspects[0], f"sent bytes for {digest} that do not match the digest")
+                self._blame(suspects[0], f"sent bytes for {digest} that do not match the digest",
+                            "digest_mismatch")
             log.warning("Bytes for %s from %s did not match; asking each provider alone",
                         digest, ", ".join(n[:16] for n in suspects))
             info, honest = await self._fetch_strict(digest, providers, suspects)
@@ -1089,6 +1113,7 @@ class PeerService:
             ", ".join(n[:16] for n in dict.fromkeys(served_by)),
             info.size,
         )
+        provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)), info.size)
         if self._tg is not None:
             self._tg.start_soon(self.announce, [digest])
         return info
@@ -1121,6 +1146,7 @@ class PeerService:
             del self.swarms[digest.hex]
             del self.partials[digest.hex]
             partial.close()
+        provenance.note("pulled from peer " + ", ".join(swarm.served_by), info.size)
         return info
 
     async def _fetch_strict(
@@ -1137,7 +1163,8 @@ class PeerService:
                     self._chain(digest, [c], served), digest, None
                 )
             except DigestMismatch:
-                self._blame(nid, f"sent bytes for {digest} that do not match the digest")
+                self._blame(nid, f"sent bytes for {digest} that do not match the digest",
+                            "digest_mismatch")
                 continue
             except TransportError:
                 continue
@@ -1260,6 +1287,7 @@ class PeerService:
                 )
             finally:
                 st.inflight -= 1
+                st.bytes_in += got
                 elapsed = max(time.monotonic() - started, 1e-3)
                 if got:
                     rate = got / elapsed
@@ -1285,6 +1313,7 @@ class PeerService:
                     await self.bootstrap()
                 except (PyrsiaError, ValueError) as exc:
                     log.warning("Bootstrap incomplete: %s", exc)
+            self.bootstrapped = True
             while True:
                 await anyio.sleep(self.config.sync_interval)
                 for address in self.config.peers:  # configured peers are met again if lost

@@ -6,16 +6,24 @@ commit/consensus path as Docker builds) and its ASGI app is mounted under that p
 behind a :class:`GuardedApp`: a plugin that raises, hangs or sends garbage fails that
 request -- with an error naming the plugin, within ``timeout`` -- and nothing else.
 
-Validators rebuild plugin packages with :meth:`PackageService.rebuild_check`,
-dispatched by each record's ``package_type``. Docker keeps its own path
-(:class:`~pyrsia_registry.DockerService`).
+Validators rebuild packages with :meth:`PackageService.rebuild_check`, dispatched by
+each record's ``package_type``. The node knows no package type by name: Docker is a
+plugin like Maven (its OCI app is mounted at ``/v2``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any
 
 import anyio
@@ -29,12 +37,16 @@ from pyrsia_core.errors import (
     PyrsiaError,
 )
 from pyrsia_core.interfaces import (
+    ArtifactSink,
     ASGIApp,
+    BlobInfo,
     BuildInfo,
     BuiltArtifact,
     LoggedArtifact,
     PackageHost,
     PackageType,
+    Upstream,
+    VerifiedBlob,
 )
 
 from pyrsia_core import NODE_PACKAGE_TYPE, Block, Digest, Operation, Record
@@ -45,8 +57,7 @@ from ._node import Build, Node
 __all__ = ["GuardedApp", "PackageService", "PluginHost"]
 
 log = logging.getLogger("pyrsia.packages")
-DOCKER_RECORD_TYPE = "Docker"
-RESERVED_PATHS = ("/v2", "/api", "/p2p")
+RESERVED_PATHS = ("/api", "/p2p")
 
 
 def plugin_label(name: str) -> str:
@@ -56,6 +67,76 @@ def plugin_label(name: str) -> str:
     except PyrsiaError:
         spec = None
     return f"{name} ({spec.dist})" if spec is not None else name
+
+
+@attrs.define(eq=False)
+class NodeSink(ArtifactSink):
+    """A build's way into the node's blob store: verified, quota-aware, evicting only as
+    bytes arrive (:meth:`Node.store_stream`). Remembers the blobs it added, so that a
+    failed build leaves nothing behind (:meth:`discard`)."""
+
+    node: Node
+    created: list[Digest] = attrs.Factory(list)
+
+    async def store(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        expected: Digest | None = None,
+        size: int | None = None,
+    ) -> BlobInfo:
+        # Builds step aside while the build nodes decide a height.
+        await self.node.priority.wait()
+        if expected is not None:
+            if await self.node.verified_blob(expected) is not None:
+                info = await self.node.blobs.stat(expected)
+                if info is not None:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    return info
+            info = await self.node.store_stream(chunks, expected, size)
+            self.created.append(info.digest)
+            return info
+        info = await self.node.store_stream(chunks, None, size)
+        if not await self.node.records_for_artifact(info.digest):
+            self.created.append(info.digest)  # a logged blob is never removed again
+        return info
+
+    async def store_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.store(one(), expected=expected, size=len(data))
+
+    async def open(self, digest: Digest) -> VerifiedBlob | None:
+        info = await self.node.verified_blob(digest)
+        return _node_blob(self.node, info) if info is not None else None
+
+    @property
+    def quota(self) -> int | None:
+        return self.node.blobs.quota
+
+    def keep(self, *digests: Digest) -> None:
+        """These blobs are logged (or vouched for): :meth:`discard` leaves them."""
+        keep = set(digests)
+        self.created = [d for d in self.created if d not in keep]
+
+    async def discard(self) -> None:
+        """Remove the blobs this sink added and were not kept."""
+        with anyio.CancelScope(shield=True):
+            for digest in dict.fromkeys(self.created):
+                await self.node.blobs.delete(digest)
+        self.created.clear()
+
+
+def _node_blob(node: Node, info: BlobInfo) -> VerifiedBlob:
+    digest = info.digest
+
+    def reader(offset: int, length: int | None) -> AsyncIterator[bytes]:
+        return node.blobs.open(digest, offset=offset, length=length)
+
+    return VerifiedBlob(digest, info.size, reader, info.path)
 
 
 @attrs.define(eq=False)
@@ -77,6 +158,17 @@ class PluginHost(PackageHost):
     def is_build_node(self) -> bool:
         return self.node.is_build_node
 
+    @property
+    def upstream(self) -> Upstream | None:
+        return self.node.upstream
+
+    async def settle(self, prefix: str, *, limit: float = 5.0) -> None:
+        record_type = self.package_type.record_type
+        with anyio.move_on_after(limit):
+            for (package_type, package_id), running in list(self.node.inflight.items()):
+                if package_type == record_type and package_id.startswith(prefix):
+                    await running.done.wait()
+
     async def artifacts(self, package_id: str) -> list[LoggedArtifact]:
         latest: dict[str, LoggedArtifact] = {}
         for rec in await self.node.records_for_package(self.package_type.record_type,
@@ -96,6 +188,17 @@ class PluginHost(PackageHost):
             out.add(k[len(key) - len(prefix.encode()):].split(b"\0", 1)[0].decode())
         return sorted(out)
 
+    async def artifacts_with_digest(self, digest: Digest) -> list[LoggedArtifact]:
+        out: list[LoggedArtifact] = []
+        for rec in await self.node.records_for_artifact(digest):
+            r = rec.signed.record
+            if (r.package_type == self.package_type.record_type
+                    and r.operation == Operation.ADD_ARTIFACT):
+                out.append(LoggedArtifact(r.package_specific_id, r.package_specific_artifact_id,
+                                          Digest(r.artifact_hash), r.timestamp,
+                                          r.num_artifacts))
+        return out
+
     async def _vouched(self, artifact: LoggedArtifact) -> bool:
         for rec in await self.node.records_for_artifact(artifact.digest):
             r = rec.signed.record
@@ -106,58 +209,100 @@ class PluginHost(PackageHost):
                 return True
         return False
 
-    async def _local(self, digest: Digest) -> bytes | None:
-        if await self.node.local_blob(digest) is None:
-            return None
-        data = await self.node.blobs.read_bytes(digest)
-        if Digest.of(data) != digest:
-            log.error("Stored blob %s is corrupt; deleted, fetching it again", digest)
-            await self.node.blobs.delete(digest)
+    async def _local(self, digest: Digest) -> VerifiedBlob | None:
+        info = await self.node.verified_blob(digest)
+        if info is None:
             return None
         await self.node.touch(digest)
-        return data
+        return _node_blob(self.node, info)
 
-    async def read_artifact(self, artifact: LoggedArtifact) -> bytes:
+    async def open_artifact(self, artifact: LoggedArtifact) -> VerifiedBlob:
         if not isinstance(artifact, LoggedArtifact) or not await self._vouched(artifact):
             raise ArtifactUnavailable(f"{getattr(artifact, 'artifact_id', artifact)!r:.200} is "
                                       "not in the transparency log")
         digest = artifact.digest
-        data = await self._local(digest)
-        if data is not None:
-            return data
+        blob = await self._local(digest)
+        if blob is not None:
+            return blob
         async with self.node.fetch_lock(digest):
-            data = await self._local(digest)
-            if data is not None:
-                return data
+            blob = await self._local(digest)
+            if blob is not None:
+                return blob
             peers = self.node.peers
             if peers is not None and len(peers.table):
                 try:
                     await peers.fetch(digest)
                     log.info("%s (%s) pulled from a peer", artifact.artifact_id, digest)
-                    data = await self._local(digest)
-                    if data is not None:
-                        return data
+                    blob = await self._local(digest)
+                    if blob is not None:
+                        return blob
                 except PyrsiaError as exc:
                     log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
+            blob = await self._fetch_again(artifact)
+            if blob is not None:
+                return blob
             if not self.node.is_build_node:
                 raise ArtifactUnavailable(f"{artifact.artifact_id} is not stored here and no "
                                           "peer provides it")
             # A build node fetches it again from the upstream: the bytes must still be
             # the ones the log vouches for.
-            built = await self.service.run_plugin_build(self.package_type, artifact.package_id,
-                                                        [artifact.artifact_id])
-            for item in built:
-                if item.artifact_id == artifact.artifact_id and item.digest == digest:
-                    await self.node.make_room(len(item.data))
-                    await self.node.blobs.put_bytes(item.data, expected=digest)
-                    log.info("%s (%s) fetched again from the upstream", artifact.artifact_id,
-                             digest)
-                    return item.data
+            sink = NodeSink(self.node)
+            try:
+                built = await self.service.run_plugin_build(
+                    self.package_type, artifact.package_id, [artifact.artifact_id], sink)
+                for item in built:
+                    if item.artifact_id == artifact.artifact_id and item.digest == digest:
+                        if item.data is not None:
+                            await sink.store_bytes(item.data, digest)
+                        sink.keep(digest)
+                        log.info("%s (%s) fetched again from the upstream",
+                                 artifact.artifact_id, digest)
+                        blob = await self._local(digest)
+                        if blob is not None:
+                            return blob
+            finally:
+                await sink.discard()
             log.error("The upstream now serves other bytes for %s than the log vouches for "
                       "(%s); not served", artifact.artifact_id, digest)
             raise ArtifactUnavailable(
                 f"the upstream no longer provides {artifact.artifact_id} with the logged digest "
                 f"{digest} (tampered or changed upstream); not served")
+
+    async def _fetch_again(self, artifact: LoggedArtifact) -> VerifiedBlob | None:
+        """The plugin's own re-fetch of one artifact (a build node, or a node with an
+        upstream), verified against the logged digest; ``None`` if it has none."""
+        if not (self.node.is_build_node or self.node.upstream is not None):
+            return None
+        pt = self.package_type
+        if type(pt).fetch_artifact is PackageType.fetch_artifact:
+            return None
+        sink = NodeSink(self.node)
+        label = plugin_label(pt.name)
+        try:
+            with anyio.fail_after(_timeout(pt, "build_timeout", self.service.timeout)):
+                fetched = await pt.fetch_artifact(artifact, sink)
+            if fetched is True:
+                blob = await self._local(artifact.digest)
+                if blob is not None:
+                    sink.keep(artifact.digest)
+                    return blob
+            return None
+        except TimeoutError:
+            log.warning("package type %s: re-fetching %s took too long", label,
+                        artifact.artifact_id)
+            return None
+        except PyrsiaError as exc:
+            raise ArtifactUnavailable(f"{artifact.artifact_id} could not be fetched again: "
+                                      f"{exc}") from None
+        except Exception as exc:
+            raise ArtifactUnavailable(f"package type {label} failed to fetch "
+                                      f"{artifact.artifact_id}: {type(exc).__name__}: {exc}"
+                                      ) from None
+        finally:
+            await sink.discard()
+
+    async def report_mismatch(self, digest: Digest) -> None:
+        await self.node.quarantine(digest, "a served blob failed its re-hash")
 
     async def build(self, package_id: str, *, artifact_ids: Sequence[str] = ()) -> BuildInfo:
         return await self.service.build(self.package_type, package_id, artifact_ids)
@@ -165,17 +310,19 @@ class PluginHost(PackageHost):
 
 @attrs.define(eq=False)
 class PackageService:
-    """The node's package-type plugins other than Docker: mounts, builds, rebuild checks."""
+    """The node's package-type plugins: mounts, builds, rebuild checks."""
 
     node: Node
     task_group: anyio.abc.TaskGroup | None = None
     #: Seconds a plugin may take to build, or to start (and continue) a response.
     timeout: float = 60.0
     hosts: dict[str, PluginHost] = attrs.Factory(dict)
+    #: Builds this (regular) node asked a build node for: build id -> that node's address.
+    forwarded: dict[str, str] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         for name, pt in self.node.package_types.items():
-            if name != "docker" and isinstance(pt, PackageType):
+            if isinstance(pt, PackageType):
                 self.hosts[name] = PluginHost(self, pt)
 
     def get(self, name: str) -> PackageType | None:
@@ -209,23 +356,30 @@ class PackageService:
             except Exception as exc:
                 log.error("package type %s failed to create its app: %s", label, exc)
                 app = _failed_app(f"it failed to start: {type(exc).__name__}: {exc}")
-            out[path.rstrip("/")] = GuardedApp(app, label, self.timeout)
+            out[path.rstrip("/")] = GuardedApp(
+                app, label, _timeout(host.package_type, "response_timeout", self.timeout))
             log.info("Package type %s serves %s", label, path)
         return out
 
     # -- builds --------------------------------------------------------------------------
 
     async def run_plugin_build(
-        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str] = ()
+        self, pt: PackageType, package_id: str, artifact_ids: Sequence[str], sink: NodeSink
     ) -> list[BuiltArtifact]:
-        """The plugin's checked build, bounded by the timeout; failures name the plugin."""
+        """The plugin's checked build into ``sink``, bounded by the timeout; failures name
+        the plugin. The artifacts that carry bytes are stored too."""
         label = plugin_label(pt.name)
+        timeout = _timeout(pt, "build_timeout", self.timeout)
         try:
-            with anyio.fail_after(self.timeout):
-                return await pt.build(package_id, artifact_ids=artifact_ids)
+            with anyio.fail_after(timeout):
+                built = await pt.build(package_id, artifact_ids=artifact_ids, sink=sink)
+                for item in built:
+                    if item.data is not None:
+                        await sink.store_bytes(item.data, item.digest)
+            return built
         except TimeoutError:
             raise PluginFailed(label, f"build of {package_id!r:.200} did not finish within "
-                               f"{self.timeout:g} s") from None
+                               f"{timeout:g} s") from None
         except PluginFailed as exc:
             raise PluginFailed(label, exc.reason) from None
         except PyrsiaError:
@@ -285,8 +439,21 @@ class PackageService:
     async def _build(
         self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build
     ) -> int:
+        sink = NodeSink(self.node)
         try:
-            built = await self.run_plugin_build(pt, package_id, artifact_ids)
+            return await self._build_commit(pt, package_id, artifact_ids, build, sink)
+        finally:
+            await sink.discard()  # after a commit, everything kept is logged
+
+    async def _build_commit(
+        self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build,
+        sink: NodeSink,
+    ) -> int:
+        """The one commit path of plugin builds: build into the node's store, sign one
+        record per new artifact, log part lists of large blobs, commit (with consensus),
+        announce."""
+        try:
+            built = await self.run_plugin_build(pt, package_id, artifact_ids, sink)
         except ArtifactUnavailable:
             build.result = "NOT_FOUND"
             raise
@@ -299,57 +466,39 @@ class PackageService:
         if not built:
             build.records = 0
             return self.node.log_store.ledger.height
-        created = await self._store(built)
-        try:
-            now = int(self.node.clock.now())
-            records = [
-                Record.new(signer=self.node.signer, package_type=pt.record_type,
-                           package_specific_id=package_id,
-                           package_specific_artifact_id=item.artifact_id,
-                           artifact_hash=item.digest.hex, num_artifacts=len(built),
-                           timestamp=now)
-                for item in built
-            ]
-            committed = await self.node.commit(records)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for digest in created:
-                    await self.node.blobs.delete(digest)
-            raise
+        now = int(self.node.clock.now())
+        records = [
+            Record.new(signer=self.node.signer, package_type=pt.record_type,
+                       package_specific_id=package_id,
+                       package_specific_artifact_id=item.artifact_id,
+                       artifact_hash=item.digest.hex, num_artifacts=len(built),
+                       timestamp=now)
+            for item in built
+        ]
+        digests = list(dict.fromkeys(i.digest for i in built))
+        # Large blobs also get a logged part list, so nodes fetching them at once can
+        # share verified parts (swarm fetch); it rides in the same block.
+        part_records = await self.node.part_list_records(digests, now)
+        committed = await self.node.commit(records + part_records)
+        sink.keep(*digests)
         build.records = len(records)
         if self.node.peers is not None and self.task_group is not None:
-            self.task_group.start_soon(self.node.peers.announce,
-                                       list(dict.fromkeys(i.digest for i in built)))
+            self.task_group.start_soon(
+                self.node.peers.announce,
+                digests + [Digest.parse("sha256:" + r.artifact_hash) for r in part_records])
         log.info("Built %s %s: %d artifacts, block %d", pt.name, package_id, len(records),
                  committed.block.height)
         return committed.block.height
 
-    async def _store(self, built: list[BuiltArtifact]) -> list[Digest]:
-        """Store the (already checked) artifacts; the digests this call added."""
-        created: list[Digest] = []
-        try:
-            for item in built:
-                if await self.node.local_blob(item.digest) is None:
-                    await self.node.make_room(len(item.data))
-                    await self.node.blobs.put_bytes(item.data, expected=item.digest)
-                    created.append(item.digest)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                for digest in created:
-                    await self.node.blobs.delete(digest)
-            raise
-        return created
-
     async def rebuild_check(self, block: Block) -> bool:
-        """Did this node, building every plugin package of ``block`` itself (asking for
-        each claimed artifact), get the claimed hash for every claimed artifact? Docker
-        and node records are checked elsewhere; an artifact of a type no plugin here
-        builds is not vouched for."""
+        """Did this node, building every package of ``block`` itself (asking for each
+        claimed artifact), get the claimed hash for every claimed artifact? Node records
+        are checked elsewhere; an artifact of a type no plugin here builds is not
+        vouched for."""
         packages: dict[tuple[str, str], set[tuple[str, str]]] = {}
         for sr in block.records:
             r = sr.record
-            if r.operation != Operation.ADD_ARTIFACT or r.package_type in (
-                    DOCKER_RECORD_TYPE, NODE_PACKAGE_TYPE):
+            if r.operation != Operation.ADD_ARTIFACT or r.package_type == NODE_PACKAGE_TYPE:
                 continue
             packages.setdefault((r.package_type, r.package_specific_id), set()).add(
                 (r.package_specific_artifact_id, r.artifact_hash))
@@ -359,33 +508,37 @@ class PackageService:
                 log.warning("Cannot rebuild %s %s: no package type here builds it",
                             record_type, package_id)
                 return False
+            sink = NodeSink(self.node)
             try:
                 built = await self.run_plugin_build(pt, package_id,
-                                                    sorted(aid for aid, _ in claimed))
+                                                    sorted(aid for aid, _ in claimed), sink)
                 mine = {(item.artifact_id, item.digest.hex) for item in built}
                 if not claimed <= mine:
                     log.warning("Proposal claims hashes for %s %s that differ from this "
                                 "node's build", record_type, package_id)
                     return False
-                await self._store(built)  # this validator can serve them too
+                # This validator can serve them too (and check their part lists).
+                sink.keep(*(Digest(h) for _, h in claimed))
             except (PyrsiaError, DigestMismatch) as exc:
                 log.warning("Could not rebuild %s %s to check a proposal: %s", record_type,
                             package_id, exc)
                 return False
+            finally:
+                await sink.discard()
         return True
 
     # -- build requests between nodes --------------------------------------------------
 
-    def build_request_handler(
-        self, docker: Callable[[Any], Awaitable[dict[str, Any]]]
-    ) -> Callable[[Any], Awaitable[dict[str, Any]]]:
-        """A BUILD_REQUEST handler: plugin package types here, Docker to ``docker``."""
+    def build_request_handler(self) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        """A BUILD_REQUEST handler: ``{"package_type", "package_id", "artifact_ids"}``."""
 
         async def handle(body: Any) -> dict[str, Any]:
-            name = body.get("package_type", "docker") if isinstance(body, dict) else None
+            name = body.get("package_type") if isinstance(body, dict) else None
             pt = self.get(name) if isinstance(name, str) else None
             if pt is None:
-                return await docker(body)
+                raise ValueError(f"BUILD_REQUEST for package type {str(name)[:40]!r}, which "
+                                 f"this node does not have (it has: "
+                                 f"{', '.join(sorted(self.hosts)) or 'none'})")
             if not self.node.is_build_node:
                 raise BuildFailed("this node is not a build node")
             package_id = _parse(pt, str(body.get("package_id", "")))
@@ -408,14 +561,33 @@ class PackageService:
         if self.node.peers is None:
             raise BuildFailed("no build node could be reached: none known")
         try:
-            status, _ = await self.node.peers.request_build(
+            status, address = await self.node.peers.request_build(
                 {"package_type": pt.name, "package_id": package_id,
                  "artifact_ids": list(artifact_ids)})
         except PyrsiaError as exc:
             raise BuildFailed(str(exc)) from None
+        if "build_id" in status:
+            self.forwarded[str(status["build_id"])] = address
         log.info("Sent a build request for %s %s to build node %s", pt.name, package_id,
                  status["build_node"][:16])
-        return status
+        return dict(status)
+
+    async def forwarded_status(self, build_id: str) -> dict[str, Any] | None:
+        """The status of a build this node forwarded, asked of the build node doing it."""
+        address = self.forwarded.get(build_id)
+        peers = self.node.peers
+        if address is None or peers is None:
+            return None
+        env = await peers.rpc(address, "GET_BUILD", {"build_id": build_id}, {"BUILD_STATUS"})
+        return dict(env.body)
+
+
+def _timeout(pt: PackageType, name: str, default: float) -> float:
+    """A package type's own timeout (``build_timeout``...), if it sets a sane one."""
+    value = getattr(pt, name, None)
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 86400:
+        return float(value)
+    return default
 
 
 def _parse(pt: PackageType, text: str) -> str:
@@ -469,6 +641,28 @@ def _valid_body(message: Any) -> bool:
             and isinstance(message.get("more_body", False), bool))
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _zero_copy(message: Any, scope: _Scope) -> dict[str, Any] | None:
+    """A well-formed zero-copy body message the server offers (``send_verified_blob``),
+    normalised; ``None`` for anything else."""
+    if not isinstance(message, Mapping):
+        return None
+    kind = message.get("type")
+    extensions = scope.get("extensions") or {}
+    path = message.get("path")
+    if kind not in extensions or not isinstance(path, str) or not path or "\0" in path:
+        return None
+    if kind == "pyrsia.sendfile" and _int(message.get("offset")) and _int(message.get("count")):
+        return {"type": kind, "path": path, "offset": message["offset"],
+                "count": message["count"]}
+    if kind == "http.response.pathsend":
+        return {"type": kind, "path": path}
+    return None
+
+
 class _PluginGarbage(Exception):
     pass
 
@@ -513,6 +707,8 @@ class GuardedApp:
                 started = True
                 message = {"type": "http.response.start", "status": message["status"],
                            "headers": list(message.get("headers", []))}
+            elif (zero_copy := _zero_copy(message, scope)) is not None:
+                message, finished = zero_copy, True
             else:
                 if not _valid_body(message):
                     raise _PluginGarbage(f"sent {_describe(message)} instead of "

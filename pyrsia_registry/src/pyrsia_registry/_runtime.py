@@ -20,9 +20,7 @@ from ._api import NodeApi
 from ._app import NodeApp
 from ._config import NodeConfig
 from ._consensus_node import ConsensusRunner
-from ._docker import DockerService
 from ._node import Node
-from ._oci import OciApp
 from ._p2p import PeerConfig, PeerService
 from ._packages import PackageService
 from ._transports import create_transports, transport_names
@@ -39,10 +37,9 @@ class RunningNode:
 
     node: Node
     app: NodeApp
-    service: DockerService
+    #: The package-type plugins (Docker, Maven, ...): their builds and rebuild checks.
+    packages: PackageService
     port: int | None = None
-    #: The package-type plugins (Maven, ...): their builds and rebuild checks.
-    packages: PackageService | None = None
 
     @property
     def url(self) -> str:
@@ -90,7 +87,6 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
     try:
         node.witnesses = witnesses = await WitnessService.open(node)
         async with anyio.create_task_group() as tg:
-            service = DockerService(node, tg)
             peers = PeerService(node, transport, peer_config)
             node.peers = peers
 
@@ -107,16 +103,14 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
             packages = PackageService(node, tg, timeout=config.plugin_timeout)
 
             async def rebuild_check(block: Any) -> bool:
-                # Each record is rebuilt by its own package type (Docker, or a plugin);
+                # Each record is rebuilt by its own package type (a plugin);
                 # then the part lists of large blobs are recomputed from this node's copy.
                 plain = tuple(
                     r for r in block.records if r.record.package_type != PARTS_RECORD_TYPE
                 )
-                if plain:
-                    built = attrs.evolve(block, records=plain)
-                    if not (await service.rebuild_check(built)
-                            and await packages.rebuild_check(built)):
-                        return False
+                if plain and not await packages.rebuild_check(
+                        attrs.evolve(block, records=plain)):
+                    return False
                 return await node.check_part_lists(block)
 
             consensus = ConsensusRunner(
@@ -125,12 +119,11 @@ async def start_node(config: NodeConfig, *, serve_http: bool = True) -> AsyncIte
                 stall_after=min(10.0, config.consensus_timeout / 3),
             )
             node.consensus = consensus
-            node.build_request_handler = packages.build_request_handler(
-                service.handle_build_request)
+            node.build_request_handler = packages.build_request_handler()
             p2p_app = transport.asgi_app(peers.handle, peers.blob_source)
-            app = NodeApp(OciApp(service), NodeApi(service, packages), p2p_app,
-                          packages.mounts(), witness=WitnessApp(witnesses))
-            running = RunningNode(node, app, service, packages=packages)
+            app = NodeApp(NodeApi(packages), p2p_app, packages.mounts(),
+                          witness=WitnessApp(witnesses))
+            running = RunningNode(node, app, packages)
             if serve_http:
                 from ._server import serve
 
@@ -190,12 +183,14 @@ def _check_address(host: str, port: int) -> None:
 
 
 def _upstreams(node: Node) -> list[str]:
-    """Where the node builds from: its registry upstream and each package type's."""
-    out = [f"docker {node.config.upstream}"] if node.config.upstream else []
+    """Where the node builds from: each package type's own upstream, or the node's."""
+    out = []
     for name, pt in sorted(node.package_types.items()):
         url = getattr(pt, "upstream_url", None) or getattr(pt, "upstream", None)
         if isinstance(url, str) and url:
             out.append(f"{name} {url}")
+        elif getattr(pt, "can_build", False) and node.config.upstream:
+            out.append(f"{name} {node.config.upstream}")
     return out
 
 
@@ -370,15 +365,27 @@ class _GenesisOnly:
 
 
 async def run_node(config: NodeConfig) -> None:
-    """Serve until cancelled, SIGINT (Ctrl-C) or SIGTERM; then close the stores cleanly."""
+    """Serve until cancelled, SIGINT (Ctrl-C) or SIGTERM; then close the stores cleanly.
+
+    The signals are caught from the start: a node still starting (waiting for its peers)
+    stops as cleanly as a running one."""
     import signal
 
-    async with start_node(config) as running:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    started: list[RunningNode] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def serve() -> None:
+                async with start_node(config) as running:
+                    started.append(running)
+                    await anyio.sleep_forever()
+
+            tg.start_soon(serve)
             async for signum in signals:
                 log.info(
                     "Received %s, stopping node %s",
                     signal.Signals(signum).name,
-                    running.node.node_id,
+                    started[0].node.node_id if started else "(still starting)",
                 )
-                return
+                tg.cancel_scope.cancel()
+                break

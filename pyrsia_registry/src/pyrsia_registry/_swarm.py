@@ -17,21 +17,59 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
+from pyrsia_core._kademlia import Contact
+from pyrsia_core._wire import Envelope
 from pyrsia_core.errors import PeerMisbehaved, PyrsiaError, TransportError
-from pyrsia_core.interfaces import BlobInfo, PeerBlob
+from pyrsia_core.interfaces import BlobInfo, PeerBlob, PeerClient
 
 from pyrsia_core import Digest, PartList
 
-if TYPE_CHECKING:
-    from ._p2p import PeerService
+from ._node import Node
 
-__all__ = ["PartialBlob", "SwarmFetch"]
+__all__ = ["PartialBlob", "SwarmFetch", "SwarmPeers"]
+
+
+class _Timeouts(Protocol):
+    @property
+    def blob_timeout(self) -> float: ...
+
+
+class SwarmPeers(Protocol):
+    """What a swarm fetch needs of the peer service: the dependency points from the peer
+    service to the swarm only (``_p2p`` imports ``_swarm``, never the other way)."""
+
+    @property
+    def node(self) -> Node: ...
+
+    @property
+    def config(self) -> _Timeouts: ...
+
+    async def _client(self, address: str) -> PeerClient: ...
+
+    def _blame(self, node_id: str, reason: str) -> None: ...
+
+    async def announce(self, digests: Sequence[Digest]) -> None: ...
+
+    async def find_providers(self, digest: Digest) -> list[Contact]: ...
+
+    def _rank(self, providers: list[Contact], key: bytes) -> list[Contact]: ...
+
+    async def rpc(
+        self, address: str, type_: str, body: dict[str, Any], expect: set[str],
+        attachment: bytes | None = None, *, timeout: float | None = None,  # noqa: ASYNC109
+        sender: str | None = None,
+    ) -> Envelope: ...
+
+    def query_timeout(self, node_id: str) -> float: ...
+
+    def received_from(self, node_id: str, count: int) -> None:
+        """Count ``count`` verified bytes received from peer ``node_id``."""
 
 log = logging.getLogger("pyrsia.p2p")
 
@@ -155,7 +193,7 @@ class _Holder:
 class SwarmFetch:
     """One swarm fetch of ``digest`` by ``peers``' node."""
 
-    peers: PeerService
+    peers: SwarmPeers
     digest: Digest
     parts: PartList
     partial: PartialBlob
@@ -339,6 +377,7 @@ class SwarmFetch:
                                 holder.node_id, f"sent a wrong part {index} of {self.digest}")
                         self.partial.write(index, data)
                         self.received += length
+                        self.peers.received_from(holder.node_id, length)
                         self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
                         self.inflight.discard(index)
                         self._part_written()

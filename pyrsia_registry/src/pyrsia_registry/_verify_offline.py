@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import attrs
 from pyrsia_core.errors import PyrsiaError, VerificationError
-from pyrsia_pkg_docker import ImageRef
 
 from pyrsia_core import Digest, Ledger, LogStore, leaf_hash, verify_inclusion
+from pyrsia_core import plugins as core_plugins
 
 __all__ = ["VerifyFailed", "VerifyReport", "verify_offline"]
 
@@ -48,15 +49,36 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-async def verify_offline(data_dir: Path, image: str, package_type: str = "docker"
-                         ) -> VerifyReport:
-    """Verify ``image`` from ``data_dir``; raise :class:`VerifyFailed` with the reason."""
-    if package_type != "docker":
-        raise VerifyFailed(f"unknown package type {package_type!r} (known: docker)")
+#: ``progress(stage, done, total)``: ``"blocks"`` replayed, ``"artifacts"`` hashed.
+Progress = Callable[[str, int, int], None]
+
+
+def _package(package_type: str, text: str) -> tuple[str, str]:
+    """``(record type, normalised package id)`` through the installed package type."""
     try:
-        ref = ImageRef.parse(image)
+        known = sorted(core_plugins.available("pyrsia.package_type"))
+    except PyrsiaError:
+        known = []
+    if package_type not in known:
+        raise VerifyFailed(f"unknown package type {package_type!r:.100} (known: "
+                           f"{', '.join(known) or 'none installed'})")
+    try:
+        pt = core_plugins.create("pyrsia.package_type", package_type, {})
+        return str(pt.record_type), str(pt.parse_package_id(text))
     except ValueError as exc:
         raise VerifyFailed(str(exc)) from None
+    except PyrsiaError as exc:
+        raise VerifyFailed(f"package type {package_type}: {exc}") from None
+
+
+async def verify_offline(data_dir: Path, image: str, package_type: str = "docker",
+                         progress: Progress | None = None) -> VerifyReport:
+    """Verify package ``image`` of ``package_type`` (any installed package type) from
+    ``data_dir``; raise :class:`VerifyFailed` with the reason.
+
+    ``progress`` (optional) is told how far the replay and the hashing are."""
+    tell: Progress = progress or (lambda stage, done, total: None)
+    record_type, package_id = _package(package_type, image)
     ledger_dir = data_dir / "ledger"
     if not ledger_dir.is_dir():
         raise VerifyFailed(f"{data_dir} holds no ledger (is it a pyrsia data directory?)")
@@ -81,18 +103,20 @@ async def verify_offline(data_dir: Path, image: str, package_type: str = "docker
                     if committed is None:
                         raise VerifyFailed(f"block {height} is missing from the ledger")
                     replay.append(committed)
+                    tell("blocks", height, head)
             except VerificationError as exc:
                 raise VerifyFailed(f"the ledger does not verify: {exc}") from None
             if replay.tree.root() != store.ledger.tree.root():
                 raise VerifyFailed("the stored Merkle tree differs from the replayed ledger")
-            records = await store.records_for_package("Docker", ref.package_id)
+            records = await store.records_for_package(record_type, package_id)
             if not records:
-                raise VerifyFailed(f"no log record for {ref.package_id}: it was never built "
+                raise VerifyFailed(f"no log record for {package_id}: it was never built "
                                    "(or this node has not synced it)")
-            report = VerifyReport(ref.package_id, head, replay.tree.size,
+            report = VerifyReport(package_id, head, replay.tree.size,
                                   len(replay.validators))
             root, size = replay.tree.root(), replay.tree.size
-            for rec in records:
+            for done, rec in enumerate(records):
+                tell("artifacts", done, len(records))
                 record = rec.signed.record
                 try:
                     rec.signed.verify()
@@ -112,6 +136,7 @@ async def verify_offline(data_dir: Path, image: str, package_type: str = "docker
                     report.blobs_checked += 1
                 else:
                     report.blobs_missing += 1
+            tell("artifacts", len(records), len(records))
             return report
         finally:
             await kv.aclose()

@@ -396,18 +396,18 @@ class WitnessService:
     # -- serving ----------------------------------------------------------------------------
 
     def visible(self, records: list[StoredRecord], what: str) -> list[StoredRecord]:
-        """Records a policy lets this node serve: those covered by a witnessed checkpoint.
-        If it hides every one, :class:`NotInLog` names the policy."""
+        """Records a policy lets this node serve: those a witnessed checkpoint covers.
+        Hidden ones are left out (every package type then answers "not in the log"), and
+        the log says that the policy hid them."""
         if self.policy is None or not records:
             return records
         shown = [r for r in records if r.height <= self.trusted_height]
-        if not shown:
-            from ._node import NotInLog
-
+        if len(shown) < len(records):
             names = ", ".join(c.name for c in self.policy.cosigners)
-            raise NotInLog(f"{what} is logged only in blocks that no checkpoint with "
-                           f"{self.policy.threshold} witness cosignatures covers yet (witness "
-                           f"policy: {self.policy.threshold} of {names}); not served")
+            log.info("%d record(s) of %s not served: no checkpoint with %d witness "
+                     "cosignatures covers them yet (witness policy: %d of %s)",
+                     len(records) - len(shown), what, self.policy.threshold,
+                     self.policy.threshold, names)
         return shown
 
     async def _find_trusted(self) -> None:
@@ -468,7 +468,7 @@ class WitnessApp:
         await send_bytes(send, status, answer.encode(), content_type=content_type)
 
 
-async def verify_witnessed(data_dir: Path, record_type: str, package_id: str,
+async def verify_witnessed(data_dir: Path, package_type: str, package: str,
                            policy: WitnessPolicy) -> tuple[int, frozenset[str]]:
     """For ``pyrsia verify --witness-policy``: the height of the newest stored checkpoint
     with the policy's cosignatures that covers every record of the package, and the
@@ -481,7 +481,9 @@ async def verify_witnessed(data_dir: Path, record_type: str, package_id: str,
 
     from pyrsia_core import LogStore
 
-    from ._verify_offline import VerifyFailed
+    from ._verify_offline import VerifyFailed, _package
+
+    record_type, package_id = _package(package_type, package)
 
     with tempfile.TemporaryDirectory(prefix="pyrsia-verify-") as tmp:
         copy = Path(tmp) / "ledger"

@@ -1,4 +1,6 @@
-"""Pyrsia's Docker/OCI package type and OCI registry upstream."""
+"""Pyrsia's Docker/OCI package type: the OCI Distribution pull API (``/v2``), image
+builds from a registry (token auth, manifest lists and platforms), and the registry
+upstream. It uses :mod:`pyrsia_core` only, like any third-party package type."""
 
 from ._model import (
     ALL_MANIFEST_TYPES,
@@ -8,7 +10,6 @@ from ._model import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
-    DockerPackageType,
     ImageRef,
     Manifest,
     ManifestError,
@@ -18,6 +19,9 @@ from ._model import (
     validate_repository,
     validate_tag,
 )
+from ._oci import OciApp
+from ._package import DockerPackageType
+from ._service import DockerService, NotInLog
 from ._upstream import RegistryUpstream, UpstreamError
 
 __all__ = [
@@ -29,9 +33,12 @@ __all__ = [
     "OCI_MANIFEST",
     "Descriptor",
     "DockerPackageType",
+    "DockerService",
     "ImageRef",
     "Manifest",
     "ManifestError",
+    "NotInLog",
+    "OciApp",
     "ReferenceError_",
     "RegistryUpstream",
     "UpstreamError",

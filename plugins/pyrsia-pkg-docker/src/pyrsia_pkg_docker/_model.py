@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Final
+from typing import Any, Final, cast
 
 import attrs
 from pyrsia_core.errors import DigestError, PyrsiaError
-from pyrsia_core.interfaces import PackageType
 
 from pyrsia_core import Digest
 
@@ -21,7 +20,6 @@ __all__ = [
     "OCI_INDEX",
     "OCI_MANIFEST",
     "Descriptor",
-    "DockerPackageType",
     "ImageRef",
     "Manifest",
     "ManifestError",
@@ -208,7 +206,7 @@ def _descriptor(d: Any) -> Descriptor:
     if not isinstance(media_type, str) or type(size) is not int or size < 0:
         raise ManifestError("manifest descriptor needs mediaType and a non-negative size")
     try:
-        parsed = Digest.parse(digest)
+        parsed = Digest.parse(cast(str, digest))  # a non-string is a DigestError too
     except DigestError as exc:
         raise ManifestError(f"manifest descriptor digest: {exc}") from None
     platform = d.get("platform")
@@ -229,19 +227,3 @@ def choose_platform(
     return None
 
 
-class DockerPackageType(PackageType):
-    """Docker/OCI images: ``package_type`` "Docker" in log records."""
-
-    name: ClassVar[str] = "docker"
-    record_type: ClassVar[str] = "Docker"
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, str] | None = None) -> DockerPackageType:
-        return cls()
-
-    def parse_package_id(self, text: str) -> str:
-        return ImageRef.parse(text).package_id
-
-    def references(self, content: bytes, media_type: str) -> list[tuple[Digest, str]]:
-        m = Manifest.parse(content, media_type)
-        return [(d.digest, d.media_type) for d in m.children]

@@ -19,11 +19,14 @@ from typing import Any, Final
 import httpx
 from pyrsia_core.errors import ArtifactUnavailable, PyrsiaError, TransportError
 from pyrsia_core.interfaces import (
+    ArtifactSink,
     ASGIApp,
     BuiltArtifact,
     LoggedArtifact,
     PackageHost,
     PackageType,
+    VerifiedBlob,
+    send_verified_blob,
 )
 
 from pyrsia_core import Digest
@@ -59,25 +62,30 @@ class MavenUpstreamError(TransportError):
 class MavenPackageType(PackageType):
     """Maven artifacts: ``package_specific_id`` ``group:artifact:version``, one record per file.
 
-    Config: ``upstream`` (a Maven repository URL, default Maven Central) and ``timeout``
-    (seconds per upstream request, default 60).
+    Config: ``upstream`` (a Maven repository URL, default Maven Central), ``timeout``
+    (seconds per upstream request, default 60) and ``max_file_bytes`` (largest file
+    built, default 512 MiB; files stream into the node, so this bounds disk, not memory).
     """
 
     name = "maven"
     record_type = RECORD_TYPE
     mount_path = "/maven2"
     id_param = "gav"
+    id_example = "junit:junit:4.13.2"
 
-    def __init__(self, upstream: str = DEFAULT_UPSTREAM, *, timeout: float = 60.0) -> None:
+    def __init__(self, upstream: str = DEFAULT_UPSTREAM, *, timeout: float = 60.0,
+                 max_file: int = MAX_FILE) -> None:
         if not upstream.startswith(("http://", "https://")):
             raise ValueError(f"Maven upstream {upstream!r} must be an http(s) URL")
         self.upstream = upstream.rstrip("/")
         self.timeout = timeout
+        self.max_file = max_file
 
     @classmethod
     def from_config(cls, config: Mapping[str, str]) -> MavenPackageType:
         return cls(config.get("upstream") or DEFAULT_UPSTREAM,
-                   timeout=float(config.get("timeout") or 60.0))
+                   timeout=float(config.get("timeout") or 60.0),
+                   max_file=int(config.get("max_file_bytes") or MAX_FILE))
 
     # -- pure --------------------------------------------------------------------------
 
@@ -118,21 +126,51 @@ class MavenPackageType(PackageType):
             detail = str(exc).strip() or type(exc).__name__
             raise MavenUpstreamError(f"upstream request for {url} failed: {detail}") from None
 
-    async def _checked(self, client: httpx.AsyncClient, path: str, data: bytes) -> None:
+    async def _stream_into(
+        self, client: httpx.AsyncClient, path: str, sink: ArtifactSink
+    ) -> tuple[Digest, int, str] | None:
+        """Stream a file of the upstream into ``sink`` (never whole in memory): its
+        digest, size and SHA-1; ``None`` if the upstream has no such file."""
+        url = f"{self.upstream}/{path}"
+        sha1 = hashlib.sha1()
+        try:
+            async with client.stream("GET", url) as resp:
+                if resp.status_code in (404, 410):
+                    return None
+                if resp.status_code != 200:
+                    raise MavenUpstreamError(f"upstream {url} answered {resp.status_code}")
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    size = 0
+                    async for chunk in resp.aiter_bytes(1 << 20):
+                        size += len(chunk)
+                        if size > self.max_file:
+                            raise MavenUpstreamError(f"upstream file {url} is too large")
+                        sha1.update(chunk)
+                        yield chunk
+
+                info = await sink.store(chunks())
+        except httpx.HTTPError as exc:
+            detail = str(exc).strip() or type(exc).__name__
+            raise MavenUpstreamError(f"upstream request for {url} failed: {detail}") from None
+        return info.digest, info.size, sha1.hexdigest()
+
+    async def _checked(self, client: httpx.AsyncClient, path: str, sha1: str) -> None:
         """If the upstream publishes a ``.sha1`` for the file, the bytes must match it."""
         published = await self._get(client, path + ".sha1")
         if published is None:
             return
         text = published.decode("ascii", "replace").strip().split()
-        if text and len(text[0]) == 40 and text[0].lower() != hashlib.sha1(data).hexdigest():
+        if text and len(text[0]) == 40 and text[0].lower() != sha1:
             raise MavenUpstreamError(f"upstream {self.upstream}/{path} does not match its "
                                      "published .sha1")
 
-    async def _build(
-        self, package_id: str, artifact_ids: Sequence[str]
+    async def _build_into(
+        self, package_id: str, artifact_ids: Sequence[str], sink: ArtifactSink
     ) -> AsyncIterator[BuiltArtifact]:
         """The GAV's POM, its main artifact (unless packaging ``pom``; if the upstream has
-        it) and every requested file of the GAV (e.g. a classifier jar)."""
+        it) and every requested file of the GAV (e.g. a classifier jar). The POM is
+        parsed, so it is read into memory; every other file streams into ``sink``."""
         gav = Gav.parse(package_id)
         wanted: list[str] = []
         for artifact_id in artifact_ids:
@@ -154,7 +192,7 @@ class MavenPackageType(PackageType):
                 pom.check(gav)
             except PomError as exc:
                 raise MavenUpstreamError(f"upstream POM of {gav} is bad: {exc}") from None
-            await self._checked(client, gav.pom_path, pom_bytes)
+            await self._checked(client, gav.pom_path, hashlib.sha1(pom_bytes).hexdigest())
             log.info("Fetched %s from the Maven upstream (%d bytes)", gav.pom_path,
                      len(pom_bytes))
             yield BuiltArtifact(gav.pom_path, Digest.of(pom_bytes), pom_bytes, POM_TYPE)
@@ -165,15 +203,16 @@ class MavenPackageType(PackageType):
                 if path in done:
                     continue
                 done.add(path)
-                data = await self._get(client, path)
-                if data is None:
+                stored = await self._stream_into(client, path, sink)
+                if stored is None:
                     if path in wanted:
                         raise ArtifactUnavailable(f"{path} not found upstream")
                     log.info("%s has no %s upstream; only its POM is logged", gav, path)
                     continue
-                await self._checked(client, path, data)
-                log.info("Fetched %s from the Maven upstream (%d bytes)", path, len(data))
-                yield BuiltArtifact(path, Digest.of(data), data, _content_type(path))
+                digest, size, sha1 = stored
+                await self._checked(client, path, sha1)
+                log.info("Fetched %s from the Maven upstream (%d bytes)", path, size)
+                yield BuiltArtifact(path, digest, media_type=_content_type(path), size=size)
 
     async def upstream_metadata(self, path: str) -> Any:
         """The upstream's ``maven-metadata.xml`` at ``path`` (parsed), or ``None``."""
@@ -226,7 +265,13 @@ class MavenApp:
             return
         try:
             if isinstance(request, FileRequest):
-                status, body, ctype = await self._file(request)
+                found = await self._file(request)
+                if isinstance(found, VerifiedBlob):
+                    headers = [(b"content-type", _content_type(request.path).encode()),
+                               (b"content-length", str(found.size).encode())]
+                    await send_verified_blob(scope, send, 200, headers, found)
+                    return
+                status, body, ctype = found
             else:
                 status, body, ctype = await self._metadata(request)
         except ArtifactUnavailable as exc:
@@ -256,16 +301,20 @@ class MavenApp:
             return [], info.reason or f"{gav} not found upstream"
         raise ArtifactUnavailable(f"build of {gav} failed: {info.reason}")
 
-    async def _file(self, request: FileRequest) -> tuple[int, bytes, str]:
+    async def _file(self, request: FileRequest) -> tuple[int, bytes, str] | VerifiedBlob:
+        """The verified file (streamed by the caller), its checksum, or an error."""
         artifacts, why = await self._artifacts(request.gav, request.path)
         match = [a for a in artifacts if a.artifact_id == request.path]
         if not match:
             return 404, (why or f"{request.path} is not part of {request.gav} in the "
                          "transparency log").encode(), ""
-        data = await self.host.read_artifact(match[0])
-        if request.checksum is not None:
-            return 200, _checksum(data, request.checksum), "text/plain"
-        return 200, data, _content_type(request.path)
+        blob = await self.host.open_artifact(match[0])
+        if request.checksum is None:
+            return blob
+        hasher = hashlib.new(request.checksum)
+        async for chunk in blob.open():
+            hasher.update(chunk)
+        return 200, hasher.hexdigest().encode(), "text/plain"
 
     async def _metadata(self, request: MetadataRequest) -> tuple[int, bytes, str]:
         upstream = None

@@ -287,7 +287,8 @@ class FsBlobStore(BlobStore):
         try:
             with anyio.CancelScope(shield=True):
                 async with self._commit_lock:
-                    return await self._commit(temp, digest, verifier.size)
+                    info = await self._commit(temp, digest, verifier.size)
+            return info
         finally:
             if not temp.committed:
                 with anyio.CancelScope(shield=True):

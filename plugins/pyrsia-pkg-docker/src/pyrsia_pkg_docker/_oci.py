@@ -1,26 +1,34 @@
 """The OCI Distribution pull API as an ASGI app (any repository name).
 
-Mount it at the root of a server (``/v2/...``) or inside another ASGI app; it
-reads paths relative to ``root_path``.
+The node mounts it at ``/v2`` (it is the Docker package type's app); it reads paths
+relative to ``root_path``, and everything it serves comes through the node's
+:class:`~pyrsia_core.interfaces.PackageHost` (or a running build, verified).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import attrs
+from pyrsia_core.asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_json
 from pyrsia_core.errors import (
     BlobNotFound,
+    BuildFailed,
+    BuildsBusy,
     DigestError,
     DigestMismatch,
     PyrsiaError,
     QuotaExceeded,
     StoreError,
 )
-from pyrsia_pkg_docker import (
+from pyrsia_core.interfaces import send_verified_blob
+
+from pyrsia_core import Digest, provenance
+
+from ._model import (
     DOCKER_MANIFEST,
     INDEX_TYPES,
     OCI_MANIFEST,
@@ -33,13 +41,8 @@ from pyrsia_pkg_docker import (
     validate_repository,
     validate_tag,
 )
-from pyrsia_pkg_docker._upstream import UpstreamError
-
-from pyrsia_core import Digest
-
-from ._asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_file, send_json
-from ._docker import DockerService
-from ._node import BuildError, BuildQueueFull, NotInLog
+from ._service import DockerService, NotInLog
+from ._upstream import UpstreamError
 
 __all__ = ["OciApp"]
 
@@ -96,16 +99,17 @@ class OciApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         head = scope["method"] == "HEAD"
+        provenance.take()  # a note left by an earlier request on this connection is not ours
         try:
             await self._dispatch(scope, send)
         except OciError as exc:
             await self._error(send, exc, head=head)
-        except BuildQueueFull as exc:
+        except BuildsBusy as exc:
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(429, "TOOMANYREQUESTS", str(exc)), head=head,
                               headers=[("retry-after", "5")])
@@ -113,7 +117,7 @@ class OciApp:
             # Said on the manifest, before a client starts an image it could not finish.
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             await self._error(send, OciError(507, "DENIED", f"disk quota: {exc}"), head=head)
-        except BuildError as exc:
+        except BuildFailed as exc:
             log.warning("%s %s: %s", scope["method"], scope.get("path"), exc)
             status, code = (404, "MANIFEST_UNKNOWN") if "not found upstream" in str(exc) else (
                 503, "UNAVAILABLE")
@@ -133,6 +137,8 @@ class OciApp:
 
     async def _dispatch(self, scope: Scope, send: Send) -> None:
         path = route_path(scope)
+        if str(scope.get("root_path", "")).endswith("/v2"):
+            path = "/v2" + path  # mounted at /v2 (the node): the API's own paths
         method = scope["method"]
         head = method == "HEAD"
         if path in ("/v2", "/v2/"):
@@ -144,6 +150,7 @@ class OciApp:
             raise OciError(404, "NOT_FOUND", f"no route for {path[:200]}")
         rest = path[4:]
         name, kind, ref = _split(rest)
+        _check_namespace(scope, name)
         if kind == "uploads" or method in _PUSH:
             raise OciError(405, "UNSUPPORTED", "this pyrsia node is a pull-only mirror; push is "
                            "not supported")
@@ -223,8 +230,9 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        log.info("Manifest %s (%s) served from %s", reference_text(name, reference), digest,
-                 resolved.source)
+        _log_served("Manifest", reference_text(name, reference), digest,
+                    "a new build (pulled from upstream)" if resolved.source == "build"
+                    else None)
         await send_bytes(
             send,
             200,
@@ -243,12 +251,12 @@ class OciApp:
             raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         ref = ImageRef(name, None, digest)
         try:
-            info = await self.service.ensure_blob(ref, digest)
+            blob = await self.service.ensure_blob(ref, digest)
         except NotInLog as exc:
             raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
         except BlobNotFound as exc:
             raise OciError(404, "BLOB_UNKNOWN", str(exc), {"digest": str(digest)}) from None
-        size = info.size
+        size = blob.size
         status, offset, count = 200, 0, size
         headers: list[tuple[str, str]] = [
             API_VERSION,
@@ -272,22 +280,24 @@ class OciApp:
                 status = 206
                 headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
         headers.append(("content-length", str(count)))
-        if scope["method"] == "HEAD":
-            await send_bytes_headers_only(send, status, headers)
-            return
-        log.info("Blob %s served from cache (%d bytes%s)", digest, count,
-                 f", range {offset}-{offset + count - 1}" if status == 206 else "")
+        if scope["method"] != "HEAD":
+            _log_served("Blob", name, digest, None, f"{count} bytes" + (
+                f", range {offset}-{offset + count - 1}" if status == 206 else ""))
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        await send_verified_blob(scope, send, status, raw, blob, offset=offset, length=count)
 
-        def fallback() -> AsyncIterator[bytes]:
-            return self.service.node.blobs.open(digest, offset=offset, length=count)
 
-        if info.path is not None:
-            await send_file(scope, send, status, headers, path=info.path, offset=offset,
-                            count=count, size=size, fallback=fallback)
-        else:
-            from ._asgi import send_stream
-
-            await send_stream(send, status, fallback(), headers)
+def _log_served(kind: str, image: str, digest: Digest, built: str | None,
+                detail: str = "") -> None:
+    """The one line per manifest or blob served: which image, and where its bytes came from
+    (``served from cache``, ``pulled from peer <node id>``, ``pulled from upstream <url>``)."""
+    fetched = provenance.take()
+    source = f"served from {built}" if built else (fetched or "served from cache")
+    if fetched and not built:
+        source += ", verified"
+    log.info("%s %s of %s %s%s", kind, digest, image, source, f" ({detail})" if detail else "",
+             extra={"image": image, "digest": str(digest), "source": source,
+                    "artifact": kind.lower()})
 
 
 async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:
@@ -305,12 +315,6 @@ async def _healing(call: Callable[[], Awaitable[T]], ref: ImageRef) -> T:
         return await call()
     except DigestMismatch as exc:
         raise OciError(503, "UNAVAILABLE", f"no verified copy of the manifest: {exc}") from None
-
-
-async def send_bytes_headers_only(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
-    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": b""})
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
@@ -339,6 +343,21 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return (max(0, size - suffix), size)
 
 
+#: The registries whose images this node serves. A mirror client (containerd's
+#: ``hosts.toml``) names the registry it wants in ``?ns=``; images of any other would be
+#: Docker Hub's under a wrong name, so they are refused.
+MIRRORED_NAMESPACES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+def _check_namespace(scope: Scope, name: str) -> None:
+    ns = _query(scope).get("ns")
+    if ns is None or ns.lower() in MIRRORED_NAMESPACES:
+        return
+    log.info("Refused %s/%s: this node mirrors docker.io only", ns[:100], name)
+    raise OciError(404, "NAME_UNKNOWN", f"this pyrsia node mirrors docker.io; it does not serve "
+                   f"images of {ns[:100]}", {"name": name[:256], "ns": ns[:100]})
+
+
 def _split(rest: str) -> tuple[str, str, str]:
     """``<name>/manifests/<ref>`` etc. -> (name, kind, ref)."""
     if rest.endswith("/tags/list"):
@@ -358,7 +377,8 @@ def _query(scope: Scope) -> dict[str, str]:
     return dict(parse_qsl(raw, keep_blank_values=True))
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol (nothing to start or stop)."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

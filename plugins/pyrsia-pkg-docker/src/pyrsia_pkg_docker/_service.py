@@ -1,0 +1,560 @@
+"""Docker images through the package-type contract: builds, tag resolution, verified blobs.
+
+Everything here uses :mod:`pyrsia_core` only. The node builds an image by calling the
+package type's build with an :class:`~pyrsia_core.interfaces.ArtifactSink`: manifests,
+configs and layers stream into the node's blob store, verified against the digests the
+manifests name, never whole in memory; the node then commits one record per artifact
+(the seed's record layout: the tag, ``repository@digest`` for each manifest, config and
+layer) through its one commit path.
+
+While a build runs, each artifact becomes servable as soon as it is verified (the
+manifests first), so a client pulling the image downloads while the node builds. Once
+the build ends only the log decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import attrs
+from pyrsia_core.errors import (
+    ArtifactUnavailable,
+    BuildFailed,
+    DigestMismatch,
+    PyrsiaError,
+    QuotaExceeded,
+)
+from pyrsia_core.interfaces import (
+    ArtifactSink,
+    BuildInfo,
+    BuiltArtifact,
+    LoggedArtifact,
+    PackageHost,
+    Upstream,
+    VerifiedBlob,
+)
+
+from pyrsia_core import Digest, provenance
+
+from ._model import (
+    ALL_MANIFEST_TYPES,
+    Descriptor,
+    ImageRef,
+    Manifest,
+    ManifestError,
+    reference_text,
+)
+from ._upstream import UpstreamError, UpstreamNotFound
+
+__all__ = ["DockerBuilder", "DockerService", "NotInLog", "ResolvedManifest"]
+
+log = logging.getLogger("pyrsia.docker")
+RECORD_TYPE = "Docker"
+MAX_PARALLEL_BLOBS = 4
+#: Largest manifest (or index) accepted from the upstream.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: Most platform manifests an index may name.
+MAX_INDEX_MANIFESTS = 256
+#: Most bytes of manifests (index and platform manifests together) in one build.
+MAX_BUILD_MANIFEST_BYTES = 16 * 1024 * 1024
+#: Most artifacts (manifests, configs, layers) one image may have: each is a log record.
+MAX_IMAGE_ARTIFACTS = 1000
+#: Seconds a "not found upstream" answer is remembered (no upstream request meanwhile).
+NEGATIVE_TTL = 30.0
+#: Most such answers remembered at once.
+NEGATIVE_CACHE_SIZE = 10_000
+#: Seconds the artifacts of an ended build are remembered, at most, while it commits.
+PENDING_KEEP = 600.0
+
+
+class NotInLog(PyrsiaError, LookupError):
+    """No log record vouches for the requested artifact."""
+
+
+class ImageBuildError(BuildFailed):
+    """A build (or the fetch of an artifact) failed; the message says why."""
+
+
+class ImageNotFound(ImageBuildError, ArtifactUnavailable):
+    """The upstream does not have the image."""
+
+
+@attrs.frozen
+class ResolvedManifest:
+    digest: Digest
+    content: bytes
+    media_type: str
+    source: str  # "cache", "build"
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """An artifact of a build in progress: verified and stored once ``event`` is set."""
+
+    sink: ArtifactSink
+    package_id: str
+    event: anyio.Event = attrs.Factory(anyio.Event)
+    stored: bool = False
+    #: When the build's fetching ended (it commits next); ``None`` while it fetches.
+    finished: float | None = None
+
+
+@attrs.define(eq=False)
+class _Ready:
+    """A build's manifests: verified (and the image fits the quota) once ``event`` is set."""
+
+    event: anyio.Event = attrs.Factory(anyio.Event)
+    digest: Digest | None = None
+    error_type: type[BaseException] | None = None
+    reason: str = ""
+
+
+@attrs.define(eq=False)
+class DockerBuilder:
+    """The state shared by builds and the app: artifacts of running builds, manifests
+    ready, images the upstream does not have."""
+
+    #: Artifacts of builds in progress, by (repository, digest): two builds of different
+    #: repositories may share a digest, and each serves it to its own clients.
+    pending: dict[tuple[str, Digest], _Pending] = attrs.Factory(dict)
+    ready: dict[str, _Ready] = attrs.Factory(dict)
+    #: Images the upstream does not have: package id -> (until when, the upstream's answer).
+    missing: dict[str, tuple[float, str]] = attrs.Factory(dict)
+
+    # -- negative cache --------------------------------------------------------------
+
+    def check_missing(self, ref: ImageRef) -> None:
+        """Raise at once for an image the upstream said it does not have, a moment ago."""
+        entry = self.missing.get(ref.package_id)
+        if entry is None:
+            return
+        if entry[0] > time.monotonic():
+            raise ImageNotFound(f"{ref.package_id} not found upstream: {entry[1]} (remembered "
+                                f"for {NEGATIVE_TTL:.0f} s)")
+        del self.missing[ref.package_id]
+
+    def _remember_missing(self, ref: ImageRef, answer: str) -> None:
+        now = time.monotonic()
+        if len(self.missing) >= NEGATIVE_CACHE_SIZE:
+            for key in [k for k, (until, _) in self.missing.items() if until <= now]:
+                del self.missing[key]
+            while len(self.missing) >= NEGATIVE_CACHE_SIZE:
+                del self.missing[next(iter(self.missing))]
+        self.missing[ref.package_id] = (now + NEGATIVE_TTL, answer)
+
+    # -- builds ----------------------------------------------------------------------
+
+    async def build(
+        self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink
+    ) -> AsyncIterator[BuiltArtifact]:
+        """Fetch the image, verify and store everything through ``sink``; its artifacts."""
+        self._purge()
+        ready = self.ready.get(ref.package_id)
+        if ready is None:
+            ready = self.ready[ref.package_id] = _Ready()
+        mine: list[tuple[str, Digest]] = []
+        try:
+            artifacts = await self._fetch_image(ref, upstream, sink, mine, ready)
+        except BaseException as exc:
+            if not ready.event.is_set():
+                ready.error_type, ready.reason = type(exc), str(exc) or type(exc).__name__
+            raise
+        finally:
+            ready.event.set()
+            if self.ready.get(ref.package_id) is ready:
+                del self.ready[ref.package_id]
+            # The node commits after the build: until then (or the build's failure)
+            # its verified artifacts stay servable; the app drops them once settled.
+            now = time.monotonic()
+            for key in mine:
+                pending = self.pending.get(key)
+                if pending is not None:
+                    pending.finished = now
+                    pending.event.set()
+        for artifact_id, digest, size, media_type in artifacts:
+            yield BuiltArtifact(artifact_id, digest, media_type=media_type, size=size)
+
+    def _purge(self, older_than: float = PENDING_KEEP) -> None:
+        """Forget artifacts of builds that ended long ago (the log has them, or not)."""
+        now = time.monotonic()
+        for key in [k for k, p in self.pending.items()
+                    if p.finished is not None and now - p.finished > older_than]:
+            del self.pending[key]
+
+    def _expect(self, ref: ImageRef, sink: ArtifactSink, digest: Digest,
+                mine: list[tuple[str, Digest]]) -> None:
+        key = (ref.repository, digest)
+        current = self.pending.get(key)
+        if current is None or current.finished is not None:
+            self.pending[key] = _Pending(sink, ref.package_id)
+            mine.append(key)
+
+    async def settled(self, host: PackageHost, key: tuple[str, Digest]) -> _Pending | None:
+        """The running build's entry for ``key``, or ``None`` once its build has ended and
+        the node has committed it (or failed): then only the log decides."""
+        pending = self.pending.get(key)
+        if pending is None or pending.finished is None:
+            return pending
+        await host.settle(pending.package_id, limit=60.0)
+        if self.pending.get(key) is pending:
+            del self.pending[key]
+        return None
+
+    def _release(self, ref: ImageRef, digest: Digest) -> None:
+        pending = self.pending.get((ref.repository, digest))
+        if pending is not None:
+            pending.stored = True
+            pending.event.set()
+
+    async def _fetch_manifest(
+        self, ref: ImageRef, upstream: Upstream, reference: str, budget: list[int]
+    ) -> tuple[Digest, bytes, str]:
+        """One manifest from the upstream, at most :data:`MAX_MANIFEST_BYTES` and within
+        ``budget`` (``[bytes left]`` for the build's manifests)."""
+        log.info("Fetching manifest for %s from upstream",
+                 reference_text(ref.repository, reference))
+        resp = await upstream.open(
+            f"{ref.repository}/manifests/{reference}", accept=ALL_MANIFEST_TYPES
+        )
+        limit = min(MAX_MANIFEST_BYTES, budget[0])
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            if resp.size is not None and resp.size > limit:
+                raise self._too_large(ref, reference, budget)
+            async for chunk in resp.body:
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(ref, reference, budget)
+                chunks.append(chunk)
+        finally:
+            await _close(resp.body)
+        budget[0] -= size
+        content = b"".join(chunks)
+        del chunks
+        digest = Digest.of(content)
+        if resp.digest is not None and resp.digest != digest:
+            raise DigestMismatch(str(resp.digest), str(digest))
+        if reference.startswith("sha256:") and str(digest) != reference:
+            raise DigestMismatch(reference, str(digest))
+        return digest, content, resp.media_type
+
+    @staticmethod
+    def _too_large(ref: ImageRef, reference: str, budget: list[int]) -> ImageBuildError:
+        if budget[0] < MAX_MANIFEST_BYTES:
+            return ImageBuildError(
+                f"the manifests of {ref.package_id} are too large: over "
+                f"{MAX_BUILD_MANIFEST_BYTES} bytes in all (at {ref.repository}@{reference})")
+        return ImageBuildError(f"upstream manifest {ref.repository}:{reference} is too large "
+                               f"(over {MAX_MANIFEST_BYTES} bytes)")
+
+    async def _fetch_image(
+        self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
+        mine: list[tuple[str, Digest]], ready: _Ready,
+    ) -> list[tuple[str, Digest, int, str]]:
+        """Fetch, verify and store an image; its (artifact id, digest, size, media type).
+
+        Each artifact is released to waiting clients once verified. Each manifest is
+        stored as soon as it is verified (only its descriptors are kept), the manifests'
+        total size and number and the image's artifacts are bounded, and the image must
+        fit in the disk quota before any client is told it exists.
+        """
+        try:
+            budget = [MAX_BUILD_MANIFEST_BYTES]
+            top_digest, top, media_type = await self._fetch_manifest(ref, upstream,
+                                                                     ref.reference, budget)
+            manifest = Manifest.parse(top, media_type)
+            artifacts: list[tuple[str, Digest, int, str]] = []
+            if ref.tag is not None:
+                artifacts.append((ref.package_id, top_digest, len(top), manifest.media_type))
+            artifacts.append((ref.artifact_id(top_digest), top_digest, len(top),
+                              manifest.media_type))
+            unique: dict[Digest, Descriptor] = {}
+            manifest_bytes = len(top)
+
+            def add_children(children: Sequence[Descriptor]) -> None:
+                for d in children:
+                    unique.setdefault(d.digest, d)
+                    if len(unique) + len(artifacts) > MAX_IMAGE_ARTIFACTS:
+                        raise ImageBuildError(
+                            f"{ref.package_id} has too many artifacts: over "
+                            f"{MAX_IMAGE_ARTIFACTS} manifests, configs and layers")
+
+            subs = list(manifest.manifests) if manifest.is_index else []
+            if len(subs) > MAX_INDEX_MANIFESTS:
+                raise ImageBuildError(f"the index of {ref.package_id} names {len(subs)} "
+                                      f"manifests, over the limit of {MAX_INDEX_MANIFESTS}")
+            self._expect(ref, sink, top_digest, mine)
+            for d in subs:
+                self._expect(ref, sink, d.digest, mine)
+            await self._store_manifest(ref, sink, top_digest, top)
+            del top
+            if not manifest.is_index:
+                add_children(manifest.children)
+            for d in subs:
+                sub_digest, sub, sub_type = await self._fetch_manifest(ref, upstream,
+                                                                       str(d.digest), budget)
+                if sub_digest != d.digest:
+                    raise DigestMismatch(str(d.digest), str(sub_digest))
+                sub_manifest = Manifest.parse(sub, sub_type)
+                if sub_manifest.is_index:
+                    raise ManifestError("nested indexes are not supported")
+                entry = (ref.artifact_id(sub_digest), sub_digest, len(sub),
+                         sub_manifest.media_type)
+                if entry[:2] not in [a[:2] for a in artifacts]:
+                    artifacts.append(entry)
+                add_children(sub_manifest.children)
+                manifest_bytes += len(sub)
+                await self._store_manifest(ref, sink, sub_digest, sub)
+                del sub, sub_manifest
+            del manifest
+            self._check_fits(ref, sink, manifest_bytes, unique.values())
+            for d in unique.values():
+                artifacts.append((ref.artifact_id(d.digest), d.digest, d.size, d.media_type))
+            for _, digest, _, _ in artifacts:
+                self._expect(ref, sink, digest, mine)
+            ready.digest = top_digest
+            ready.event.set()
+            await self._fetch_blobs(ref, upstream, sink, list(unique.values()))
+        except UpstreamNotFound as exc:
+            self._remember_missing(ref, str(exc))
+            raise ImageNotFound(f"{ref.package_id} not found upstream: {exc}") from None
+        except UpstreamError as exc:
+            raise ImageBuildError(f"upstream failed: {exc}") from None
+        except (ManifestError, DigestMismatch) as exc:
+            raise ImageBuildError(f"upstream sent bad content: {exc}") from None
+        return artifacts
+
+    async def _store_manifest(self, ref: ImageRef, sink: ArtifactSink, digest: Digest,
+                              content: bytes) -> None:
+        if await sink.open(digest) is None:
+            await sink.store(_one(content), expected=digest, size=len(content))
+        self._release(ref, digest)
+
+    @staticmethod
+    def _check_fits(ref: ImageRef, sink: ArtifactSink, manifest_bytes: int,
+                    blobs: Any) -> None:
+        """Refuse, before a client is told the image exists, one larger than the quota."""
+        quota = sink.quota
+        if quota is None:
+            return
+        total = manifest_bytes + sum(max(0, d.size) for d in blobs)
+        if total > quota:
+            raise QuotaExceeded(
+                f"{ref.package_id} needs {total} bytes, more than this node's disk quota of "
+                f"{quota} bytes (pyrsia node start --disk-space)")
+
+    async def _fetch_blobs(
+        self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
+        descriptors: Sequence[Descriptor],
+    ) -> None:
+        limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+        errors: list[BaseException] = []
+
+        async def one(d: Descriptor) -> None:
+            async with limiter:
+                try:
+                    if await sink.open(d.digest) is not None:
+                        log.info("Blob %s already in the local cache", d.digest)
+                        self._release(ref, d.digest)
+                        return
+                    await fetch_blob(ref, upstream, sink, d.digest, d.size, "build")
+                    self._release(ref, d.digest)
+                except PyrsiaError as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for d in descriptors:
+                tg.start_soon(one, d)
+        if errors:
+            raise errors[0]
+
+
+async def fetch_blob(
+    ref: ImageRef, upstream: Upstream, sink: ArtifactSink, digest: Digest, size: int | None,
+    why: str,
+) -> int:
+    """Fetch one artifact by digest from the upstream into ``sink`` (verified); its size.
+
+    An evicted manifest is fetched again through the manifests endpoint (registries
+    serve manifests there, not as blobs); either way the digest is checked.
+    """
+    try:
+        try:
+            resp = await upstream.open(f"{ref.repository}/blobs/{digest}")
+        except UpstreamNotFound:
+            if why == "build":
+                raise
+            resp = await upstream.open(
+                f"{ref.repository}/manifests/{digest}", accept=ALL_MANIFEST_TYPES
+            )
+        try:
+            info = await sink.store(resp.body, expected=digest, size=size)
+        finally:
+            await _close(resp.body)
+    except UpstreamNotFound as exc:
+        raise ImageBuildError(f"{digest} not found upstream: {exc}") from None
+    except UpstreamError as exc:
+        raise ImageBuildError(f"upstream failed: {exc}") from None
+    log.info("Blob %s of %s pulled from upstream (%s, %d bytes)", digest, ref.repository, why,
+             info.size)
+    provenance.note(f"pulled from upstream {getattr(upstream, 'url', 'the upstream')}",
+                    info.size)
+    return info.size
+
+
+@attrs.define(eq=False)
+class DockerService:
+    """Docker images on a node, as the OCI app sees them: every manifest and blob served
+    is vouched for by a log record (through the host) or by a running build."""
+
+    builder: DockerBuilder
+    host: PackageHost
+
+    # -- log lookups ---------------------------------------------------------------
+
+    async def _artifacts(self, ref: ImageRef, digest: Digest) -> list[LoggedArtifact]:
+        return [a for a in await self.host.artifacts_with_digest(digest)
+                if a.artifact_id.partition("@")[0] == ref.short_name
+                or a.package_id.partition(":")[0].partition("@")[0] == ref.short_name]
+
+    async def tag_digest(self, ref: ImageRef) -> Digest | None:
+        """The manifest digest the log's latest record for ``ref``'s tag names."""
+        for artifact in await self.host.artifacts(ref.package_id):
+            if artifact.artifact_id == ref.package_id:
+                return artifact.digest
+        return None
+
+    async def in_log(self, ref: ImageRef, digest: Digest) -> bool:
+        return bool(await self._artifacts(ref, digest))
+
+    async def tags(self, short_name: str) -> list[str]:
+        # Builds of this repository still running are committed first, so that a client
+        # that was answered early sees its tag.
+        for sep in (":", "@"):
+            await self.host.settle(short_name + sep, limit=600.0)
+        prefix = short_name + ":"
+        return sorted({pid[len(prefix):] for pid in await self.host.package_ids(prefix)})
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def resolve_manifest(self, ref: ImageRef) -> ResolvedManifest:
+        """Find a manifest through the log; build it from the upstream on a miss."""
+        source = "cache"
+        digest = ref.digest or await self.tag_digest(ref)
+        pending = await self.builder.settled(self.host, (ref.repository, digest)) if (
+            digest) else None
+        if pending is not None:
+            # A manifest of an image being built (e.g. a platform manifest of an index).
+            await pending.event.wait()
+            source = "build"
+        elif digest is None or not await self.in_log(ref, digest):
+            if self.host.is_build_node:
+                self.builder.check_missing(ref)
+            info, ready = await self._build_until_ready(ref)
+            if not self.host.is_build_node:
+                # A regular node does not build: it asked a build node and answers at once.
+                detail = (f"build {info.build_id} requested from a build node"
+                          if info.status == "REQUESTED" else info.reason)
+                raise NotInLog(f"{ref.package_id} is not in the transparency log yet; {detail}")
+            if ready is not None and ready.digest is not None:
+                digest = ready.digest
+            elif info is not None and info.status in ("FAILED", "NOT_FOUND"):
+                message = f"build of {ref.package_id} failed: {info.reason}"
+                error_type = ready.error_type if ready is not None else None
+                if error_type is not None and issubclass(error_type, QuotaExceeded):
+                    raise QuotaExceeded(message)
+                raise ImageBuildError(message)
+            else:
+                digest = ref.digest or await self.tag_digest(ref)
+            source = "build"
+            if digest is None:
+                raise NotInLog(f"{ref.package_id} is not in the transparency log after its build")
+        if digest is None:  # a pending manifest is named by its digest
+            raise NotInLog(f"{ref.package_id} is not in the transparency log")
+        content = await self.verified_bytes(ref, digest)
+        manifest = Manifest.parse(content)
+        return ResolvedManifest(digest, content, manifest.media_type, source)
+
+    async def _build_until_ready(self, ref: ImageRef) -> tuple[BuildInfo, _Ready | None]:
+        """Ask the node for the build and wait until its manifests are verified (or it
+        ended): the client is answered while the layers are still being fetched."""
+        ready = self.builder.ready.get(ref.package_id)
+        if ready is None:
+            ready = self.builder.ready[ref.package_id] = _Ready()
+        outcome: list[BuildInfo | Exception] = []
+
+        async def run() -> None:
+            try:
+                outcome.append(await self.host.build(ref.package_id))
+            except Exception as exc:
+                outcome.append(exc)
+            ready.event.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await ready.event.wait()
+                if ready.digest is not None:
+                    tg.cancel_scope.cancel()  # the build goes on in the node
+                # else the build failed before its manifests were ready: its outcome says
+                # why, and arrives as soon as the node has recorded it.
+        finally:
+            if self.builder.ready.get(ref.package_id) is ready and outcome:
+                del self.builder.ready[ref.package_id]
+        if outcome and isinstance(outcome[0], Exception):
+            raise outcome[0]
+        if outcome:
+            result = outcome[0]
+            assert isinstance(result, BuildInfo)
+            return result, ready
+        return BuildInfo("", ref.package_id, "RUNNING"), ready
+
+    async def verified_bytes(self, ref: ImageRef, digest: Digest) -> bytes:
+        """A small artifact's bytes (manifest, config), fetched if missing, re-hashed."""
+        blob = await self.ensure_blob(ref, digest)
+        data = await blob.read(MAX_MANIFEST_BYTES)
+        if Digest.of(data) != digest:
+            # The store itself is corrupt: the host drops the copy; it is never served.
+            await self.host.report_mismatch(digest)
+            raise DigestMismatch(str(digest), str(Digest.of(data)))
+        return data
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def ensure_blob(self, ref: ImageRef, digest: Digest) -> VerifiedBlob:
+        """A logged artifact's verified copy (from the store, a peer or the upstream).
+
+        An artifact of a build in progress is served once that build verified it.
+        """
+        pending = await self.builder.settled(self.host, (ref.repository, digest))
+        if pending is not None:
+            await pending.event.wait()
+            if pending.stored:
+                blob = await pending.sink.open(digest)
+                if blob is not None:
+                    return blob
+            # Its build failed: once the node has ended it, only the log decides.
+            await self.host.settle(pending.package_id, limit=60.0)
+        artifacts = await self._artifacts(ref, digest)
+        if not artifacts:
+            log.info("Refused %s of %s: not in the transparency log", digest, ref.repository)
+            raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
+        try:
+            return await self.host.open_artifact(artifacts[0])
+        except ArtifactUnavailable as exc:
+            raise ImageBuildError(f"{digest} could not be fetched: {exc}") from None
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _close(body: Any) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
