@@ -46,6 +46,8 @@ def _tables(parser: argparse.ArgumentParser) -> dict[str, dict[str, str]]:
                         values[f"{path}|{flag}"] = choices
             elif action.choices:
                 words += [str(c) for c in action.choices]
+            else:  # a free positional may name its usual values (the installed package types)
+                words += [str(c) for c in getattr(action, "suggestions", ())]
         subs[path] = " ".join(words)
         opts[path] = " ".join(flags)
     return {"subs": subs, "opts": opts, "values": values}

@@ -882,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="show the transparency log of a package")
     types = installed_package_types()
     inspect.add_argument("package_type", metavar="TYPE",
-                         help=f"the package type ({', '.join(types) or 'none installed here'})")
+                         help=f"the package type ({', '.join(types) or 'none installed here'})"
+                         ).suggestions = types  # type: ignore[attr-defined]
     _id_arguments(inspect, types)
     inspect.add_argument("--format", choices=["json", "csv"], default="json",
                          help="output format (default json)")
@@ -894,7 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="verify a package offline from a node's data dir")
     verify.add_argument("package_type", metavar="TYPE",
-                        help=f"the package type ({', '.join(types) or 'none installed here'})")
+                        help=f"the package type ({', '.join(types) or 'none installed here'})"
+                        ).suggestions = types  # type: ignore[attr-defined]
     _id_arguments(verify, types)
     verify.set_defaults(parser=verify)
     verify.add_argument("--data-dir", help="the node's data directory (default $PYRSIA_HOME)")

@@ -130,5 +130,6 @@ async def metered(activity: Activity, mount: str, app: Any, scope: Scope, receiv
     finally:
         provenance.end(token)
         body = 0 if head else (size if size >= 0 else -1 - size)
-        activity.answered(mount, scope.get("method", ""), route_path(scope), status, body,
+        # The app sees its mount as root_path: the path the client asked is below it.
+        activity.answered(mount, scope.get("method", ""), mount + route_path(scope), status, body,
                           time.perf_counter() - started, pull)
