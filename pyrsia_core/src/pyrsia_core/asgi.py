@@ -17,6 +17,7 @@ __all__ = [
     "Scope",
     "Send",
     "header_values",
+    "lifespan",
     "read_body",
     "route_path",
     "send_bytes",
@@ -134,3 +135,14 @@ async def send_file(
         await send({"type": "http.response.pathsend", "path": path})
         return
     await send_stream(send, status, fallback(), headers)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol for an app with nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from pyrsia_core.asgi import Receive, Scope, Send, lifespan, route_path, send_json
 
 from ._activity import metered
 from ._api import NodeApi
-from ._asgi import Receive, Scope, Send, route_path, send_json
 from ._health import HEALTH_PATHS, health
 from ._metrics import METRICS_PATH, metrics
 from ._statuspage import STATUS_PATHS, status_page
@@ -39,7 +39,7 @@ class NodeApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -75,13 +75,3 @@ class NodeApp:
                 return
             await send_json(send, 404, {"errors": [{"code": "NOT_FOUND",
                                                     "message": f"no route for {path[:200]}"}]})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

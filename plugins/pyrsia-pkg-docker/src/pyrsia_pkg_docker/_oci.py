@@ -13,7 +13,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import attrs
-from pyrsia_core.asgi import Receive, Scope, Send, header_values, route_path, send_bytes, send_json
+from pyrsia_core.asgi import (
+    Receive,
+    Scope,
+    Send,
+    header_values,
+    lifespan,
+    route_path,
+    send_bytes,
+    send_json,
+)
 from pyrsia_core.errors import (
     BlobNotFound,
     BuildFailed,
@@ -375,14 +384,3 @@ def _query(scope: Scope) -> dict[str, str]:
 
     raw = scope.get("query_string", b"").decode("latin-1")
     return dict(parse_qsl(raw, keep_blank_values=True))
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    """Answer the ASGI lifespan protocol (nothing to start or stop)."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

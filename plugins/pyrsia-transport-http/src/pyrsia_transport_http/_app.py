@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
 import anyio
+from pyrsia_core.asgi import lifespan
 from pyrsia_core.errors import DigestError
 from pyrsia_core.interfaces import BlobSource, PeerBlob, RequestHandler, served_blob_problem
 
@@ -71,7 +72,7 @@ class PeerApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if kind != "http":
             return  # websockets are not served; returning closes them
@@ -366,13 +367,3 @@ async def _text(
         await send({"type": "http.response.body", "body": body, "more_body": False})
     except OSError as exc:
         logger.debug("Could not send a %d answer: %r", status, exc)
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
