@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -403,3 +405,15 @@ def test_format_ago() -> None:
     assert _main.format_ago(None, now) == "never"
     assert _main.format_ago(0, now) == "never"
     assert os.sep not in _main.format_ago(now - 10 * 86400, now)
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    """``pyrsia completion bash | true``: the reader is gone before the CLI writes; the CLI
+    exits quietly (as ``pyrsia status | head -3`` does when the reader stops early)."""
+    env = dict(os.environ, PYRSIA_CLI_CONFIG=str(tmp_path / "cli.json"))
+    out = subprocess.run(
+        f"{sys.executable} -m pyrsia_cli completion bash | true", shell=True,
+        capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0
+    no_traceback(out.stderr)
+    assert "Exception ignored" not in out.stderr, out.stderr
