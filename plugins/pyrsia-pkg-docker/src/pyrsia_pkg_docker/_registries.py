@@ -1,0 +1,74 @@
+"""The registries a node mirrors besides Docker Hub, and their credentials.
+
+``registries``: ``ghcr.io=http://127.0.0.1:5001,quay.io=https://quay.io`` (the node's
+``--upstream ghcr.io=URL``, repeatable); ``credentials``: ``ghcr.io=/path/file`` where the
+file holds ``user:password`` (``--upstream-credentials``). Credentials are read when a
+build opens the registry, and never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+from pyrsia_core.errors import UsageError
+
+from ._model import DOCKER_HUB, ReferenceError_, validate_registry
+from ._upstream import RegistryUpstream
+
+__all__ = ["RegistrySource", "parse_registries"]
+
+
+@attrs.frozen
+class RegistrySource:
+    """One mirrored registry: its URL, and a ``user:password`` file if it needs one."""
+
+    url: str
+    credentials_file: Path | None = attrs.field(default=None, repr=False)
+
+    def credentials(self) -> tuple[str, str] | None:
+        if self.credentials_file is None:
+            return None
+        try:
+            text = self.credentials_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the credentials file {self.credentials_file}: "
+                             f"{exc.strerror}") from None
+        user, sep, password = text.partition(":")
+        if not sep or not user:
+            raise UsageError(f"the credentials file {self.credentials_file} must hold "
+                             "user:password")
+        return user, password
+
+    def open(self) -> RegistryUpstream:
+        return RegistryUpstream(self.url, auth=self.credentials())
+
+
+def _pairs(text: str, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, sep, value = item.partition("=")
+        if not sep or not value:
+            raise UsageError(f"{what} {item[:100]!r}: expected REGISTRY=VALUE")
+        try:
+            out[validate_registry(host.strip())] = value.strip()
+        except ReferenceError_ as exc:
+            raise UsageError(f"{what} {item[:100]!r}: {exc}") from None
+    return out
+
+
+def parse_registries(registries: str, credentials: str = "") -> dict[str, RegistrySource]:
+    """``registries`` and ``credentials`` options -> ``{host: RegistrySource}``."""
+    urls = _pairs(registries, "registry")
+    creds = _pairs(credentials, "credentials")
+    for host, url in urls.items():
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"the upstream of {host} must be an http:// or https:// URL")
+    unknown = set(creds) - set(urls) - {DOCKER_HUB}
+    if unknown:
+        raise UsageError(f"credentials for {', '.join(sorted(unknown))}, which this node does "
+                         "not mirror (--upstream REGISTRY=URL)")
+    if DOCKER_HUB in urls:
+        raise UsageError("docker.io's upstream is the node's --upstream URL")
+    return {host: RegistrySource(url, Path(creds[host]) if host in creds else None)
+            for host, url in urls.items()}
