@@ -9,6 +9,7 @@ content; a real containerd (``ctr --hosts-dir``, one ``hosts.toml`` per registry
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,6 +208,14 @@ def test_skopeo_names_the_registry_in_the_path(
     built = run_cli(tmp_path, "build", "docker", "--image", "ghcr.io/org/app:1.0",
                     port=node.port)
     assert built.returncode != 0 and "Artifact already exists" in built.stderr, built.stderr
+    ok = run_cli(tmp_path, "verify", "docker", "--image", "ghcr.io/org/app:1.0", "--data-dir",
+                 str(node.data_dir))
+    assert ok.returncode == 0 and "stored artifact(s) hash correctly" in ok.stdout, ok.stderr
+    # Docker Hub has no org/app: its id is not ghcr.io's.
+    hub = run_cli(tmp_path, "verify", "docker", "--image", "org/app:1.0", "--data-dir",
+                  str(node.data_dir))
+    assert hub.returncode == 1 and "no log record" in hub.stderr
+    assert f"docker ghcr.io={ghcr[0].url}" in node.log()  # the startup line names it
 
 
 @pytest.mark.process
@@ -240,3 +249,73 @@ def test_bad_registry_requests_are_refused_without_an_upstream_request(
     # Docker Hub has no org/app: the node does not serve ghcr.io's under Docker Hub's name.
     hub = httpx.get(node.url + "/v2/org/app/manifests/1.0", headers=ACCEPT, timeout=60)
     assert hub.status_code == 404, hub.text
+
+
+def _hosts_toml(closed: str, *hosts: str) -> str:
+    lines = [f'server = "{closed}"', ""]
+    for host in hosts:
+        lines += [f'[host."{host}"]', '  capabilities = ["pull", "resolve"]', ""]
+    return "\n".join(lines)
+
+
+@pytest.mark.process
+def test_containerd_falls_back_to_its_next_host_when_the_node_fails(
+    ghcr: tuple[TokenAuthRegistry, dict[str, object]], tmp_path: Path,
+    containerd_pair: tuple[Containerd, Containerd],  # noqa: F811
+) -> None:
+    ghcr_registry, ghcr_images = ghcr
+    assert ghcr_registry.backing is not None
+    closed = f"http://127.0.0.1:{free_port()}"
+    # The second host: another registry with ghcr.io's content (a plain mirror).
+    with UpstreamRegistry(tmp_path / "mirror",
+                          storage_dir=ghcr_registry.backing.storage_dir) as mirror:
+        # The node's ghcr.io upstream is down: it answers 503 UNAVAILABLE.
+        with NodeProcess(tmp_path / "node", upstream=closed,
+                         extra=("--upstream", f"ghcr.io={closed}")) as node:
+            certs = tmp_path / "certs.d"
+            (certs / "ghcr.io").mkdir(parents=True)
+            (certs / "ghcr.io" / "hosts.toml").write_text(
+                _hosts_toml(closed, node.url, mirror.url))
+            first, second = containerd_pair
+            pull = ["images", "pull", "--hosts-dir", str(certs), "--snapshotter", "native"]
+            resp = httpx.get(node.url + "/v2/ghcr.io/org/app/manifests/1.0", headers=ACCEPT,
+                             timeout=60)
+            assert resp.status_code == 503, resp.text
+            mark = mirror.mark()
+            first.ctr(*pull, "ghcr.io/org/app:1.0")
+            assert _ctr_digest(first, "ghcr.io/org/app:1.0") == _digest(ghcr_images,
+                                                                        "org/app:1.0")
+            assert mirror.manifest_fetches_since(mark)
+            port = node.port
+        # The node is stopped: containerd goes to the mirror.
+        (certs / "ghcr.io" / "hosts.toml").write_text(
+            _hosts_toml(closed, f"http://127.0.0.1:{port}", mirror.url))
+        second.ctr(*pull, "ghcr.io/library/alpine:3.16.2")
+        assert _ctr_digest(second, "ghcr.io/library/alpine:3.16.2") == _digest(
+            ghcr_images, "library/alpine:3.16.2")
+
+
+@pytest.mark.process
+def test_a_hanging_registry_is_answered_within_bounded_time(
+    fresh_seeded_upstream: SeededUpstream, tmp_path: Path,
+) -> None:
+    from support.hostile import HostileUpstream
+
+    with HostileUpstream() as tarpit:
+        tarpit.route("/v2/org/app/manifests/1.0", lambda handler: tarpit.sleep(120))
+        with NodeProcess(tmp_path / "node", upstream=fresh_seeded_upstream.url,
+                         extra=("--upstream", f"ghcr.io={tarpit.url}",
+                                "--upstream-option", "idle_timeout=2",
+                                "--upstream-option", "timeout=3")) as node:
+            start = time.monotonic()
+            resp = httpx.get(node.url + "/v2/ghcr.io/org/app/manifests/1.0", headers=ACCEPT,
+                             timeout=60)
+            elapsed = time.monotonic() - start
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["errors"][0]["code"] == "UNAVAILABLE"
+            assert elapsed < 15, elapsed  # the default idle timeout alone is 30 s
+            assert tarpit.count("/v2/org/app/manifests/1.0") >= 1
+            # Docker Hub's images are served meanwhile.
+            hub = httpx.get(node.url + "/v2/library/alpine/manifests/3.16.2", headers=ACCEPT,
+                            timeout=60)
+            assert hub.status_code == 200

@@ -193,8 +193,10 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
+        upstream_options = _upstream_options(args.upstream_option)
         hub, package_options = _upstreams(args.upstream, args.upstream_credentials,
-                                          _package_options(args.package_option))
+                                          _package_options(args.package_option),
+                                          upstream_options)
         config = NodeConfig(
             host=args.host,
             port=args.port,
@@ -216,7 +218,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                                                "quic.max_datagram_size=8192"),
             consensus_timeout=args.consensus_timeout,
             allowed_hosts=tuple(args.allowed_host),
-            upstream_options=_upstream_options(args.upstream_option),
+            upstream_options=upstream_options,
             witness_key=args.witness_key,
             witnesses=_witness_targets(args.witness),
             witness_policy=_witness_policy(args),
@@ -274,6 +276,7 @@ def _package_options(
 
 def _upstreams(
     items: list[str], credentials: list[str], package_options: dict[str, dict[str, str]],
+    upstream_options: dict[str, str] | None = None,
 ) -> tuple[str, dict[str, dict[str, str]]]:
     """``--upstream URL`` (Docker Hub's) and ``--upstream REGISTRY=URL`` (repeatable) ->
     (Docker Hub's URL, package options with ``docker.registries`` / ``docker.credentials``).
@@ -301,6 +304,9 @@ def _upstreams(
         if credentials:
             docker["credentials"] = ",".join(filter(None, [docker.get("credentials", ""),
                                                            *credentials]))
+        if upstream_options and others:  # the other registries' upstreams take them too
+            docker.setdefault("upstream_options", ",".join(
+                f"{k}={v}" for k, v in upstream_options.items()))
     return hub, package_options
 
 

@@ -40,7 +40,9 @@ class DockerPackageType(PackageType):
     node's upstream, ``pyrsia node start --upstream``); ``registries``
     (``ghcr.io=URL,quay.io=URL``: other registries mirrored, each its own upstream;
     ``pyrsia node start --upstream ghcr.io=URL``); ``credentials``
-    (``ghcr.io=/path/file,...``: a file holding ``user:password`` for that registry).
+    (``ghcr.io=/path/file,...``: a file holding ``user:password`` for that registry);
+    ``upstream_options`` (``idle_timeout=30,...``: the node's ``--upstream-option`` values,
+    for those registries).
     """
 
     name: ClassVar[str] = "docker"
@@ -67,7 +69,8 @@ class DockerPackageType(PackageType):
         config = config or {}
         return cls(config.get("upstream") or None,
                    registries=parse_registries(config.get("registries", ""),
-                                               config.get("credentials", "")))
+                                               config.get("credentials", ""),
+                                               config.get("upstream_options", "")))
 
     # -- pure --------------------------------------------------------------------------
 

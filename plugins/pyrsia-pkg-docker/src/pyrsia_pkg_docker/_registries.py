@@ -25,6 +25,9 @@ class RegistrySource:
 
     url: str
     credentials_file: Path | None = attrs.field(default=None, repr=False)
+    #: Upstream options (``timeout``, ``min_rate``, ``rate_window``, ``idle_timeout``):
+    #: the node's ``--upstream-option`` values, as for Docker Hub.
+    options: tuple[tuple[str, str], ...] = ()
 
     def credentials(self) -> tuple[str, str] | None:
         if self.credentials_file is None:
@@ -41,7 +44,8 @@ class RegistrySource:
         return user, password
 
     def open(self) -> RegistryUpstream:
-        return RegistryUpstream(self.url, auth=self.credentials())
+        return RegistryUpstream.from_config({**dict(self.options), "url": self.url},
+                                            auth=self.credentials())
 
 
 def _pairs(text: str, what: str) -> dict[str, str]:
@@ -57,8 +61,18 @@ def _pairs(text: str, what: str) -> dict[str, str]:
     return out
 
 
-def parse_registries(registries: str, credentials: str = "") -> dict[str, RegistrySource]:
-    """``registries`` and ``credentials`` options -> ``{host: RegistrySource}``."""
+def parse_registries(registries: str, credentials: str = "",
+                     upstream_options: str = "") -> dict[str, RegistrySource]:
+    """``registries``, ``credentials`` and ``upstream_options`` (``idle_timeout=30,...``)
+    options -> ``{host: RegistrySource}``."""
+    options: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in upstream_options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"upstream option {item[:100]!r}: expected KEY=VALUE")
+        options.append((key.strip(), value.strip()))
+    if options:  # checked now, not at the first build
+        RegistryUpstream.from_config({**dict(options), "url": "http://127.0.0.1"})
     urls = _pairs(registries, "registry")
     creds = _pairs(credentials, "credentials")
     for host, url in urls.items():
@@ -70,5 +84,6 @@ def parse_registries(registries: str, credentials: str = "") -> dict[str, Regist
                          "not mirror (--upstream REGISTRY=URL)")
     if DOCKER_HUB in urls:
         raise UsageError("docker.io's upstream is the node's --upstream URL")
-    return {host: RegistrySource(url, Path(creds[host]) if host in creds else None)
+    return {host: RegistrySource(url, Path(creds[host]) if host in creds else None,
+                                 tuple(options))
             for host, url in urls.items()}

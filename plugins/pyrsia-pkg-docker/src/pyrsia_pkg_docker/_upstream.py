@@ -153,9 +153,11 @@ class RegistryUpstream(Upstream):
         self._auth = httpx.BasicAuth(*auth) if auth is not None else None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, str]) -> RegistryUpstream:
+    def from_config(cls, config: Mapping[str, str], *,
+                    auth: tuple[str, str] | None = None) -> RegistryUpstream:
         """Entry-point factory: ``url``; ``timeout`` (s); ``min_rate`` (bytes/s, 0: none),
-        ``rate_window`` (s) and ``idle_timeout`` (s) bound slow transfers."""
+        ``rate_window`` (s) and ``idle_timeout`` (s) bound slow transfers; ``auth`` (user,
+        password) for a registry that wants credentials."""
         url = config.get("url", DEFAULT_UPSTREAM)
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"upstream URL must start with http:// or https://, got {url!r}")
@@ -174,7 +176,7 @@ class RegistryUpstream(Upstream):
         return cls(url, timeout=number("timeout", 60),
                    min_rate=number("min_rate", DEFAULT_MIN_RATE),
                    rate_window=number("rate_window", DEFAULT_RATE_WINDOW),
-                   idle_timeout=number("idle_timeout", DEFAULT_IDLE_TIMEOUT))
+                   idle_timeout=number("idle_timeout", DEFAULT_IDLE_TIMEOUT), auth=auth)
 
     async def aclose(self) -> None:
         await self._client.aclose()
