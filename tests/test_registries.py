@@ -76,9 +76,10 @@ def test_registry_options_are_checked(tmp_path: Path) -> None:
     assert sources["quay.io"].credentials() is None
     assert "s3cret" not in repr(sources)
     from pyrsia_core.errors import UsageError
-    for registries, credentials in (("ghcr.io", ""), ("ghcr.io=ftp://x", ""),
+    for registries, credentials in (("example.org", ""), ("ghcr.io=ftp://x", ""),
                                     ("bad_host=http://x", ""), ("docker.io=http://x", ""),
-                                    ("ghcr.io=http://x", f"quay.io={creds}")):
+                                    ("ghcr.io=http://x", f"quay.io={creds}"),
+                                    ("ghcr.io=http://x", f"docker.io={creds}")):
         with pytest.raises(UsageError):
             parse_registries(registries, credentials)
     (tmp_path / "bad").write_text("no-colon")
@@ -118,6 +119,18 @@ def test_cli_upstream_flags_become_package_options() -> None:
                                   "credentials": "ghcr.io=/c"}}
     hub, options = _upstreams(["docker.io=http://127.0.0.1:4"], [], {"maven": {"a": "b"}})
     assert (hub, options) == ("http://127.0.0.1:4", {"maven": {"a": "b"}})
+    # Well-known public registries by name (no request is made: only the config is read).
+    _, options = _upstreams(["quay.io", "registry.k8s.io"], [], {}, {"idle_timeout": "5"})
+    sources = parse_registries(options["docker"]["registries"], "",
+                               options["docker"]["upstream_options"])
+    assert {h: s.url for h, s in sources.items()} == {"quay.io": "https://quay.io",
+                                                      "registry.k8s.io": "https://registry.k8s.io"}
+    assert sources["quay.io"].options == (("idle_timeout", "5"),)
+    from pyrsia_core.errors import UsageError
+    with pytest.raises(UsageError):
+        parse_registries("example.org")  # not well known: a URL is needed
+    with pytest.raises(UsageError):
+        parse_registries("ghcr.io=http://x", "", "idle_timeout=never")
 
 
 # --------------------------------------------------------------------------- processes
@@ -249,6 +262,9 @@ def test_bad_registry_requests_are_refused_without_an_upstream_request(
     # Docker Hub has no org/app: the node does not serve ghcr.io's under Docker Hub's name.
     hub = httpx.get(node.url + "/v2/org/app/manifests/1.0", headers=ACCEPT, timeout=60)
     assert hub.status_code == 404, hub.text
+    tags = httpx.get(node.url + "/v2/ghcr.io/org/app/tags/list", timeout=60)
+    assert tags.status_code == 200 and tags.json()["tags"] == ["1.0"], tags.text
+    assert httpx.get(node.url + "/v2/org/app/tags/list", timeout=60).status_code == 404
 
 
 def _hosts_toml(closed: str, *hosts: str) -> str:

@@ -290,6 +290,8 @@ def _upstreams(
                 hub = url
             else:
                 others.append(f"{host.strip()}={url}")
+        elif not sep and "://" not in item:
+            others.append(item.strip())  # a well-known registry (ghcr.io): its own URL
         else:
             hub = item
     docker = package_options.setdefault("docker", {}) if others or credentials else None
@@ -834,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--upstream", action="append", default=[], metavar="[REGISTRY=]URL",
                        help="registry to build images from: a URL is Docker Hub's (default "
                        "$PYRSIA_UPSTREAM, else https://registry-1.docker.io); REGISTRY=URL "
-                       "mirrors another registry too, e.g. ghcr.io=https://ghcr.io "
+                       "mirrors another registry too, e.g. ghcr.io=https://ghcr.io; a bare "
+                       "gcr.io, ghcr.io, quay.io or registry.k8s.io uses its public URL "
                        "(repeatable)")
     start.add_argument("--upstream-credentials", action="append", default=[],
                        metavar="REGISTRY=FILE",

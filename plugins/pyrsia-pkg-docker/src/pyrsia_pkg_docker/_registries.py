@@ -16,7 +16,15 @@ from pyrsia_core.errors import UsageError
 from ._model import DOCKER_HUB, ReferenceError_, validate_registry
 from ._upstream import RegistryUpstream
 
-__all__ = ["RegistrySource", "parse_registries"]
+__all__ = ["WELL_KNOWN_REGISTRIES", "RegistrySource", "parse_registries"]
+
+#: Public registries named without a URL (``--upstream ghcr.io``): their own endpoints.
+WELL_KNOWN_REGISTRIES = {
+    "gcr.io": "https://gcr.io",
+    "ghcr.io": "https://ghcr.io",
+    "quay.io": "https://quay.io",
+    "registry.k8s.io": "https://registry.k8s.io",
+}
 
 
 @attrs.frozen
@@ -48,10 +56,12 @@ class RegistrySource:
                                             auth=self.credentials())
 
 
-def _pairs(text: str, what: str) -> dict[str, str]:
+def _pairs(text: str, what: str, defaults: dict[str, str] | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         host, sep, value = item.partition("=")
+        if not sep and defaults and host.strip().lower() in defaults:
+            sep, value = "=", defaults[host.strip().lower()]
         if not sep or not value:
             raise UsageError(f"{what} {item[:100]!r}: expected REGISTRY=VALUE")
         try:
@@ -73,12 +83,15 @@ def parse_registries(registries: str, credentials: str = "",
         options.append((key.strip(), value.strip()))
     if options:  # checked now, not at the first build
         RegistryUpstream.from_config({**dict(options), "url": "http://127.0.0.1"})
-    urls = _pairs(registries, "registry")
+    urls = _pairs(registries, "registry", WELL_KNOWN_REGISTRIES)
     creds = _pairs(credentials, "credentials")
     for host, url in urls.items():
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"the upstream of {host} must be an http:// or https:// URL")
-    unknown = set(creds) - set(urls) - {DOCKER_HUB}
+    if DOCKER_HUB in creds:
+        raise UsageError("credentials for docker.io are not supported yet (its anonymous "
+                         "token flow is used)")
+    unknown = set(creds) - set(urls)
     if unknown:
         raise UsageError(f"credentials for {', '.join(sorted(unknown))}, which this node does "
                          "not mirror (--upstream REGISTRY=URL)")
