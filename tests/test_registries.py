@@ -335,3 +335,43 @@ def test_a_hanging_registry_is_answered_within_bounded_time(
             hub = httpx.get(node.url + "/v2/library/alpine/manifests/3.16.2", headers=ACCEPT,
                             timeout=60)
             assert hub.status_code == 200
+
+
+@pytest.mark.process
+def test_validators_rebuild_from_the_image_registry(
+    fresh_seeded_upstream: SeededUpstream, ghcr: tuple[TokenAuthRegistry, dict[str, object]],
+    tmp_path: Path,
+) -> None:
+    """Both build nodes must agree on ghcr.io's image: Docker Hub's of the same name has
+    other content, so a validator rebuilding from the wrong registry would vote it down."""
+    from support.node import node_status, wait_until
+    from test_consensus_nodes import FAST, authorize
+
+    extra = (*FAST, "--upstream", f"ghcr.io={ghcr[0].url}")
+    with NodeProcess(tmp_path / "a", upstream=fresh_seeded_upstream.url, extra=extra) as a, \
+            NodeProcess(tmp_path / "b", upstream=fresh_seeded_upstream.url,
+                        extra=(*extra, "--peer", a.url)) as b:
+        authorize(tmp_path, a, b, force=True)
+        ids = {node_status(n)["node_id"] for n in (a, b)}
+        for n in (a, b):
+            wait_until(f"{n.url} to list 2 build nodes",
+                       lambda n=n: set(node_status(n)["authorized_build_nodes"]) == ids)
+        mark = ghcr[0].mark()
+        out = run_cli(tmp_path, "build", "docker", "--image", "ghcr.io/library/alpine:3.16.2",
+                      port=a.port)
+        assert out.returncode == 0, out.stderr
+        build_id = out.stdout.split("ID ")[1].split()[0]
+        wait_until("the build to succeed", lambda: "SUCCESS" in run_cli(
+            tmp_path, "build", "status", "--id", build_id, port=a.port).stdout, timeout=90)
+        want = _digest(ghcr[1], "library/alpine:3.16.2")
+
+        def logged() -> bool:
+            got = run_cli(tmp_path, "inspect-log", "docker", "--image",
+                          "ghcr.io/library/alpine:3.16.2", port=b.port)
+            return got.returncode == 0 and want in got.stdout
+
+        wait_until("b to have the record", logged, timeout=60)
+        # Each build node fetched the manifest from ghcr.io (the validator rebuilt it there).
+        fetches = [e for e in ghcr[0].access_log(mark)
+               if e.path.endswith("/library/alpine/manifests/3.16.2") and e.status == 200]
+        assert len(fetches) >= 2, fetches
