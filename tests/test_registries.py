@@ -375,3 +375,20 @@ def test_validators_rebuild_from_the_image_registry(
         fetches = [e for e in ghcr[0].access_log(mark)
                if e.path.endswith("/library/alpine/manifests/3.16.2") and e.status == 200]
         assert len(fetches) >= 2, fetches
+
+
+@pytest.mark.process
+def test_podman_pulls_ghcr_io_through_a_prefixed_mirror(
+    ghcr: tuple[TokenAuthRegistry, dict[str, object]], two_registry_node: NodeProcess,
+    podman_dir: Path,
+) -> None:
+    from support.clients import podman, write_registries_conf
+
+    node = two_registry_node
+    conf = write_registries_conf(podman_dir / "registries.conf",
+                                 [f"127.0.0.1:{node.port}/ghcr.io"], prefix="ghcr.io")
+    podman(podman_dir, "pull", "ghcr.io/library/alpine:3.16.2", registries_conf=conf)
+    digest = podman(podman_dir, "image", "inspect", "--format", "{{.Digest}}",
+                    "ghcr.io/library/alpine:3.16.2", registries_conf=conf).stdout.strip()
+    assert digest == _digest(ghcr[1], "library/alpine:3.16.2")
+    assert "Fetching manifest for ghcr.io/library/alpine:3.16.2" in node.log()

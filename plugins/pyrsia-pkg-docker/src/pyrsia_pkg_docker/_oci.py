@@ -220,7 +220,8 @@ class OciApp:
                 ref = ImageRef(name, validate_tag(reference), None, registry)
             except ReferenceError_ as exc:
                 raise OciError(400, "MANIFEST_INVALID", str(exc)) from None
-        log.info("Fetching manifest for %s", reference_text(name, reference))
+        shown = _shown(name, registry)
+        log.info("Fetching manifest for %s", reference_text(shown, reference))
         try:
             resolved = await _healing(lambda: self.service.resolve_manifest(ref), ref)
         except NotInLog as exc:
@@ -244,7 +245,7 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        _log_served("Manifest", reference_text(name, reference), digest,
+        _log_served("Manifest", reference_text(shown, reference), digest,
                     "a new build (pulled from upstream)" if resolved.source == "build"
                     else None)
         await send_bytes(
@@ -296,10 +297,15 @@ class OciApp:
                 headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
         headers.append(("content-length", str(count)))
         if scope["method"] != "HEAD":
-            _log_served("Blob", name, digest, None, f"{count} bytes" + (
+            _log_served("Blob", _shown(name, registry), digest, None, f"{count} bytes" + (
                 f", range {offset}-{offset + count - 1}" if status == 206 else ""))
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send_verified_blob(scope, send, status, raw, blob, offset=offset, length=count)
+
+
+def _shown(name: str, registry: str) -> str:
+    """The repository as logs show it: Docker Hub's as before, another's with its host."""
+    return name if registry == DOCKER_HUB else f"{registry}/{name}"
 
 
 def _log_served(kind: str, image: str, digest: Digest, built: str | None,
