@@ -193,11 +193,15 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic: one line per handshake
     try:
+        upstream_options = _upstream_options(args.upstream_option)
+        hub, package_options = _upstreams(args.upstream, args.upstream_credentials,
+                                          _package_options(args.package_option),
+                                          upstream_options)
         config = NodeConfig(
             host=args.host,
             port=args.port,
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
-            upstream=None if args.no_upstream else args.upstream,
+            upstream=None if args.no_upstream else hub,
             disk_space=parse_size(args.disk_space) if args.disk_space else None,
             kv_store=args.kv_store,
             peers=tuple(args.peer),
@@ -209,12 +213,12 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             quic_port=args.quic_port,
             sync_interval=args.sync_interval,
             blob_store=args.blob_store,
-            package_options=_package_options(args.package_option),
+            package_options=package_options,
             transport_options=_package_options(args.transport_option, "--transport-option",
                                                "quic.max_datagram_size=8192"),
             consensus_timeout=args.consensus_timeout,
             allowed_hosts=tuple(args.allowed_host),
-            upstream_options=_upstream_options(args.upstream_option),
+            upstream_options=upstream_options,
             witness_key=args.witness_key,
             witnesses=_witness_targets(args.witness),
             witness_policy=_witness_policy(args),
@@ -268,6 +272,47 @@ def _package_options(
             raise ValueError(f"{flag} {item!r}: expected NAME.KEY=VALUE, e.g. {example}")
         out.setdefault(name, {})[option] = value
     return out
+
+
+def _upstreams(
+    items: list[str], credentials: list[str], package_options: dict[str, dict[str, str]],
+    upstream_options: dict[str, str] | None = None,
+) -> tuple[str, dict[str, dict[str, str]]]:
+    """``--upstream URL`` (Docker Hub's) and ``--upstream REGISTRY=URL`` (repeatable) ->
+    (Docker Hub's URL, package options with ``docker.registries`` / ``docker.credentials``).
+    """
+    hub = os.environ.get("PYRSIA_UPSTREAM", DEFAULT_UPSTREAM_URL)
+    others: list[str] = []
+    for item in items:
+        host, sep, url = item.partition("=")
+        if sep and "/" not in host and url.startswith(("http://", "https://")):
+            if host.strip().lower() in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+                hub = url
+            else:
+                others.append(f"{host.strip()}={url}")
+        elif not sep and "://" not in item:
+            others.append(item.strip())  # a well-known registry (ghcr.io): its own URL
+        else:
+            hub = item
+    docker = package_options.setdefault("docker", {}) if others or credentials else None
+    if docker is not None:
+        if others:
+            docker["registries"] = ",".join(filter(None, [docker.get("registries", ""),
+                                                          *others]))
+        for item in credentials:
+            if "=" not in item:
+                raise ValueError(f"--upstream-credentials {item!r}: expected REGISTRY=FILE, "
+                                 "e.g. ghcr.io=/etc/pyrsia/ghcr.credentials")
+        if credentials:
+            docker["credentials"] = ",".join(filter(None, [docker.get("credentials", ""),
+                                                           *credentials]))
+        if upstream_options and others:  # the other registries' upstreams take them too
+            docker.setdefault("upstream_options", ",".join(
+                f"{k}={v}" for k, v in upstream_options.items()))
+    return hub, package_options
+
+
+DEFAULT_UPSTREAM_URL = "https://registry-1.docker.io"
 
 
 def _upstream_options(items: list[str]) -> dict[str, str]:
@@ -788,10 +833,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="port to listen on (default 7888)")
     start.add_argument("--data-dir", help="data directory (default $PYRSIA_HOME or "
                        "~/.local/share/pyrsia)")
-    start.add_argument("--upstream",
-                       default=os.environ.get("PYRSIA_UPSTREAM", "https://registry-1.docker.io"),
-                       help="registry to build images from (default $PYRSIA_UPSTREAM, else "
-                       "Docker Hub)")
+    start.add_argument("--upstream", action="append", default=[], metavar="[REGISTRY=]URL",
+                       help="registry to build images from: a URL is Docker Hub's (default "
+                       "$PYRSIA_UPSTREAM, else https://registry-1.docker.io); REGISTRY=URL "
+                       "mirrors another registry too, e.g. ghcr.io=https://ghcr.io; a bare "
+                       "gcr.io, ghcr.io, quay.io or registry.k8s.io uses its public URL "
+                       "(repeatable)")
+    start.add_argument("--upstream-credentials", action="append", default=[],
+                       metavar="REGISTRY=FILE",
+                       help="a file holding user:password for that registry (repeatable; "
+                       "never logged)")
     start.add_argument("--no-upstream", action="store_true", help="never contact an upstream")
     start.add_argument("--disk-space", default=None,
                        help="disk space the node may use for artifacts, e.g. '10 GB' (default: "

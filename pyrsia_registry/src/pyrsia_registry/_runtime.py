@@ -191,6 +191,10 @@ def _upstreams(node: Node) -> list[str]:
             out.append(f"{name} {url}")
         elif getattr(pt, "can_build", False) and node.config.upstream:
             out.append(f"{name} {node.config.upstream}")
+        registries = getattr(pt, "registries", None)  # the Docker plugin's other registries
+        if isinstance(registries, dict):
+            out += [f"{name} {host}={getattr(source, 'url', '?')}"
+                    for host, source in sorted(registries.items())]
     return out
 
 

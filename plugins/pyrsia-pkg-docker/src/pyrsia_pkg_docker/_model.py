@@ -14,6 +14,7 @@ from pyrsia_core import Digest
 
 __all__ = [
     "ALL_MANIFEST_TYPES",
+    "DOCKER_HUB",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "INDEX_TYPES",
@@ -25,7 +26,10 @@ __all__ = [
     "ManifestError",
     "ReferenceError_",
     "choose_platform",
+    "logged_name",
     "reference_text",
+    "split_registry",
+    "validate_registry",
     "validate_repository",
     "validate_tag",
 ]
@@ -43,7 +47,11 @@ MAX_NAME_LENGTH: Final = 255
 _COMPONENT: Final = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY: Final = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG: Final = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-_DOCKER_HUB: Final = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
+#: Docker Hub, the default registry: its images keep their short ids (``alpine:3.16.2``).
+DOCKER_HUB: Final = "docker.io"
+DOCKER_HUB_ALIASES: Final = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+_HOST_LABEL: Final = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_REGISTRY: Final = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*(?::[0-9]{{1,5}})?")
 
 
 class ReferenceError_(PyrsiaError, ValueError):
@@ -63,6 +71,29 @@ def validate_repository(name: str) -> str:
     return name
 
 
+def looks_like_registry(component: str) -> bool:
+    """``True`` if a name's first component names a registry (``ghcr.io``, ``host:5000``,
+    ``localhost``), as Docker reads it: Docker Hub namespaces have no ``.`` or ``:``."""
+    return "." in component or ":" in component or component == "localhost"
+
+
+def validate_registry(host: str) -> str:
+    """Return the registry host name, lower case (Docker Hub's aliases: ``docker.io``),
+    or raise if it is not a host name with an optional port."""
+    host = host.lower()
+    if len(host) > 253 or not _REGISTRY.fullmatch(host):
+        raise ReferenceError_(f"invalid registry host name {host[:80]!r}")
+    return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
+
+
+def split_registry(name: str) -> tuple[str | None, str]:
+    """``ghcr.io/org/app`` -> ``("ghcr.io", "org/app")``; ``library/alpine`` -> ``(None, …)``."""
+    first, sep, rest = name.partition("/")
+    if sep and looks_like_registry(first):
+        return validate_registry(first), rest
+    return None, name
+
+
 def validate_tag(tag: str) -> str:
     """Return ``tag`` if it is a valid tag (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``), else raise."""
     if not _TAG.fullmatch(tag):
@@ -72,22 +103,21 @@ def validate_tag(tag: str) -> str:
 
 @attrs.frozen
 class ImageRef:
-    """``repository`` (``library/alpine``) and a tag or a digest."""
+    """``repository`` (``library/alpine``) and a tag or a digest, of ``registry``
+    (``docker.io`` unless the reference names another: ``ghcr.io/org/app:1.0``)."""
 
     repository: str
     tag: str | None = None
     digest: Digest | None = None
+    registry: str = DOCKER_HUB
 
     @classmethod
     def parse(cls, text: str) -> ImageRef:
         """Parse ``alpine:3.16.2``, ``docker.io/library/alpine@sha256:…``, ``some/repo:v1``."""
         if not isinstance(text, str) or not text or len(text) > 512:
             raise ReferenceError_("an image reference is a non-empty string")
-        rest = text
-        for prefix in _DOCKER_HUB:
-            if rest.startswith(prefix):
-                rest = rest[len(prefix) :]
-                break
+        registry, rest = split_registry(text)
+        registry = registry or DOCKER_HUB
         digest: Digest | None = None
         if "@" in rest:
             rest, _, d = rest.partition("@")
@@ -101,9 +131,9 @@ class ImageRef:
             rest, tag = name, validate_tag(maybe_tag)
         if tag is None and digest is None:
             tag = "latest"
-        if "/" not in rest:
+        if "/" not in rest and registry == DOCKER_HUB:
             rest = f"library/{rest}"
-        return cls(validate_repository(rest), tag, digest)
+        return cls(validate_repository(rest), tag, digest, registry)
 
     @property
     def reference(self) -> str:
@@ -112,7 +142,10 @@ class ImageRef:
 
     @property
     def short_name(self) -> str:
-        """The repository as users write it (``alpine`` for ``library/alpine``)."""
+        """The repository as users write it and the log names it: ``alpine`` for Docker
+        Hub's ``library/alpine``; another registry's with its host (``ghcr.io/org/app``)."""
+        if self.registry != DOCKER_HUB:
+            return f"{self.registry}/{self.repository}"
         return self.repository.removeprefix("library/")
 
     @property
@@ -125,6 +158,14 @@ class ImageRef:
     def artifact_id(self, digest: Digest) -> str:
         """``package_specific_artifact_id`` of an artifact found by digest."""
         return f"{self.short_name}@{digest}"
+
+
+def logged_name(package_or_artifact_id: str) -> str:
+    """The image name of a logged id: ``ghcr.io:5000/org/app`` of
+    ``ghcr.io:5000/org/app:1.0`` or ``…@sha256:…``; ``alpine`` of ``alpine:3.16.2``."""
+    name = package_or_artifact_id.partition("@")[0]
+    head, sep, tail = name.rpartition(":")
+    return head if sep and "/" not in tail else name
 
 
 def reference_text(repository: str, reference: str) -> str:

@@ -38,6 +38,7 @@ from pyrsia_core.interfaces import send_verified_blob
 from pyrsia_core import Digest, provenance
 
 from ._model import (
+    DOCKER_HUB,
     DOCKER_MANIFEST,
     INDEX_TYPES,
     OCI_MANIFEST,
@@ -47,6 +48,8 @@ from ._model import (
     ReferenceError_,
     choose_platform,
     reference_text,
+    split_registry,
+    validate_registry,
     validate_repository,
     validate_tag,
 )
@@ -159,7 +162,7 @@ class OciApp:
             raise OciError(404, "NOT_FOUND", f"no route for {path[:200]}")
         rest = path[4:]
         name, kind, ref = _split(rest)
-        _check_namespace(scope, name)
+        registry, name = _route(scope, name, self.service.registries)
         if kind == "uploads" or method in _PUSH:
             raise OciError(405, "UNSUPPORTED", "this pyrsia node is a pull-only mirror; push is "
                            "not supported")
@@ -170,17 +173,18 @@ class OciApp:
         except ReferenceError_ as exc:
             raise OciError(400, "NAME_INVALID", str(exc), {"name": name[:256]}) from None
         if kind == "tags":
-            await self._tags(scope, send, name)
+            await self._tags(scope, send, name, registry)
         elif kind == "manifests":
-            await self._manifest(scope, send, name, ref)
+            await self._manifest(scope, send, name, ref, registry)
         else:
-            await self._blob(scope, send, name, ref)
+            await self._blob(scope, send, name, ref, registry)
 
     # -- tags ------------------------------------------------------------------------
 
-    async def _tags(self, scope: Scope, send: Send, name: str) -> None:
+    async def _tags(self, scope: Scope, send: Send, name: str,
+                    registry: str = DOCKER_HUB) -> None:
         query = _query(scope)
-        short = name.removeprefix("library/")
+        short = ImageRef(name, "latest", None, registry).short_name
         tags = await self.service.tags(short)
         if not tags:
             raise OciError(404, "NAME_UNKNOWN", f"repository {name} is not known", {"name": name})
@@ -204,18 +208,20 @@ class OciApp:
 
     # -- manifests -------------------------------------------------------------------
 
-    async def _manifest(self, scope: Scope, send: Send, name: str, reference: str) -> None:
+    async def _manifest(self, scope: Scope, send: Send, name: str, reference: str,
+                        registry: str = DOCKER_HUB) -> None:
         if reference.startswith("sha256:") or ":" in reference:
             try:
-                ref = ImageRef(name, None, Digest.parse(reference))
+                ref = ImageRef(name, None, Digest.parse(reference), registry)
             except DigestError as exc:
                 raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         else:
             try:
-                ref = ImageRef(name, validate_tag(reference), None)
+                ref = ImageRef(name, validate_tag(reference), None, registry)
             except ReferenceError_ as exc:
                 raise OciError(400, "MANIFEST_INVALID", str(exc)) from None
-        log.info("Fetching manifest for %s", reference_text(name, reference))
+        shown = _shown(name, registry)
+        log.info("Fetching manifest for %s", reference_text(shown, reference))
         try:
             resolved = await _healing(lambda: self.service.resolve_manifest(ref), ref)
         except NotInLog as exc:
@@ -239,7 +245,7 @@ class OciApp:
             digest = chosen.digest
             content = await _healing(lambda: self.service.verified_bytes(ref, digest), ref)
             media_type = Manifest.parse(content).media_type
-        _log_served("Manifest", reference_text(name, reference), digest,
+        _log_served("Manifest", reference_text(shown, reference), digest,
                     "a new build (pulled from upstream)" if resolved.source == "build"
                     else None)
         await send_bytes(
@@ -253,12 +259,13 @@ class OciApp:
 
     # -- blobs -----------------------------------------------------------------------
 
-    async def _blob(self, scope: Scope, send: Send, name: str, reference: str) -> None:
+    async def _blob(self, scope: Scope, send: Send, name: str, reference: str,
+                    registry: str = DOCKER_HUB) -> None:
         try:
             digest = Digest.parse(reference)
         except DigestError as exc:
             raise OciError(400, "DIGEST_INVALID", str(exc)) from None
-        ref = ImageRef(name, None, digest)
+        ref = ImageRef(name, None, digest, registry)
         try:
             blob = await self.service.ensure_blob(ref, digest)
         except NotInLog as exc:
@@ -290,10 +297,15 @@ class OciApp:
                 headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
         headers.append(("content-length", str(count)))
         if scope["method"] != "HEAD":
-            _log_served("Blob", name, digest, None, f"{count} bytes" + (
+            _log_served("Blob", _shown(name, registry), digest, None, f"{count} bytes" + (
                 f", range {offset}-{offset + count - 1}" if status == 206 else ""))
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         await send_verified_blob(scope, send, status, raw, blob, offset=offset, length=count)
+
+
+def _shown(name: str, registry: str) -> str:
+    """The repository as logs show it: Docker Hub's as before, another's with its host."""
+    return name if registry == DOCKER_HUB else f"{registry}/{name}"
 
 
 def _log_served(kind: str, image: str, digest: Digest, built: str | None,
@@ -352,19 +364,31 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     return (max(0, size - suffix), size)
 
 
-#: The registries whose images this node serves. A mirror client (containerd's
-#: ``hosts.toml``) names the registry it wants in ``?ns=``; images of any other would be
-#: Docker Hub's under a wrong name, so they are refused.
-MIRRORED_NAMESPACES: Final = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+def _route(scope: Scope, name: str, mirrored: frozenset[str]) -> tuple[str, str]:
+    """The registry a request is for, and the repository name within it.
 
-
-def _check_namespace(scope: Scope, name: str) -> None:
+    A mirror client (containerd's ``hosts.toml``) names the registry in ``?ns=``; podman
+    and skopeo name it as the first path component (``/v2/ghcr.io/org/app/...``); Docker
+    Hub otherwise. A registry this node does not mirror is refused before any upstream is
+    contacted, as is a ``ns`` the path's registry contradicts.
+    """
     ns = _query(scope).get("ns")
-    if ns is None or ns.lower() in MIRRORED_NAMESPACES:
-        return
-    log.info("Refused %s/%s: this node mirrors docker.io only", ns[:100], name)
-    raise OciError(404, "NAME_UNKNOWN", f"this pyrsia node mirrors docker.io; it does not serve "
-                   f"images of {ns[:100]}", {"name": name[:256], "ns": ns[:100]})
+    try:
+        prefix, rest = split_registry(name)
+        wanted = validate_registry(ns) if ns is not None else None
+    except ReferenceError_ as exc:
+        raise OciError(400, "NAME_INVALID", str(exc), {"name": name[:256]}) from None
+    if prefix is not None and wanted is not None and prefix != wanted:
+        raise OciError(403, "DENIED", f"the request names the registry {wanted} (ns) and "
+                       f"{prefix} (path)", {"name": name[:256], "ns": ns[:100] if ns else ""})
+    registry = prefix or wanted or DOCKER_HUB
+    if registry not in mirrored:
+        log.info("Refused %s/%s: this node mirrors %s only", registry[:100], rest[:256],
+                 ", ".join(sorted(mirrored)))
+        raise OciError(404, "NAME_UNKNOWN", f"this pyrsia node mirrors "
+                       f"{', '.join(sorted(mirrored))}; it does not serve images of "
+                       f"{registry[:100]}", {"name": name[:256], "ns": registry[:100]})
+    return registry, rest
 
 
 def _split(rest: str) -> tuple[str, str, str]:

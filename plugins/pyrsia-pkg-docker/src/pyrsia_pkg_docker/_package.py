@@ -24,8 +24,9 @@ from pyrsia_core.interfaces import (
 
 from pyrsia_core import Digest
 
-from ._model import ImageRef, Manifest
+from ._model import DOCKER_HUB, ImageRef, Manifest
 from ._oci import OciApp
+from ._registries import RegistrySource, parse_registries
 from ._service import DockerBuilder, DockerService, fetch_blob
 from ._upstream import RegistryUpstream
 
@@ -35,8 +36,13 @@ __all__ = ["DockerPackageType"]
 class DockerPackageType(PackageType):
     """Docker/OCI images: ``package_type`` "Docker" in log records.
 
-    Config: ``upstream`` (a registry URL this package type builds from; default: the
-    node's upstream, ``pyrsia node start --upstream``).
+    Config: ``upstream`` (the Docker Hub URL this package type builds from; default: the
+    node's upstream, ``pyrsia node start --upstream``); ``registries``
+    (``ghcr.io=URL,quay.io=URL``: other registries mirrored, each its own upstream;
+    ``pyrsia node start --upstream ghcr.io=URL``); ``credentials``
+    (``ghcr.io=/path/file,...``: a file holding ``user:password`` for that registry);
+    ``upstream_options`` (``idle_timeout=30,...``: the node's ``--upstream-option`` values,
+    for those registries).
     """
 
     name: ClassVar[str] = "docker"
@@ -50,14 +56,21 @@ class DockerPackageType(PackageType):
     #: A client pulling a layer of an image being built waits for that layer.
     response_timeout: ClassVar[float | None] = 3600.0
 
-    def __init__(self, upstream: str | None = None) -> None:
+    def __init__(self, upstream: str | None = None, *,
+                 registries: Mapping[str, RegistrySource] | None = None) -> None:
         self.upstream_url = upstream or None
+        #: Registries besides Docker Hub this node mirrors, by host name.
+        self.registries: dict[str, RegistrySource] = dict(registries or {})
         self.builder = DockerBuilder()
         self._host: PackageHost | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, str] | None = None) -> DockerPackageType:
-        return cls((config or {}).get("upstream") or None)
+        config = config or {}
+        return cls(config.get("upstream") or None,
+                   registries=parse_registries(config.get("registries", ""),
+                                               config.get("credentials", ""),
+                                               config.get("upstream_options", "")))
 
     # -- pure --------------------------------------------------------------------------
 
@@ -72,12 +85,18 @@ class DockerPackageType(PackageType):
 
     def asgi_app(self, host: PackageHost) -> ASGIApp:
         self._host = host
-        return OciApp(DockerService(self.builder, host))
+        return OciApp(DockerService(self.builder, host,
+                                    frozenset({DOCKER_HUB, *self.registries})))
 
     # -- building ----------------------------------------------------------------------
 
-    def _upstream(self) -> tuple[Upstream, bool]:
+    def _upstream(self, registry: str = DOCKER_HUB) -> tuple[Upstream, bool]:
         """The registry to build from, and whether this call opened it (and closes it)."""
+        if registry != DOCKER_HUB:
+            source = self.registries.get(registry)
+            if source is None:
+                raise BuildFailed(f"this node does not mirror the registry {registry}")
+            return source.open(), True
         if self.upstream_url is not None:
             return RegistryUpstream(self.upstream_url), True
         host_upstream = self._host.upstream if self._host is not None else None
@@ -91,7 +110,7 @@ class DockerPackageType(PackageType):
         """The image's manifests (the index and each platform's), configs and layers,
         each streamed into ``sink`` and verified against the digest that names it."""
         ref = ImageRef.parse(package_id)
-        upstream, owned = self._upstream()
+        upstream, owned = self._upstream(ref.registry)
         try:
             async for item in self.builder.build(ref, upstream, sink):
                 yield item
@@ -105,7 +124,7 @@ class DockerPackageType(PackageType):
             ref = ImageRef.parse(artifact.package_id)
         except ValueError:
             raise ArtifactUnavailable(f"{artifact.package_id!r:.200} is not an image") from None
-        upstream, owned = self._upstream()
+        upstream, owned = self._upstream(ref.registry)
         try:
             await fetch_blob(ref, upstream, sink, artifact.digest, None, "re-fetch")
         finally:

@@ -46,6 +46,7 @@ from ._model import (
     ImageRef,
     Manifest,
     ManifestError,
+    logged_name,
     reference_text,
 )
 from ._upstream import UpstreamError, UpstreamNotFound
@@ -118,8 +119,8 @@ class DockerBuilder:
     """The state shared by builds and the app: artifacts of running builds, manifests
     ready, images the upstream does not have."""
 
-    #: Artifacts of builds in progress, by (repository, digest): two builds of different
-    #: repositories may share a digest, and each serves it to its own clients.
+    #: Artifacts of builds in progress, by (registry and repository, digest): two builds
+    #: of different repositories may share a digest, and each serves it to its own clients.
     pending: dict[tuple[str, Digest], _Pending] = attrs.Factory(dict)
     ready: dict[str, _Ready] = attrs.Factory(dict)
     #: Images the upstream does not have: package id -> (until when, the upstream's answer).
@@ -187,7 +188,7 @@ class DockerBuilder:
 
     def _expect(self, ref: ImageRef, sink: ArtifactSink, digest: Digest,
                 mine: list[tuple[str, Digest]]) -> None:
-        key = (ref.repository, digest)
+        key = (ref.short_name, digest)
         current = self.pending.get(key)
         if current is None or current.finished is not None:
             self.pending[key] = _Pending(sink, ref.package_id)
@@ -205,7 +206,7 @@ class DockerBuilder:
         return None
 
     def _release(self, ref: ImageRef, digest: Digest) -> None:
-        pending = self.pending.get((ref.repository, digest))
+        pending = self.pending.get((ref.short_name, digest))
         if pending is not None:
             pending.stored = True
             pending.event.set()
@@ -414,13 +415,15 @@ class DockerService:
 
     builder: DockerBuilder
     host: PackageHost
+    #: The registries whose images this node serves (Docker Hub's always).
+    registries: frozenset[str] = frozenset({"docker.io"})
 
     # -- log lookups ---------------------------------------------------------------
 
     async def _artifacts(self, ref: ImageRef, digest: Digest) -> list[LoggedArtifact]:
         return [a for a in await self.host.artifacts_with_digest(digest)
-                if a.artifact_id.partition("@")[0] == ref.short_name
-                or a.package_id.partition(":")[0].partition("@")[0] == ref.short_name]
+                if logged_name(a.artifact_id) == ref.short_name
+                or logged_name(a.package_id) == ref.short_name]
 
     async def tag_digest(self, ref: ImageRef) -> Digest | None:
         """The manifest digest the log's latest record for ``ref``'s tag names."""
@@ -446,7 +449,7 @@ class DockerService:
         """Find a manifest through the log; build it from the upstream on a miss."""
         source = "cache"
         digest = ref.digest or await self.tag_digest(ref)
-        pending = await self.builder.settled(self.host, (ref.repository, digest)) if (
+        pending = await self.builder.settled(self.host, (ref.short_name, digest)) if (
             digest) else None
         if pending is not None:
             # A manifest of an image being built (e.g. a platform manifest of an index).
@@ -531,7 +534,7 @@ class DockerService:
 
         An artifact of a build in progress is served once that build verified it.
         """
-        pending = await self.builder.settled(self.host, (ref.repository, digest))
+        pending = await self.builder.settled(self.host, (ref.short_name, digest))
         if pending is not None:
             await pending.event.wait()
             if pending.stored:
@@ -542,8 +545,8 @@ class DockerService:
             await self.host.settle(pending.package_id, limit=60.0)
         artifacts = await self._artifacts(ref, digest)
         if not artifacts:
-            log.info("Refused %s of %s: not in the transparency log", digest, ref.repository)
-            raise NotInLog(f"{digest} of {ref.repository} is not in the transparency log")
+            log.info("Refused %s of %s: not in the transparency log", digest, ref.short_name)
+            raise NotInLog(f"{digest} of {ref.short_name} is not in the transparency log")
         try:
             return await self.host.open_artifact(artifacts[0])
         except ArtifactUnavailable as exc:

@@ -134,6 +134,7 @@ class RegistryUpstream(Upstream):
         min_rate: float = DEFAULT_MIN_RATE,
         rate_window: float = DEFAULT_RATE_WINDOW,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         if min_rate < 0 or rate_window <= 0 or idle_timeout <= 0:
             raise UsageError("min_rate must be >= 0, rate_window and idle_timeout > 0")
@@ -147,11 +148,16 @@ class RegistryUpstream(Upstream):
             limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
         )
         self._tokens: dict[str, tuple[str, float]] = {}
+        #: Basic credentials (user, password): sent to the token realm, or to the registry
+        #: itself when it asks for Basic auth. Never logged.
+        self._auth = httpx.BasicAuth(*auth) if auth is not None else None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, str]) -> RegistryUpstream:
+    def from_config(cls, config: Mapping[str, str], *,
+                    auth: tuple[str, str] | None = None) -> RegistryUpstream:
         """Entry-point factory: ``url``; ``timeout`` (s); ``min_rate`` (bytes/s, 0: none),
-        ``rate_window`` (s) and ``idle_timeout`` (s) bound slow transfers."""
+        ``rate_window`` (s) and ``idle_timeout`` (s) bound slow transfers; ``auth`` (user,
+        password) for a registry that wants credentials."""
         url = config.get("url", DEFAULT_UPSTREAM)
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"upstream URL must start with http:// or https://, got {url!r}")
@@ -170,7 +176,7 @@ class RegistryUpstream(Upstream):
         return cls(url, timeout=number("timeout", 60),
                    min_rate=number("min_rate", DEFAULT_MIN_RATE),
                    rate_window=number("rate_window", DEFAULT_RATE_WINDOW),
-                   idle_timeout=number("idle_timeout", DEFAULT_IDLE_TIMEOUT))
+                   idle_timeout=number("idle_timeout", DEFAULT_IDLE_TIMEOUT), auth=auth)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -185,7 +191,8 @@ class RegistryUpstream(Upstream):
             raise UpstreamError("upstream asked for a bearer token without a realm")
         params = {"service": challenge.get("service", ""), "scope": challenge.get("scope", scope)}
         try:
-            resp = await self._client.get(realm, params=params)
+            resp = await self._client.get(realm, params=params, auth=self._auth or
+                                          httpx.USE_CLIENT_DEFAULT)
         except httpx.HTTPError as exc:
             raise UpstreamError(f"token request to {realm} failed: {_why(exc)}") from None
         if resp.status_code != 200:
@@ -206,20 +213,27 @@ class RegistryUpstream(Upstream):
     async def _send(
         self, method: str, url: str, scope: str, headers: dict[str, str]
     ) -> httpx.Response:
+        basic = False
         for attempt in range(2):
             cached = self._tokens.get(scope)
             hdrs = dict(headers)
             if cached and cached[1] > time.monotonic():
                 hdrs["Authorization"] = f"Bearer {cached[0]}"
             request = self._client.build_request(method, url, headers=hdrs)
+            if basic and self._auth is not None:
+                request = next(self._auth.auth_flow(request))
             try:
                 resp = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise UpstreamError(f"upstream {self.url} unreachable: {_why(exc)}") from None
             if resp.status_code != 401 or attempt:
                 return resp
-            challenge = parse_bearer_challenge(resp.headers.get("www-authenticate", ""))
+            www = resp.headers.get("www-authenticate", "")
+            challenge = parse_bearer_challenge(www)
             await resp.aclose()
+            if challenge is None and self._auth is not None and www.lower().startswith("basic"):
+                basic = True
+                continue
             if challenge is None:
                 raise UpstreamError("upstream requires authentication we cannot do", status=401)
             await self._token(challenge, scope)
