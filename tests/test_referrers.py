@@ -1,0 +1,227 @@
+"""OCI 1.1 referrers (signatures, SBOMs) through real node processes, a real upstream
+(``docker-registry``: distribution 2.8.2, no referrers API, so the tag schema) and skopeo.
+
+The upstream holds ``library/alpine:3.16.2`` with a signature and an SBOM attached: hand-made
+OCI manifests with a ``subject``, pushed over HTTP, and the tag-schema index ``sha256-<hex>``
+listing them (what oras and cosign push to a registry without the referrers API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from support.clients import skopeo
+from support.images import ImageInfo, put_manifest, seed_images, upload_blob
+from support.node import NodeProcess, node_status, run_cli, wait_until
+from support.registry import UpstreamRegistry
+
+pytestmark = pytest.mark.process
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = "application/vnd.oci.empty.v1+json"
+SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
+SBOM_TYPE = "application/spdx+json"
+ZERO = "sha256:" + "0" * 64
+FAST = ("--sync-interval", "0.5")
+IMAGE = "library/alpine:3.16.2"
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Attached:
+    registry: UpstreamRegistry
+    image: ImageInfo
+    subject: str
+    signature: str
+    sbom: str
+    #: The referrers' own blobs (config, layers).
+    blobs: tuple[str, ...]
+
+
+def _referrer(registry: UpstreamRegistry, repo: str, subject: ImageInfo, artifact_type: str,
+              payload: bytes, payload_type: str, annotations: dict[str, str],
+              *, in_config: bool = False) -> tuple[str, bytes, tuple[str, ...]]:
+    """Push a referrer manifest of ``subject`` by digest; (digest, bytes, its blobs)."""
+    empty = upload_blob(registry, repo, b"{}")
+    layer = upload_blob(registry, repo, payload)
+    doc: dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": artifact_type if in_config else EMPTY, "digest": empty,
+                   "size": 2},
+        "layers": [{"mediaType": payload_type, "digest": layer, "size": len(payload)}],
+        "subject": {"mediaType": subject.media_type, "digest": subject.manifest_digest,
+                    "size": len(subject.manifest)},
+        "annotations": annotations,
+    }
+    if not in_config:
+        doc["artifactType"] = artifact_type
+    body = _json(doc)
+    digest = put_manifest(registry, repo, _digest(body), body, OCI_MANIFEST)
+    assert digest == _digest(body)
+    return digest, body, (empty, layer)
+
+
+@pytest.fixture(scope="module")
+def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
+    base = tmp_path_factory.mktemp("referrers-upstream")
+    with UpstreamRegistry(base / "registry") as registry:
+        images = seed_images(registry, workdir=base / "layouts")
+        image = images[IMAGE]
+        repo = image.repo
+        sig, sig_body, sig_blobs = _referrer(
+            registry, repo, image, SIG_TYPE, b'{"critical":{"type":"cosign container image '
+            b'signature"}}', "application/vnd.dev.cosign.simplesigning.v1+json",
+            {"dev.cosignproject.cosign/signature": "MEUCIQ-test"})
+        # The SBOM's artifact type is its config's media type (the image spec's fallback).
+        sbom, sbom_body, sbom_blobs = _referrer(
+            registry, repo, image, SBOM_TYPE, b'{"spdxVersion":"SPDX-2.3"}', SBOM_TYPE,
+            {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"}, in_config=True)
+        index = _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": d, "size": len(b), "artifactType": t}
+            for d, b, t in ((sig, sig_body, SIG_TYPE), (sbom, sbom_body, SBOM_TYPE))]})
+        tag = "sha256-" + image.manifest_digest.removeprefix("sha256:")
+        put_manifest(registry, repo, tag, index, OCI_INDEX)
+        yield Attached(registry, image, image.manifest_digest, sig, sbom,
+                       tuple(dict.fromkeys(sig_blobs + sbom_blobs)))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, attached: Attached) -> Iterator[NodeProcess]:
+    with NodeProcess(tmp_path_factory.mktemp("referrers-node"), upstream=attached.registry.url,
+                     extra=FAST) as n:
+        # A real client pulls the image: the node builds it, with its referrers.
+        skopeo("copy", "--src-tls-verify=false", f"docker://127.0.0.1:{n.port}/{IMAGE}",
+               f"dir:{tmp_path_factory.mktemp('pulled')}")
+        wait_until("the build to be committed", lambda: n.get(
+            "/api/inspect-log/docker", params={"image": "alpine:3.16.2"}).status_code == 200)
+        yield n
+        log = n.log()
+    assert "Traceback" not in log and " 500 " not in log, log[-5000:]
+
+
+def _referrers(node: NodeProcess, digest: str, **params: str) -> httpx.Response:
+    return node.get(f"/v2/library/alpine/referrers/{digest}", params=params)
+
+
+def test_referrers_api_lists_signature_and_sbom(node: NodeProcess, attached: Attached) -> None:
+    resp = _referrers(node, attached.subject)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == OCI_INDEX
+    assert "oci-filters-applied" not in resp.headers
+    index = resp.json()
+    assert index["schemaVersion"] == 2 and index["mediaType"] == OCI_INDEX
+    by_digest = {d["digest"]: d for d in index["manifests"]}
+    assert set(by_digest) == {attached.signature, attached.sbom}
+    sig, sbom = by_digest[attached.signature], by_digest[attached.sbom]
+    assert sig["artifactType"] == SIG_TYPE and sbom["artifactType"] == SBOM_TYPE
+    assert sig["mediaType"] == sbom["mediaType"] == OCI_MANIFEST
+    assert sig["annotations"] == {"dev.cosignproject.cosign/signature": "MEUCIQ-test"}
+    assert sbom["annotations"] == {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"}
+    for d in index["manifests"]:
+        body = node.get(f"/v2/library/alpine/manifests/{d['digest']}",
+                        headers={"Accept": OCI_MANIFEST})
+        assert body.status_code == 200 and len(body.content) == d["size"]
+        assert _digest(body.content) == d["digest"]
+    head = node.get(f"/v2/library/alpine/referrers/{attached.subject}")
+    assert head.content == resp.content  # the same bytes for the same set
+
+
+def test_referrers_filter_by_artifact_type(node: NodeProcess, attached: Attached) -> None:
+    resp = _referrers(node, attached.subject, artifactType=SBOM_TYPE)
+    assert resp.status_code == 200
+    assert resp.headers["oci-filters-applied"] == "artifactType"
+    assert [d["digest"] for d in resp.json()["manifests"]] == [attached.sbom]
+    none = _referrers(node, attached.subject, artifactType="application/x-none")
+    assert none.status_code == 200 and none.json()["manifests"] == []
+    assert none.headers["oci-filters-applied"] == "artifactType"
+
+
+def test_referrers_empty_unknown_and_invalid(node: NodeProcess, attached: Attached) -> None:
+    for digest in (ZERO, attached.signature, attached.image.layer_digests[0]):
+        # Unknown digest, a referrer without referrers, a layer: an empty index, 200.
+        resp = _referrers(node, digest)
+        assert resp.status_code == 200, (digest, resp.text)
+        assert resp.headers["content-type"] == OCI_INDEX
+        assert resp.json() == {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    bad = _referrers(node, "sha256:nothex")
+    assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == "DIGEST_INVALID"
+    # Another repository does not see alpine's referrers.
+    other = node.get(f"/v2/library/multi/referrers/{attached.subject}")
+    assert other.status_code == 200 and other.json()["manifests"] == []
+    push = httpx.put(f"{node.url}/v2/library/alpine/referrers/{attached.subject}", content=b"{}",
+                     trust_env=False)
+    assert push.status_code == 405
+
+
+def test_tag_schema_with_skopeo(node: NodeProcess, attached: Attached, tmp_path: Path) -> None:
+    tag = "sha256-" + attached.subject.removeprefix("sha256:")
+    src = f"docker://127.0.0.1:{node.port}/library/alpine"
+    raw = skopeo("inspect", "--raw", "--tls-verify=false", f"{src}:{tag}").stdout.encode()
+    index = json.loads(raw)
+    assert index["mediaType"] == OCI_INDEX
+    assert {d["digest"] for d in index["manifests"]} == {attached.signature, attached.sbom}
+    # The tag's digest is stable (the same set, the same bytes) and it is the API's index.
+    again = node.get(f"/v2/library/alpine/manifests/{tag}", headers={"Accept": OCI_INDEX})
+    assert again.status_code == 200 and again.content == raw
+    assert again.headers["docker-content-digest"] == _digest(raw)
+    assert raw == _referrers(node, attached.subject).content
+    # A tag-schema tag of a digest without referrers is unknown, as on a registry.
+    none = node.get(f"/v2/library/alpine/manifests/sha256-{'0' * 64}")
+    assert none.status_code == 404 and none.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    # skopeo copies the signature (manifest, config, layer), each verified against the log.
+    dest = tmp_path / "sig"
+    skopeo("copy", "--src-tls-verify=false", f"{src}@{attached.signature}", f"dir:{dest}")
+    got = {_digest(p.read_bytes()) for p in dest.iterdir() if p.name != "version"}
+    assert attached.signature in got and set(attached.blobs) & got
+
+
+def test_referrers_are_logged_and_verified(node: NodeProcess, attached: Attached,
+                                           tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", port=node.port)
+    assert out.returncode == 0, out.stderr
+    for digest in (attached.signature, attached.sbom, *attached.blobs):
+        assert f"alpine@{digest}" in out.stdout
+    ok = run_cli(tmp_path, "verify", "docker", "--image", "alpine:3.16.2", "--data-dir",
+                 str(node.data_dir))
+    assert ok.returncode == 0, ok.stderr
+    for digest in (attached.signature, attached.sbom, *attached.blobs):
+        assert f"alpine@{digest}" in ok.stdout
+
+
+def test_peer_serves_referrers_from_the_log(node: NodeProcess, attached: Attached,
+                                            tmp_path: Path) -> None:
+    """A node without an upstream gets the referrers from its peer, verified against the
+    log it synced, and answers the referrers API and the tag schema the same."""
+    height = node_status(node)["ledger_height"]
+    with NodeProcess(tmp_path / "peer", upstream=None,
+                     extra=(*FAST, "--peer", node.url)) as peer:
+        wait_until("the peer to sync", lambda: node_status(peer)["ledger_height"] >= height)
+        resp = _referrers(peer, attached.subject)
+        assert resp.status_code == 200, resp.text
+        assert resp.content == _referrers(node, attached.subject).content
+        tag = "sha256-" + attached.subject.removeprefix("sha256:")
+        src = f"docker://127.0.0.1:{peer.port}/library/alpine"
+        raw = skopeo("inspect", "--raw", "--tls-verify=false", f"{src}:{tag}").stdout.encode()
+        assert raw == resp.content
+        dest = tmp_path / "sbom"
+        skopeo("copy", "--src-tls-verify=false", f"{src}@{attached.sbom}", f"dir:{dest}")
+        got = {_digest(p.read_bytes()) for p in dest.iterdir() if p.name != "version"}
+        assert attached.sbom in got
+        assert "pulled from peer" in peer.log()
+        assert "Traceback" not in peer.log()
+
