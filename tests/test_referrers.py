@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from support.clients import skopeo
-from support.images import ImageInfo, put_manifest, seed_images, upload_blob
+from support.images import STANDARD_IMAGES, ImageInfo, put_manifest, seed_images, upload_blob
 from support.node import NodeProcess, node_status, run_cli, wait_until
 from support.registry import UpstreamRegistry
 
@@ -225,3 +225,74 @@ def test_peer_serves_referrers_from_the_log(node: NodeProcess, attached: Attache
         assert "pulled from peer" in peer.log()
         assert "Traceback" not in peer.log()
 
+
+
+def _two_build_nodes(tmp_path: Path, upstream_a: str, upstream_b: str
+                     ) -> tuple[NodeProcess, NodeProcess]:
+    a = NodeProcess(tmp_path / "a", upstream=upstream_a, extra=FAST).start()
+    b = NodeProcess(tmp_path / "b", upstream=upstream_b, extra=(*FAST, "--peer", a.url))
+    try:
+        b.start()
+        out = run_cli(tmp_path, "authorize", "--peer", node_status(b)["node_id"], "--data-dir",
+                      str(a.data_dir), "--force", port=a.port, timeout=120)
+        assert out.returncode == 0, out.stderr
+        ids = {node_status(a)["node_id"], node_status(b)["node_id"]}
+        for n in (a, b):
+            wait_until("2 build nodes",
+                       lambda n=n: set(node_status(n)["authorized_build_nodes"]) == ids)
+    except BaseException:
+        b.stop()
+        a.stop()
+        raise
+    return a, b
+
+
+def test_validator_rebuilds_and_accepts_referrers(tmp_path: Path, attached: Attached) -> None:
+    """Two build nodes: the image's records, referrers included, commit only once the
+    validator rebuilt them all (its own build found the same referrers upstream)."""
+    a, b = _two_build_nodes(tmp_path, attached.registry.url, attached.registry.url)
+    try:
+        out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2", port=a.port)
+        assert out.returncode == 0, out.stderr
+        wait_until("the build to commit on b", lambda: run_cli(
+            tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2", port=b.port
+        ).returncode == 0, timeout=90)
+        records = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image",
+                                     "alpine:3.16.2", port=b.port).stdout)
+        ids = {r["package_specific_artifact_id"] for r in records}
+        assert {f"alpine@{attached.signature}", f"alpine@{attached.sbom}"} <= ids
+        assert len(records) == len(ids) == 4 + 2 + len(attached.blobs)
+        resp = _referrers(b, attached.subject)
+        assert {d["digest"] for d in resp.json()["manifests"]} == {attached.signature,
+                                                                   attached.sbom}
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_validator_refuses_referrers_it_cannot_rebuild(tmp_path: Path, attached: Attached
+                                                       ) -> None:
+    """The validator's upstream has the same image without the referrers: it cannot
+    vouch for the signature's records, so the proposal never commits."""
+    with UpstreamRegistry(tmp_path / "plain") as plain:
+        seed_images(plain, (next(s for s in STANDARD_IMAGES if s.reference == IMAGE),),
+                    workdir=tmp_path / "plain-layouts")
+        fetched = httpx.get(f"{plain.url}/v2/library/alpine/manifests/3.16.2", trust_env=False,
+                            headers={"Accept": attached.image.media_type})
+        assert _digest(fetched.content) == attached.subject  # the very same image
+        a, b = _two_build_nodes(tmp_path, attached.registry.url, plain.url)
+        try:
+            height = node_status(a)["ledger_height"]
+            out = run_cli(tmp_path, "build", "docker", "--image", "alpine:3.16.2", port=a.port)
+            assert out.returncode == 0, out.stderr
+            wait_until("b to refuse the proposal", lambda: "DIFFERENT hashes or failed"
+                       in b.log(), timeout=60)
+            # What b could not rebuild: an artifact only the referrers have.
+            assert any(f"did not yield the requested 'alpine@{d}'" in b.log()
+                       for d in (attached.signature, attached.sbom, *attached.blobs))
+            assert node_status(a)["ledger_height"] == height
+            assert run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
+                           port=a.port).returncode != 0
+        finally:
+            b.stop()
+            a.stop()

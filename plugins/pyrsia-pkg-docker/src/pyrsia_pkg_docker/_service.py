@@ -388,7 +388,7 @@ class DockerBuilder:
         try:
             resp = await upstream.open(f"{ref.repository}/referrers/{subject}",
                                        accept=(OCI_INDEX,))
-        except UpstreamError:
+        except PyrsiaError:
             resp = None  # no referrers API (404, 405...): the tag schema then
         if resp is not None:
             chunks: list[bytes] = []
@@ -407,11 +407,21 @@ class DockerBuilder:
             try:
                 _, index, _ = await self._fetch_manifest(ref, upstream,
                                                          tag_schema_tag(subject), budget)
-            except UpstreamNotFound:
+            except LookupError:  # not found (whatever the upstream's kind): none
                 return []
-        listed = Manifest.parse(index, OCI_INDEX)
-        if not listed.is_index:
-            raise ManifestError(f"the upstream's referrers of {subject} are not an index")
+        try:
+            listed = Manifest.parse(index, OCI_INDEX)
+        except ManifestError as exc:
+            listed = None
+            why = str(exc)
+        else:
+            why = "not an image index"
+        if listed is None or not listed.is_index:
+            # Referrers are extras: an upstream that answers garbage for them still
+            # serves the image (without them; the log vouches for nothing else).
+            log.warning("Ignored the upstream's referrers of %s@%s: %s", ref.repository,
+                        subject, why)
+            return []
         if len(listed.manifests) > MAX_REFERRERS:
             raise ImageBuildError(f"{subject} has {len(listed.manifests)} referrers upstream, "
                                   f"over the limit of {MAX_REFERRERS}")
