@@ -196,6 +196,18 @@ def test_referrers_are_logged_and_verified(node: NodeProcess, attached: Attached
     assert out.returncode == 0, out.stderr
     for digest in (attached.signature, attached.sbom, *attached.blobs):
         assert f"alpine@{digest}" in out.stdout
+    assert "artifact_type" not in out.stdout  # the seed's records, unchanged by default
+    typed = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
+                    "--artifact-types", port=node.port)
+    assert typed.returncode == 0, typed.stderr
+    types = {r["package_specific_artifact_id"]: r.get("artifact_type")
+             for r in json.loads(typed.stdout)}
+    assert types.pop(f"alpine@{attached.signature}") == SIG_TYPE
+    assert types.pop(f"alpine@{attached.sbom}") == SBOM_TYPE
+    assert set(types.values()) == {None}  # the image's own artifacts and the referrers' blobs
+    refused = run_cli(tmp_path, "inspect-log", "docker", "--image", "alpine:3.16.2",
+                      "--artifact-types", "--format", "csv", port=node.port)
+    assert refused.returncode != 0 and "plain JSON" in refused.stderr
     ok = run_cli(tmp_path, "verify", "docker", "--image", "alpine:3.16.2", "--data-dir",
                  str(node.data_dir))
     assert ok.returncode == 0, ok.stderr

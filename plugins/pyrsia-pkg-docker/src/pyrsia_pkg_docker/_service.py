@@ -635,30 +635,36 @@ class DockerService:
         packages = {a.package_id for a in await self._artifacts(ref, subject)}
         found: dict[Digest, Referrer] = {}
         for package_id in sorted(packages):
-            await self.host.settle(package_id, limit=60.0)
-            logged = [a for a in await self.host.artifacts(package_id)
-                      if a.artifact_id.partition("@")[0] == ref.short_name]
-            digests = list(dict.fromkeys(a.digest for a in logged))
-            image = await self._image_digests(ref, package_id, digests)
-            children: set[Digest] = set()
-            candidates: dict[Digest, Referrer] = {}
-            for digest in digests:
-                if digest in image:
-                    continue
-                content = await self._small_bytes(ref, digest)
-                if content is None:
-                    continue
-                referrer = referrer_of(content, digest)
-                try:
-                    children.update(d.digest for d in Manifest.parse(content).children)
-                except ManifestError:
-                    continue  # a referrer's layer (an SBOM document, a signature...)
-                if referrer is not None and referrer.subject == subject:
-                    candidates[digest] = referrer
-            for digest, referrer in candidates.items():
-                if digest not in children:
-                    found[digest] = referrer
+            for referrer in await self.package_referrers(ref, package_id):
+                if referrer.subject == subject:
+                    found[referrer.digest] = referrer
         return [found[d] for d in sorted(found, key=str)]
+
+    async def package_referrers(self, ref: ImageRef, package_id: str) -> list[Referrer]:
+        """The referrers logged with package ``package_id`` (of ``ref``'s repository):
+        its logged manifests, outside the image itself, that have a ``subject`` and are
+        not another referrer's config or layer."""
+        await self.host.settle(package_id, limit=60.0)
+        logged = [a for a in await self.host.artifacts(package_id)
+                  if a.artifact_id.partition("@")[0] == ref.short_name]
+        digests = list(dict.fromkeys(a.digest for a in logged))
+        image = await self._image_digests(ref, package_id, digests)
+        children: set[Digest] = set()
+        candidates: dict[Digest, Referrer] = {}
+        for digest in digests:
+            if digest in image:
+                continue
+            content = await self._small_bytes(ref, digest)
+            if content is None:
+                continue
+            referrer = referrer_of(content, digest)
+            try:
+                children.update(d.digest for d in Manifest.parse(content).children)
+            except ManifestError:
+                continue  # a referrer's layer (an SBOM document, a signature...)
+            if referrer is not None:
+                candidates[digest] = referrer
+        return [r for d, r in candidates.items() if d not in children]
 
     async def _image_digests(self, ref: ImageRef, package_id: str,
                              digests: Sequence[Digest]) -> set[Digest]:
