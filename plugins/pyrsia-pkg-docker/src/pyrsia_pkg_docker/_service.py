@@ -320,8 +320,6 @@ class DockerBuilder:
                 await self._store_manifest(ref, sink, sub_digest, sub)
                 del sub, sub_manifest
             del manifest
-            manifest_bytes += await self._fetch_referrers(
-                ref, upstream, sink, mine, budget, artifacts, add_children)
             self._check_fits(ref, sink, manifest_bytes, unique.values())
             for d in unique.values():
                 artifacts.append((ref.artifact_id(d.digest), d.digest, d.size, d.media_type))
@@ -329,7 +327,28 @@ class DockerBuilder:
                 self._expect(ref, sink, digest, mine)
             ready.digest = top_digest
             ready.event.set()
-            await self._fetch_blobs(ref, upstream, sink, list(unique.values()))
+            # Its referrers (signatures, SBOMs...) once the client has its manifest.
+            extra: dict[Digest, Descriptor] = {}
+
+            def add_referrer_children(children: Sequence[Descriptor]) -> None:
+                for d in children:
+                    if d.digest not in unique:
+                        extra.setdefault(d.digest, d)
+                    if len(extra) + len(artifacts) > MAX_IMAGE_ARTIFACTS:
+                        raise ImageBuildError(
+                            f"{ref.package_id} has too many artifacts with its referrers: "
+                            f"over {MAX_IMAGE_ARTIFACTS}")
+
+            subjects = [top_digest, *(d.digest for d in subs)]
+            referrer_bytes = await self._fetch_referrers(
+                ref, upstream, sink, mine, budget, subjects, artifacts, add_referrer_children)
+            blobs = [*unique.values(), *extra.values()]
+            if referrer_bytes:
+                self._check_fits(ref, sink, manifest_bytes + referrer_bytes, blobs)
+            for d in extra.values():
+                artifacts.append((ref.artifact_id(d.digest), d.digest, d.size, d.media_type))
+                self._expect(ref, sink, d.digest, mine)
+            await self._fetch_blobs(ref, upstream, sink, blobs)
         except UpstreamNotFound as exc:
             self._remember_missing(ref, str(exc))
             raise ImageNotFound(f"{ref.package_id} not found upstream: {exc}") from None
@@ -341,16 +360,16 @@ class DockerBuilder:
 
     async def _fetch_referrers(
         self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
-        mine: list[tuple[str, Digest]], budget: list[int],
+        mine: list[tuple[str, Digest]], budget: list[int], subjects: Sequence[Digest],
         artifacts: list[tuple[str, Digest, int, str]],
         add_children: Callable[[Sequence[Descriptor]], None],
     ) -> int:
         """The referrers (signatures, SBOMs...) the upstream has for each manifest of the
-        image: each referrer manifest verified, stored and added to ``artifacts`` (its
-        config and layers through ``add_children``); the bytes of manifests fetched."""
+        image (``subjects``): each referrer manifest verified, stored and added to
+        ``artifacts`` (its config and layers through ``add_children``); the bytes of
+        manifests fetched."""
         fetched = 0
-        subjects = [digest for _, digest, _, _ in artifacts]
-        seen = set(subjects)
+        seen = {digest for _, digest, _, _ in artifacts}
         for subject in dict.fromkeys(subjects):
             for d in await self._upstream_referrers(ref, upstream, subject, budget):
                 if d.digest in seen:
