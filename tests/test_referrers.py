@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 import pytest
 from support.clients import skopeo
-from support.images import STANDARD_IMAGES, ImageInfo, put_manifest, seed_images, upload_blob
+from support.images import (
+    STANDARD_IMAGES,
+    ImageInfo,
+    PlatformImage,
+    put_manifest,
+    seed_images,
+    upload_blob,
+)
 from support.node import NodeProcess, node_status, run_cli, wait_until
 from support.registry import UpstreamRegistry
 
@@ -51,9 +58,13 @@ class Attached:
     sbom: str
     #: The referrers' own blobs (config, layers).
     blobs: tuple[str, ...]
+    #: A platform manifest of ``library/ocimulti:1.0`` (an index) and its signature.
+    platform: str
+    platform_signature: str
 
 
-def _referrer(registry: UpstreamRegistry, repo: str, subject: ImageInfo, artifact_type: str,
+def _referrer(registry: UpstreamRegistry, repo: str, subject: ImageInfo | PlatformImage,
+              artifact_type: str,
               payload: bytes, payload_type: str, annotations: dict[str, str],
               *, in_config: bool = False) -> tuple[str, bytes, tuple[str, ...]]:
     """Push a referrer manifest of ``subject`` by digest; (digest, bytes, its blobs)."""
@@ -96,8 +107,17 @@ def attached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attached]:
             for d, b, t in ((sig, sig_body, SIG_TYPE), (sbom, sbom_body, SBOM_TYPE))]})
         tag = "sha256-" + image.manifest_digest.removeprefix("sha256:")
         put_manifest(registry, repo, tag, index, OCI_INDEX)
+        # A signature of one platform manifest of an index, listed by the tag schema.
+        multi = images["library/ocimulti:1.0"]
+        arm = next(p for p in multi.platforms.values() if p.platform.startswith("linux/arm64"))
+        psig, psig_body, _ = _referrer(registry, multi.repo, arm, SIG_TYPE, b'{"arm":1}',
+                                       "application/vnd.dev.cosign.simplesigning.v1+json", {})
+        put_manifest(registry, multi.repo, "sha256-" + arm.manifest_digest.removeprefix(
+            "sha256:"), _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": psig, "size": len(psig_body)}]}),
+            OCI_INDEX)
         yield Attached(registry, image, image.manifest_digest, sig, sbom,
-                       tuple(dict.fromkeys(sig_blobs + sbom_blobs)))
+                       tuple(dict.fromkeys(sig_blobs + sbom_blobs)), arm.manifest_digest, psig)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +277,28 @@ def _two_build_nodes(tmp_path: Path, upstream_a: str, upstream_b: str
         a.stop()
         raise
     return a, b
+
+
+def test_referrers_of_a_platform_manifest(node: NodeProcess, attached: Attached,
+                                          tmp_path: Path) -> None:
+    """A referrer of one platform manifest of an index is built with the index."""
+    skopeo("copy", "--all", "--src-tls-verify=false",
+           f"docker://127.0.0.1:{node.port}/library/ocimulti:1.0", f"dir:{tmp_path / 'm'}")
+    wait_until("the build to be committed", lambda: node.get(
+        "/api/inspect-log/docker", params={"image": "ocimulti:1.0"}).status_code == 200)
+    resp = node.get(f"/v2/library/ocimulti/referrers/{attached.platform}")
+    assert resp.status_code == 200
+    [only] = resp.json()["manifests"]
+    assert only["digest"] == attached.platform_signature and only["artifactType"] == SIG_TYPE
+    top = json.loads(skopeo("inspect", "--raw", "--tls-verify=false",
+                            f"docker://127.0.0.1:{node.port}/library/ocimulti:1.0").stdout)
+    index_digest = _digest(node.get("/v2/library/ocimulti/manifests/1.0",
+                                    headers={"Accept": top["mediaType"]}).content)
+    assert node.get(f"/v2/library/ocimulti/referrers/{index_digest}").json()["manifests"] == []
+    typed = json.loads(run_cli(tmp_path, "inspect-log", "docker", "--image", "ocimulti:1.0",
+                               "--artifact-types", port=node.port).stdout)
+    assert {r["package_specific_artifact_id"]: r["artifact_type"] for r in typed
+            if "artifact_type" in r} == {f"ocimulti@{attached.platform_signature}": SIG_TYPE}
 
 
 def test_validator_rebuilds_and_accepts_referrers(tmp_path: Path, attached: Attached) -> None:
