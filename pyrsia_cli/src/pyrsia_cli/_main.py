@@ -589,6 +589,8 @@ def cmd_inspect_log(args: argparse.Namespace) -> int:
         params["latest"] = "true"
     if args.proof:
         params["proof"] = "true"
+    if args.artifact_types:
+        params["artifact_types"] = "true"
     resp = _request(cfg, "GET", f"/api/inspect-log/{args.package_type}", params=params)
     if resp.status_code >= 400:
         _json_or_fail(resp, "inspect-log")
@@ -942,6 +944,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--latest", action="store_true", help="only the latest build's records")
     inspect.add_argument("--proof", action="store_true",
                          help="add Merkle inclusion proofs and the signed checkpoint")
+    inspect.add_argument("--artifact-types", action="store_true",
+                         help="add each artifact's type where the package type knows it "
+                         "(e.g. a Docker image's signatures and SBOMs)")
     inspect.set_defaults(func=cmd_inspect_log, parser=inspect)
 
     verify = sub.add_parser("verify", help="verify a package offline from a node's data dir")

@@ -788,6 +788,13 @@ class PackageType(ABC):
         """
         return None
 
+    async def artifact_types(self, package_id: str) -> Mapping[str, str]:
+        """A type for some logged artifacts of ``package_id``, by artifact id, that
+        ``pyrsia inspect-log --artifact-types`` shows (e.g. a Docker image's signatures and
+        SBOMs); none by default. Called once :meth:`asgi_app` has its host."""
+        del package_id
+        return {}
+
     @property
     def can_build(self) -> bool:
         """Whether this package type implements :meth:`_build` or :meth:`_build_into`."""

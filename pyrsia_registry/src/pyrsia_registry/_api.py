@@ -7,6 +7,7 @@ import hmac
 import io
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -412,6 +413,15 @@ class NodeApi:
             stored = [r for r in stored if r.height == top]
         out: list[dict[str, Any]] = []
         proof = _flag(query, "proof")
+        types: Mapping[str, str] = {}
+        if _flag(query, "artifact_types"):
+            if fmt == "csv" or fields or proof:
+                raise ApiError(400, "--artifact-types is available with the plain JSON "
+                               "format only")
+            try:
+                types = await pt.artifact_types(package_id)
+            except PyrsiaError as exc:
+                raise ApiError(503, f"artifact types of {package_id}: {exc}") from None
         ledger = self.node.log_store.ledger
         certificate = None
         if proof:
@@ -431,6 +441,9 @@ class NodeApi:
                     "record_signature": r.signed.signature.hex(),
                     "checkpoint": certificate.to_text(),
                 }
+            artifact_type = types.get(item["package_specific_artifact_id"])
+            if artifact_type is not None:
+                item = {**item, "artifact_type": artifact_type}
             out.append(item)
         if proof:
             if fmt == "csv":

@@ -41,6 +41,7 @@ from ._model import (
     DOCKER_HUB,
     DOCKER_MANIFEST,
     INDEX_TYPES,
+    OCI_INDEX,
     OCI_MANIFEST,
     ImageRef,
     Manifest,
@@ -53,6 +54,7 @@ from ._model import (
     validate_repository,
     validate_tag,
 )
+from ._referrers import referrers_index, tag_schema_digest, tag_schema_tag
 from ._service import DockerService, NotInLog
 from ._upstream import UpstreamError
 
@@ -105,7 +107,8 @@ def _refused(params: str) -> bool:
 
 @attrs.define(eq=False)
 class OciApp:
-    """``GET|HEAD /v2/``, manifests, blobs (Range) and tags/list; pushes are refused."""
+    """``GET|HEAD /v2/``, manifests, blobs (Range), tags/list and referrers (with the tag
+    schema's ``sha256-<hex>`` tags); pushes are refused."""
 
     service: DockerService
 
@@ -176,6 +179,8 @@ class OciApp:
             await self._tags(scope, send, name, registry)
         elif kind == "manifests":
             await self._manifest(scope, send, name, ref, registry)
+        elif kind == "referrers":
+            await self._referrers(scope, send, name, ref, registry)
         else:
             await self._blob(scope, send, name, ref, registry)
 
@@ -216,6 +221,10 @@ class OciApp:
             except DigestError as exc:
                 raise OciError(400, "DIGEST_INVALID", str(exc)) from None
         else:
+            subject = tag_schema_digest(reference)
+            if subject is not None:
+                await self._tag_schema(scope, send, name, subject, registry)
+                return
             try:
                 ref = ImageRef(name, validate_tag(reference), None, registry)
             except ReferenceError_ as exc:
@@ -256,6 +265,45 @@ class OciApp:
             content_type=media_type,
             head=scope["method"] == "HEAD",
         )
+
+    # -- referrers (OCI 1.1) -----------------------------------------------------------
+
+    async def _referrers(self, scope: Scope, send: Send, name: str, reference: str,
+                         registry: str = DOCKER_HUB) -> None:
+        """``GET /v2/<name>/referrers/<digest>[?artifactType=]``: an image index of the
+        logged manifests whose ``subject`` is ``<digest>`` (empty, 200, for none)."""
+        try:
+            digest = Digest.parse(reference)
+        except DigestError as exc:
+            raise OciError(400, "DIGEST_INVALID", str(exc), {"digest": reference[:100]}
+                           ) from None
+        image = ImageRef(name, None, digest, registry)
+        found = await _healing(lambda: self.service.referrers(image, digest), image)
+        headers = [API_VERSION]
+        artifact_type = _query(scope).get("artifactType")
+        if artifact_type is not None:
+            found = [r for r in found if r.artifact_type == artifact_type]
+            headers.append(("oci-filters-applied", "artifactType"))
+        body = referrers_index(found)
+        log.info("Referrers of %s@%s: %d", name, digest, len(found))
+        await send_bytes(send, 200, body, headers, content_type=OCI_INDEX,
+                         head=scope["method"] == "HEAD")
+
+    async def _tag_schema(self, scope: Scope, send: Send, name: str, subject: Digest,
+                          registry: str = DOCKER_HUB) -> None:
+        """The tag schema's ``<alg>-<hex>`` tag: the referrers index of ``subject`` as a
+        manifest (its digest is the same for the same referrers), 404 with none."""
+        ref = ImageRef(name, None, subject, registry)
+        found = await _healing(lambda: self.service.referrers(ref, subject), ref)
+        if not found:
+            raise OciError(404, "MANIFEST_UNKNOWN", f"{subject} of {name} has no referrers in "
+                           "the transparency log", {"tag": tag_schema_tag(subject)})
+        body = referrers_index(found)
+        digest = Digest.of(body)
+        await send_bytes(
+            send, 200, body,
+            [API_VERSION, ("docker-content-digest", str(digest)), ("etag", f'"{digest}"')],
+            content_type=OCI_INDEX, head=scope["method"] == "HEAD")
 
     # -- blobs -----------------------------------------------------------------------
 
@@ -396,7 +444,7 @@ def _split(rest: str) -> tuple[str, str, str]:
     if rest.endswith("/tags/list"):
         return rest[: -len("/tags/list")], "tags", ""
     for marker, kind in (("/manifests/", "manifests"), ("/blobs/uploads", "uploads"),
-                         ("/blobs/", "blobs")):
+                         ("/blobs/", "blobs"), ("/referrers/", "referrers")):
         i = rest.rfind(marker)
         if i > 0 and (kind == "uploads" or i + len(marker) < len(rest)):
             return rest[:i], kind, rest[i + len(marker):]

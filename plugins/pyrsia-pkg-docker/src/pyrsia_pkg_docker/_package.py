@@ -88,6 +88,15 @@ class DockerPackageType(PackageType):
         return OciApp(DockerService(self.builder, host,
                                     frozenset({DOCKER_HUB, *self.registries})))
 
+    async def artifact_types(self, package_id: str) -> Mapping[str, str]:
+        """The image's referrers (signatures, SBOMs...): their artifact types."""
+        if self._host is None:
+            return {}
+        ref = ImageRef.parse(package_id)
+        service = DockerService(self.builder, self._host)
+        return {ref.artifact_id(r.digest): r.artifact_type
+                for r in await service.package_referrers(ref, package_id)}
+
     # -- building ----------------------------------------------------------------------
 
     def _upstream(self, registry: str = DOCKER_HUB) -> tuple[Upstream, bool]:

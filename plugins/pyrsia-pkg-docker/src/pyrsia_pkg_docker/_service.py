@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -42,6 +42,7 @@ from pyrsia_core import Digest, provenance
 
 from ._model import (
     ALL_MANIFEST_TYPES,
+    OCI_INDEX,
     Descriptor,
     ImageRef,
     Manifest,
@@ -49,6 +50,7 @@ from ._model import (
     logged_name,
     reference_text,
 )
+from ._referrers import MAX_REFERRERS, Referrer, referrer_of, tag_schema_tag
 from ._upstream import UpstreamError, UpstreamNotFound
 
 __all__ = ["DockerBuilder", "DockerService", "NotInLog", "ResolvedManifest"]
@@ -68,6 +70,10 @@ MAX_IMAGE_ARTIFACTS = 1000
 NEGATIVE_TTL = 30.0
 #: Most such answers remembered at once.
 NEGATIVE_CACHE_SIZE = 10_000
+#: Most small artifacts (manifests) kept read for the referrers API.
+SMALL_CACHE_SIZE = 256
+#: Largest artifact kept in that cache.
+SMALL_CACHE_ENTRY = 64 * 1024
 #: Seconds the artifacts of an ended build are remembered, at most, while it commits.
 PENDING_KEEP = 600.0
 
@@ -125,6 +131,8 @@ class DockerBuilder:
     ready: dict[str, _Ready] = attrs.Factory(dict)
     #: Images the upstream does not have: package id -> (until when, the upstream's answer).
     missing: dict[str, tuple[float, str]] = attrs.Factory(dict)
+    #: Small logged artifacts read to find referrers, by digest (content never changes).
+    small: dict[Digest, bytes] = attrs.Factory(dict)
 
     # -- negative cache --------------------------------------------------------------
 
@@ -320,7 +328,28 @@ class DockerBuilder:
                 self._expect(ref, sink, digest, mine)
             ready.digest = top_digest
             ready.event.set()
-            await self._fetch_blobs(ref, upstream, sink, list(unique.values()))
+            # Its referrers (signatures, SBOMs...) once the client has its manifest.
+            extra: dict[Digest, Descriptor] = {}
+
+            def add_referrer_children(children: Sequence[Descriptor]) -> None:
+                for d in children:
+                    if d.digest not in unique:
+                        extra.setdefault(d.digest, d)
+                    if len(extra) + len(artifacts) > MAX_IMAGE_ARTIFACTS:
+                        raise ImageBuildError(
+                            f"{ref.package_id} has too many artifacts with its referrers: "
+                            f"over {MAX_IMAGE_ARTIFACTS}")
+
+            subjects = [top_digest, *(d.digest for d in subs)]
+            referrer_bytes = await self._fetch_referrers(
+                ref, upstream, sink, mine, budget, subjects, artifacts, add_referrer_children)
+            blobs = [*unique.values(), *extra.values()]
+            if referrer_bytes:
+                self._check_fits(ref, sink, manifest_bytes + referrer_bytes, blobs)
+            for d in extra.values():
+                artifacts.append((ref.artifact_id(d.digest), d.digest, d.size, d.media_type))
+                self._expect(ref, sink, d.digest, mine)
+            await self._fetch_blobs(ref, upstream, sink, blobs)
         except UpstreamNotFound as exc:
             self._remember_missing(ref, str(exc))
             raise ImageNotFound(f"{ref.package_id} not found upstream: {exc}") from None
@@ -329,6 +358,94 @@ class DockerBuilder:
         except (ManifestError, DigestMismatch) as exc:
             raise ImageBuildError(f"upstream sent bad content: {exc}") from None
         return artifacts
+
+    async def _fetch_referrers(
+        self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
+        mine: list[tuple[str, Digest]], budget: list[int], subjects: Sequence[Digest],
+        artifacts: list[tuple[str, Digest, int, str]],
+        add_children: Callable[[Sequence[Descriptor]], None],
+    ) -> int:
+        """The referrers (signatures, SBOMs...) the upstream has for each manifest of the
+        image (``subjects``): each referrer manifest verified, stored and added to
+        ``artifacts`` (its config and layers through ``add_children``); the bytes of
+        manifests fetched."""
+        fetched = 0
+        seen = {digest for _, digest, _, _ in artifacts}
+        for subject in dict.fromkeys(subjects):
+            for d in await self._upstream_referrers(ref, upstream, subject, budget):
+                if d.digest in seen:
+                    continue
+                seen.add(d.digest)
+                digest, content, media_type = await self._fetch_manifest(
+                    ref, upstream, str(d.digest), budget)
+                if digest != d.digest:
+                    raise DigestMismatch(str(d.digest), str(digest))
+                referrer = referrer_of(content, digest)
+                if referrer is None or referrer.subject != subject:
+                    # A stale or wrong tag-schema index: not a referrer of this image.
+                    log.warning("Upstream listed %s as a referrer of %s, but its subject "
+                                "differs: ignored", digest, subject)
+                    continue
+                parsed = Manifest.parse(content, media_type)
+                if parsed.is_index:
+                    raise ManifestError("referrers that are indexes are not supported")
+                artifacts.append((ref.artifact_id(digest), digest, len(content),
+                                  parsed.media_type))
+                add_children(parsed.children)
+                fetched += len(content)
+                self._expect(ref, sink, digest, mine)
+                await self._store_manifest(ref, sink, digest, content)
+                log.info("Referrer %s (%s) of %s@%s fetched from upstream", digest,
+                         referrer.artifact_type, ref.repository, subject)
+        return fetched
+
+    async def _upstream_referrers(
+        self, ref: ImageRef, upstream: Upstream, subject: Digest, budget: list[int]
+    ) -> list[Descriptor]:
+        """The upstream's list of ``subject``'s referrers: its referrers API if it has one,
+        else its tag-schema tag (``sha256-<hex>``); none when it has neither."""
+        index: bytes | None = None
+        try:
+            resp = await upstream.open(f"{ref.repository}/referrers/{subject}",
+                                       accept=(OCI_INDEX,))
+        except PyrsiaError:
+            resp = None  # no referrers API (404, 405...): the tag schema then
+        if resp is not None:
+            chunks: list[bytes] = []
+            size = 0
+            try:
+                async for chunk in resp.body:
+                    size += len(chunk)
+                    if size > MAX_MANIFEST_BYTES:
+                        raise ImageBuildError(f"the upstream's referrers of {subject} are "
+                                              f"over {MAX_MANIFEST_BYTES} bytes")
+                    chunks.append(chunk)
+            finally:
+                await _close(resp.body)
+            index = b"".join(chunks)
+        else:
+            try:
+                _, index, _ = await self._fetch_manifest(ref, upstream,
+                                                         tag_schema_tag(subject), budget)
+            except LookupError:  # not found (whatever the upstream's kind): none
+                return []
+        try:
+            listed = Manifest.parse(index, OCI_INDEX)
+        except ManifestError as exc:
+            listed = None
+            why = str(exc)
+        else:
+            why = "not an image index"
+        if listed is None or not listed.is_index:
+            # Referrers are extras: an upstream that answers garbage for them still
+            # serves the image (without them; the log vouches for nothing else).
+            log.warning("Ignored the upstream's referrers of %s@%s: %s", ref.repository,
+                        subject, why)
+            return []
+        if len(listed.manifests) > MAX_REFERRERS:
+            raise ImageBuildError(f"{subject} has {len(listed.manifests)} referrers upstream, "
+                                  f"over the limit of {MAX_REFERRERS}")
+        return list(listed.manifests)
 
     async def _store_manifest(self, ref: ImageRef, sink: ArtifactSink, digest: Digest,
                               content: bytes) -> None:
@@ -525,6 +642,96 @@ class DockerService:
             # The store itself is corrupt: the host drops the copy; it is never served.
             await self.host.report_mismatch(digest)
             raise DigestMismatch(str(digest), str(Digest.of(data)))
+        return data
+
+    # -- referrers -------------------------------------------------------------------
+
+    async def referrers(self, ref: ImageRef, subject: Digest) -> list[Referrer]:
+        """The logged referrers of manifest ``subject`` of ``ref``'s repository.
+
+        Referrers are logged as artifacts of the image whose manifest they refer to: the
+        manifests reachable from each such package's own manifests are its image; of the
+        others, the manifests whose ``subject`` is ``subject`` (and that are not a
+        referrer's config or layer) are its referrers. None for a digest not in the log.
+        """
+        packages = {a.package_id for a in await self._artifacts(ref, subject)}
+        found: dict[Digest, Referrer] = {}
+        for package_id in sorted(packages):
+            for referrer in await self.package_referrers(ref, package_id):
+                if referrer.subject == subject:
+                    found[referrer.digest] = referrer
+        return [found[d] for d in sorted(found, key=str)]
+
+    async def package_referrers(self, ref: ImageRef, package_id: str) -> list[Referrer]:
+        """The referrers logged with package ``package_id`` (of ``ref``'s repository):
+        its logged manifests, outside the image itself, that have a ``subject`` and are
+        not another referrer's config or layer."""
+        await self.host.settle(package_id, limit=60.0)
+        logged = [a for a in await self.host.artifacts(package_id)
+                  if a.artifact_id.partition("@")[0] == ref.short_name]
+        digests = list(dict.fromkeys(a.digest for a in logged))
+        image = await self._image_digests(ref, package_id, digests)
+        children: set[Digest] = set()
+        candidates: dict[Digest, Referrer] = {}
+        for digest in digests:
+            if digest in image:
+                continue
+            content = await self._small_bytes(ref, digest)
+            if content is None:
+                continue
+            referrer = referrer_of(content, digest)
+            try:
+                children.update(d.digest for d in Manifest.parse(content).children)
+            except ManifestError:
+                continue  # a referrer's layer (an SBOM document, a signature...)
+            if referrer is not None:
+                candidates[digest] = referrer
+        return [r for d, r in candidates.items() if d not in children]
+
+    async def _image_digests(self, ref: ImageRef, package_id: str,
+                             digests: Sequence[Digest]) -> set[Digest]:
+        """The digests of the image itself (its manifests, configs and layers) among a
+        package's logged ``digests``: those reachable from the package's own manifest."""
+        logged = await self.host.artifacts(package_id)
+        top = next((a.digest for a in logged if a.artifact_id == package_id), None)
+        if top is None:
+            _, _, text = package_id.partition("@")
+            top = Digest.parse(text) if text else None
+        image: set[Digest] = set()
+        todo = [top] if top is not None else []
+        while todo:
+            digest = todo.pop()
+            if digest in image:
+                continue
+            image.add(digest)
+            content = await self._small_bytes(ref, digest)
+            if content is None:
+                continue
+            try:
+                manifest = Manifest.parse(content)
+            except ManifestError:
+                continue
+            for d in manifest.manifests:
+                todo.append(d.digest)
+            image.update(d.digest for d in ((manifest.config,) if manifest.config else ())
+                         + manifest.layers)
+        return image
+
+    async def _small_bytes(self, ref: ImageRef, digest: Digest) -> bytes | None:
+        """A logged artifact's verified bytes if it may be a manifest (at most
+        :data:`MAX_MANIFEST_BYTES`), else ``None``; small ones are cached by digest."""
+        cached = self.builder.small.get(digest)
+        if cached is not None:
+            return cached
+        blob = await self.ensure_blob(ref, digest)
+        if blob.size > MAX_MANIFEST_BYTES:
+            return None
+        data = await self.verified_bytes(ref, digest)
+        if len(data) > SMALL_CACHE_ENTRY:
+            return data
+        if len(self.builder.small) >= SMALL_CACHE_SIZE:
+            del self.builder.small[next(iter(self.builder.small))]
+        self.builder.small[digest] = data
         return data
 
     # -- blobs -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ __all__ = ["DEFAULT_UPSTREAM", "RegistryUpstream", "UpstreamError", "UpstreamNot
 log = logging.getLogger("pyrsia.upstream")
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 _LOCATOR = re.compile(
-    r"(?P<repo>[a-z0-9._/-]+)/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:-]+)"
+    r"(?P<repo>[a-z0-9._/-]+)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[A-Za-z0-9_.:-]+)"
 )
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 CHUNK = 1024 * 1024
