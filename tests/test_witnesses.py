@@ -120,6 +120,17 @@ async def certificate_and_proofs(data_dir: Path, height: int
         await kv.aclose()
 
 
+def witnesses_for(tmp_path: Path, count: int) -> tuple[list[Keys], list[int], list[str]]:
+    """Keys and free ports for ``count`` witnesses, and the ``--witness URL,VKEY`` options
+    that name them to a build node."""
+    keys = [Keys(tmp_path / f"w{i}" / "data") for i in range(count)]
+    ports = [free_port() for _ in keys]
+    targets: list[str] = []
+    for k, port in zip(keys, ports, strict=True):
+        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    return keys, ports, targets
+
+
 def start_witnesses(tmp_path: Path, keys: list[Keys], ports: list[int], peer: str
                     ) -> list[NodeProcess]:
     out = []
@@ -146,11 +157,7 @@ def proof_checkpoint(node: NodeProcess, tmp_path: Path, image: str = IMAGE) -> s
 def test_blocks_are_cosigned_published_and_enforced(
     tmp_path: Path, fresh_seeded_upstream: SeededUpstream
 ) -> None:
-    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(3)]
-    ports = [free_port() for _ in wkeys]
-    targets: list[str] = []
-    for k, port in zip(wkeys, ports, strict=True):
-        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    wkeys, ports, targets = witnesses_for(tmp_path, 3)
     nodes: list[NodeProcess] = []
     try:
         build = NodeProcess(tmp_path / "b", upstream=fresh_seeded_upstream.url,
@@ -287,12 +294,8 @@ def test_split_view_is_cosigned_once_reported_and_never_served(
     (the image under the tag 3.16.2-fork) for group 2, and asks the witnesses to cosign
     both. At most one history gets cosigned; the evidence is reported; the node with a
     witness policy in group 2 is never served from the fork."""
-    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(3)]
-    ports = [free_port() for _ in wkeys]
+    wkeys, ports, targets = witnesses_for(tmp_path, 3)
     victim_keys, guarded_keys = Keys(tmp_path / "v" / "data"), Keys(tmp_path / "g" / "data")
-    targets: list[str] = []
-    for k, port in zip(wkeys, ports, strict=True):
-        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
     fork_env = {"PYRSIA_TEST_FORK_PEERS":
                 f"{victim_keys.node.node_id},{guarded_keys.node.node_id}"}
     nodes: list[NodeProcess] = []
@@ -384,11 +387,7 @@ def test_build_nodes_in_consensus_each_collect_cosignatures(
     every block (authorizations too): the witnesses cosign each checkpoint for all of them
     (the later askers learn the size from a 409), see no split view, and a node with a
     policy follows the whole chain."""
-    wkeys = [Keys(tmp_path / f"w{i}" / "data") for i in range(2)]
-    ports = [free_port() for _ in wkeys]
-    targets: list[str] = []
-    for k, port in zip(wkeys, ports, strict=True):
-        targets += ["--witness", f"http://127.0.0.1:{port},{k.vkey}"]
+    wkeys, ports, targets = witnesses_for(tmp_path, 2)
     nodes: list[NodeProcess] = []
     try:
         a = NodeProcess(tmp_path / "a", upstream=fresh_seeded_upstream.url,
