@@ -39,6 +39,7 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreLocked",
+    "TransferAborted",
     "TransportError",
     "UsageError",
     "VerificationError",
@@ -155,6 +156,12 @@ class QuotaExceeded(StoreError):
 
 class ArtifactUnavailable(PyrsiaError, LookupError):
     """A package's artifact is not in the log, not upstream, or no one can provide it."""
+
+
+class TransferAborted(PyrsiaError):
+    """A blob being streamed to a client while it arrives failed its verification (or
+    its source failed) before its held-back end: the response must be cut short, so the
+    client never holds a complete unverified blob."""
 
 
 class BuildFailed(PyrsiaError):

@@ -151,6 +151,16 @@ class BlobStore(Resource):
 
         return await self.put(one(), expected=expected, expected_size=len(data))
 
+    async def adopt(self, path: str, digest: Digest, size: int,
+                    read: Callable[[], AsyncIterator[bytes]]) -> BlobInfo:
+        """Take in a complete local file that the caller already verified (it hashes to
+        ``digest`` and holds ``size`` bytes), so that a blob received once is written
+        once: a store that keeps blobs as files may move ``path`` into place (it then
+        owns the file). This default streams ``read()`` through :meth:`put`, which
+        hashes it again; ``path`` stays the caller's.
+        """
+        return await self.put(read(), expected=digest, expected_size=size)
+
     @abstractmethod
     def open(
         self, digest: Digest, *, offset: int = 0, length: int | None = None
@@ -542,11 +552,18 @@ class ArtifactSink(ABC):
         *,
         expected: Digest | None = None,
         size: int | None = None,
+        on_receiving: Callable[[VerifiedBlob], None] | None = None,
     ) -> BlobInfo:
         """Store the streamed bytes; ``expected`` (when known) and ``size`` are checked.
 
         Raises :class:`~pyrsia_core.errors.DigestMismatch` (nothing is kept) or
         :class:`~pyrsia_core.errors.QuotaExceeded`.
+
+        A sink that can serve a blob while it arrives calls ``on_receiving`` once (for a
+        blob with ``expected`` and ``size``), before the bytes are all in, with a view
+        whose :meth:`VerifiedBlob.open` streams the bytes as they are written and
+        releases the end only once the whole blob verified; a reader of a blob that then
+        fails gets :class:`~pyrsia_core.errors.TransferAborted` before the end.
         """
 
     @abstractmethod
@@ -573,6 +590,7 @@ class _CheckedSink(ArtifactSink):
         *,
         expected: Digest | None = None,
         size: int | None = None,
+        on_receiving: Callable[[VerifiedBlob], None] | None = None,
     ) -> BlobInfo:
         if expected is not None and not isinstance(expected, Digest):
             raise UsageError(f"expected must be a Digest, got {type(expected).__name__}")
@@ -581,7 +599,8 @@ class _CheckedSink(ArtifactSink):
         if len(self.stored) >= MAX_BUILT_ARTIFACTS:
             raise UsageError("a build may store at most "
                              f"{MAX_BUILT_ARTIFACTS} blobs")
-        info = await self.inner.store(chunks, expected=expected, size=size)
+        info = await self.inner.store(chunks, expected=expected, size=size,
+                                      on_receiving=on_receiving)
         if size is not None and info.size != size:
             raise DigestMismatch(f"{size} bytes", f"{info.size} bytes")
         self.stored[info.digest] = info.size
@@ -611,6 +630,7 @@ class MemorySink(ArtifactSink):
         *,
         expected: Digest | None = None,
         size: int | None = None,
+        on_receiving: Callable[[VerifiedBlob], None] | None = None,
     ) -> BlobInfo:
         parts: list[bytes] = []
         n = 0
@@ -941,8 +961,10 @@ async def send_verified_blob(
 
     With zero copy when the blob is a local file and the server offers it (the node's
     ``pyrsia.sendfile`` extension, any range; the standard ``http.response.pathsend``,
-    whole file only); otherwise streamed in chunks. ``headers`` must already include
-    ``content-length``. A ``HEAD`` request gets the headers only.
+    whole file only); otherwise streamed in chunks, the head with the first of them (so
+    that a blob in flight that fails before its first byte raises
+    :class:`~pyrsia_core.errors.TransferAborted` before anything is sent). ``headers``
+    must already include ``content-length``. A ``HEAD`` request gets the headers only.
     """
     count = blob.size - offset if length is None else length
     start = {"type": "http.response.start", "status": status, "headers": list(headers)}
@@ -961,9 +983,17 @@ async def send_verified_blob(
         await send(start)
         await send({"type": "http.response.pathsend", "path": blob.path})
         return
-    await send(start)
     body = blob.open(offset, count)
     try:
+        # The head goes out with the first bytes: a blob still arriving that fails
+        # before any byte is released raises before anything was sent.
+        first = b""
+        async for first in body:
+            if first:
+                break
+        await send(start)
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
         async for chunk in body:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

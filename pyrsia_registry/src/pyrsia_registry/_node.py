@@ -16,11 +16,13 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 import attrs
+from pyrsia_core._parts import DEFAULT_PART_SIZE
 from pyrsia_core.errors import (
     BlobNotFound,
     BuildsBusy,
@@ -51,6 +53,7 @@ from pyrsia_core import plugins as core_plugins
 from ._activity import Activity
 from ._config import DEFAULT_DISK_SPACE, NodeConfig, load_settings, parse_size, save_settings
 from ._priority import ConsensusPriority
+from ._receiving import Receiving, file_reader, partial_path, receive
 from ._verify import ParallelRecordVerifier
 
 __all__ = ["Build", "BuildError", "BuildQueueFull", "Node", "NotInLog", "check_data_dir"]
@@ -69,6 +72,11 @@ KEEP_FINISHED_SECONDS = 600.0
 MAX_FINISHED_BUILDS = 4096
 #: A stored blob is re-hashed on a reported mismatch at most this often.
 RECHECK_INTERVAL = 30.0
+
+
+#: Blobs of at most this many bytes (declared) are stored whole, not streamed to clients
+#: while they arrive (manifests, configs).
+SMALL_BLOB = 64 * 1024
 
 
 class BuildError(PyrsiaError):
@@ -206,6 +214,10 @@ class Node:
     _rechecked: dict[str, float] = attrs.Factory(dict)
     #: Recent pulls, failures and counters for the status page and ``/metrics``.
     activity: Activity = attrs.Factory(Activity)
+    #: Blobs being received now (by digest hex): clients read them as they arrive.
+    receiving: dict[str, Receiving] = attrs.Factory(dict)
+    #: Part lists computed while blobs were received (by digest hex), until logged.
+    _part_lists: dict[str, PartList] = attrs.Factory(dict)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -387,6 +399,12 @@ class Node:
     def is_build_node(self) -> bool:
         return self.node_id in self.log_store.ledger.validators
 
+    @property
+    def commits_alone(self) -> bool:
+        """This node is the only build node: its own quorum."""
+        validators = self.log_store.ledger.validators
+        return len(validators) == 1 and self.node_id in validators
+
     # -- the log -------------------------------------------------------------------
 
     async def records_for_package(self, package_type: str, package_id: str) -> list[StoredRecord]:
@@ -551,25 +569,26 @@ class Node:
     # -- blobs ---------------------------------------------------------------------
 
     async def store_stream(
-        self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None
+        self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None,
+        *, hold: bool = False, on_receiving: Callable[[Receiving], None] | None = None,
     ) -> BlobInfo:
         """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
 
         A declared ``size`` is only a promise: room is made for the bytes that actually
         arrive (in steps that at most double what has arrived), never ahead for what a
         manifest or a peer claims. A blob larger than the whole quota is refused at once.
+
+        A blob of known digest (not a small one of known size) is received once into a
+        file that clients may read as it grows (:class:`Receiving`, listed in
+        :attr:`receiving` meanwhile and handed to ``on_receiving``); its end is released
+        once it verified (with ``hold``, only at :meth:`Receiving.release_tail`).
         """
         quota = self.blobs.quota
         if quota is not None and size is not None and size > quota:
             raise QuotaExceeded(
                 f"a blob of {size} bytes is larger than the disk quota ({quota} bytes)"
             )
-        if quota is None or (expected is not None
-                             and await self.blobs.stat(expected) is not None):
-            info = await self.blobs.put(chunks, expected=expected, expected_size=size)
-            self._sizes[info.digest.hex] = info.size
-            provenance.stored(info.size)
-            return info
+        stored = expected is not None and await self.blobs.stat(expected) is not None
         held = 0  # bytes of this blob counted in _reserved
 
         async def metered() -> AsyncIterator[bytes]:
@@ -585,13 +604,56 @@ class Node:
                     held += step
                 yield chunk
 
+        source = chunks if quota is None or stored else metered()
         try:
-            info = await self.blobs.put(metered(), expected=expected, expected_size=size)
+            if expected is not None and not stored and (size is None or size > SMALL_BLOB):
+                info = await self._receive(source, expected, size, hold, on_receiving)
+            else:
+                info = await self.blobs.put(source, expected=expected, expected_size=size)
         finally:
             self._reserved -= held
         self._sizes[info.digest.hex] = info.size
         provenance.stored(info.size)
         return info
+
+    async def _receive(
+        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None, hold: bool,
+        on_receiving: Callable[[Receiving], None] | None,
+    ) -> BlobInfo:
+        path = partial_path(self.config.data_dir / "partial", expected)
+        receiving = Receiving(expected, path, size, held=hold)
+        listed = expected.hex not in self.receiving
+        if listed:
+            self.receiving[expected.hex] = receiving
+        if on_receiving is not None:
+            on_receiving(receiving)
+
+        def remember(parts: PartList) -> None:
+            while len(self._part_lists) >= 256:  # those of builds that never committed
+                del self._part_lists[next(iter(self._part_lists))]
+            self._part_lists[expected.hex] = parts
+
+        try:
+            large = size is not None and size >= self.part_threshold
+            digest, written = await receive(chunks, receiving,
+                                            part_size=DEFAULT_PART_SIZE if large else None,
+                                            on_part_list=remember)
+            with anyio.CancelScope(shield=True):
+                try:
+                    info = await self.blobs.adopt(str(path), digest, written,
+                                                  file_reader(str(path)))
+                    receiving.stored = partial(self._read_stored, digest)
+                finally:
+                    await anyio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
+            return info
+        finally:
+            receiving.writer_done()
+            if listed and self.receiving.get(expected.hex) is receiving:
+                del self.receiving[expected.hex]
+
+    def _read_stored(self, digest: Digest, offset: int, length: int | None
+                     ) -> AsyncIterator[bytes]:
+        return self.blobs.open(digest, offset=offset, length=length)
 
     async def put_bytes(self, data: bytes, expected: Digest) -> BlobInfo:
         """Store a small verified blob (a manifest), making room for it first."""
@@ -791,10 +853,12 @@ class Node:
         """The part list of a stored blob, read from the store (its document is stored
         too, so this node serves it). Parts are of the protocol's fixed size, so every
         node computes the same list."""
-        hasher = PartHasher()
-        async for chunk in self.blobs.open(digest):
-            hasher.update(chunk)
-        parts = hasher.finish(digest)
+        parts = self._part_lists.pop(digest.hex, None)  # computed while it was received
+        if parts is None or parts.blob != digest:
+            hasher = PartHasher()
+            async for chunk in self.blobs.open(digest):
+                hasher.update(chunk)
+            parts = hasher.finish(digest)
         if await self.blobs.stat(parts.digest) is None:
             await self.put_bytes(parts.to_bytes(), parts.digest)
         return parts

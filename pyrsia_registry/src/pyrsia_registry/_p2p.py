@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Container, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +52,7 @@ from pyrsia_core import (
 )
 
 from ._node import Node
+from ._receiving import Receiving
 from ._swarm import PartialBlob, SwarmFetch
 from ._transports import split_address
 
@@ -1078,7 +1079,9 @@ class PeerService:
         skip = {c.node_id for c in unproven[MAX_UNPROVEN_PROVIDERS:]}
         return [c for c in ranked if c.node_id not in skip]
 
-    async def fetch(self, digest: Digest) -> BlobInfo:
+    async def fetch(
+        self, digest: Digest, *, on_receiving: Callable[[Receiving], None] | None = None
+    ) -> BlobInfo:
         """Fetch a logged blob from peers, verified, resuming on another provider on failure.
 
         The bytes stream into the blob store, which hashes them and keeps the blob only
@@ -1089,14 +1092,15 @@ class PeerService:
         """
         parts = await self._part_list(digest)
         if parts is not None:
-            return await self._swarm(digest, parts)
+            return await self._swarm(digest, parts, on_receiving)
         providers = self._rank(await self.find_providers(digest), digest.raw)
         if not providers:
             raise TransportError(f"no peer provides {digest}")
         served_by: list[str] = []
         try:
             info = await self.node.store_stream(
-                self._chain(digest, providers, served_by), digest, None
+                self._chain(digest, providers, served_by), digest, None,
+                on_receiving=on_receiving,
             )
         except DigestMismatch:
             suspects = list(dict.fromkeys(served_by))
@@ -1105,7 +1109,7 @@ class PeerService:
                             "digest_mismatch")
             log.warning("Bytes for %s from %s did not match; asking each provider alone",
                         digest, ", ".join(n[:16] for n in suspects))
-            info, honest = await self._fetch_strict(digest, providers, suspects)
+            info, honest = await self._fetch_strict(digest, providers, suspects, on_receiving)
             served_by = [honest]
         log.info(
             "Blob %s pulled from peer(s) %s (%d bytes), verified",
@@ -1135,11 +1139,15 @@ class PeerService:
             raise TransportError(f"the part list logged for {digest} names {parts.blob}")
         return parts
 
-    async def _swarm(self, digest: Digest, parts: PartList) -> BlobInfo:
+    async def _swarm(
+        self, digest: Digest, parts: PartList,
+        on_receiving: Callable[[Receiving], None] | None = None,
+    ) -> BlobInfo:
         await self.node.make_room(parts.size)
         partial = PartialBlob(parts, self.node.config.data_dir / "partial" / digest.hex)
         self.partials[digest.hex] = partial
-        swarm = self.swarms[digest.hex] = SwarmFetch(self, digest, parts, partial)
+        swarm = self.swarms[digest.hex] = SwarmFetch(self, digest, parts, partial,
+                                                     on_receiving=on_receiving)
         try:
             info = await swarm.run()
         finally:
@@ -1150,7 +1158,8 @@ class PeerService:
         return info
 
     async def _fetch_strict(
-        self, digest: Digest, providers: list[Contact], suspects: list[str]
+        self, digest: Digest, providers: list[Contact], suspects: list[str],
+        on_receiving: Callable[[Receiving], None] | None = None,
     ) -> tuple[BlobInfo, str]:
         order = [c for c in providers if c.node_id.hex() not in suspects] + [
             c for c in providers if c.node_id.hex() in suspects
@@ -1160,7 +1169,7 @@ class PeerService:
             served: list[str] = []
             try:
                 info = await self.node.store_stream(
-                    self._chain(digest, [c], served), digest, None
+                    self._chain(digest, [c], served), digest, None, on_receiving=on_receiving
                 )
             except DigestMismatch:
                 self._blame(nid, f"sent bytes for {digest} that do not match the digest",
@@ -1258,6 +1267,9 @@ class PeerService:
                     if size is None:
                         size = blob.size
                         await self.node.make_room(blob.size)
+                        receiving = self.node.receiving.get(digest.hex)
+                        if receiving is not None:
+                            receiving.set_size(size)  # clients get their headers now
                     elif blob.size != size:
                         self._blame(nid, f"announced {blob.size} bytes for {digest}, not {size}")
                         await _close_body(blob.body)

@@ -35,6 +35,7 @@ from pyrsia_core.errors import (
     DigestMismatch,
     PluginFailed,
     PyrsiaError,
+    TransferAborted,
 )
 from pyrsia_core.interfaces import (
     ArtifactSink,
@@ -53,6 +54,7 @@ from pyrsia_core import NODE_PACKAGE_TYPE, Block, Digest, Operation, Record
 from pyrsia_core import plugins as core_plugins
 
 from ._node import Build, Node
+from ._receiving import Receiving
 
 __all__ = ["GuardedApp", "PackageService", "PluginHost"]
 
@@ -73,10 +75,18 @@ def plugin_label(name: str) -> str:
 class NodeSink(ArtifactSink):
     """A build's way into the node's blob store: verified, quota-aware, evicting only as
     bytes arrive (:meth:`Node.store_stream`). Remembers the blobs it added, so that a
-    failed build leaves nothing behind (:meth:`discard`)."""
+    failed build leaves nothing behind (:meth:`discard`).
+
+    Blobs stream to clients while they arrive (``on_receiving``). With ``hold`` (a build
+    on a node that is its own quorum) their ends are released only when the build's
+    records are committed (:meth:`keep`), and cut short if it commits nothing.
+    """
 
     node: Node
+    hold: bool = False
     created: list[Digest] = attrs.Factory(list)
+    #: Blobs received for this build whose end may still be held back.
+    receivings: dict[Digest, Receiving] = attrs.Factory(dict)
 
     async def store(
         self,
@@ -84,6 +94,7 @@ class NodeSink(ArtifactSink):
         *,
         expected: Digest | None = None,
         size: int | None = None,
+        on_receiving: Callable[[VerifiedBlob], None] | None = None,
     ) -> BlobInfo:
         # Builds step aside while the build nodes decide a height.
         await self.node.priority.wait()
@@ -95,7 +106,15 @@ class NodeSink(ArtifactSink):
                     if aclose is not None:
                         await aclose()
                     return info
-            info = await self.node.store_stream(chunks, expected, size)
+
+            def started(receiving: Receiving) -> None:
+                if self.hold:
+                    self.receivings[expected] = receiving
+                if on_receiving is not None and receiving.size is not None:
+                    on_receiving(receiving.blob())
+
+            info = await self.node.store_stream(chunks, expected, size, hold=self.hold,
+                                                on_receiving=started)
             self.created.append(info.digest)
             return info
         info = await self.node.store_stream(chunks, None, size)
@@ -118,12 +137,21 @@ class NodeSink(ArtifactSink):
         return self.node.blobs.quota
 
     def keep(self, *digests: Digest) -> None:
-        """These blobs are logged (or vouched for): :meth:`discard` leaves them."""
+        """These blobs are logged (or vouched for): :meth:`discard` leaves them, and
+        their held-back ends go to the clients reading them."""
         keep = set(digests)
         self.created = [d for d in self.created if d not in keep]
+        for digest in keep:
+            receiving = self.receivings.pop(digest, None)
+            if receiving is not None:
+                receiving.release_tail()
 
     async def discard(self) -> None:
-        """Remove the blobs this sink added and were not kept."""
+        """Remove the blobs this sink added and were not kept; clients still reading
+        one are cut short before its end."""
+        for digest, receiving in self.receivings.items():
+            receiving.fail(f"the build that fetched {digest} committed nothing")
+        self.receivings.clear()
         with anyio.CancelScope(shield=True):
             for digest in dict.fromkeys(self.created):
                 await self.node.blobs.delete(digest)
@@ -137,6 +165,22 @@ def _node_blob(node: Node, info: BlobInfo) -> VerifiedBlob:
         return node.blobs.open(digest, offset=offset, length=length)
 
     return VerifiedBlob(digest, info.size, reader, info.path)
+
+
+@attrs.define(eq=False)
+class _PeerFetch:
+    """One fetch of a blob from peers, shared by every request for it."""
+
+    receiving: Receiving | None = None
+    done: bool = False
+    _event: anyio.Event = attrs.Factory(anyio.Event)
+
+    def changed(self) -> None:
+        event, self._event = self._event, anyio.Event()
+        event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 @attrs.define(eq=False)
@@ -224,20 +268,23 @@ class PluginHost(PackageHost):
         blob = await self._local(digest)
         if blob is not None:
             return blob
+        # Being received already (a peer fetch, a build): served as it arrives.
+        receiving = self.node.receiving.get(digest.hex)
+        if receiving is not None:
+            try:
+                await receiving.wait_size()
+                return receiving.blob()
+            except TransferAborted:
+                pass
+        peers = self.node.peers
+        if peers is not None and len(peers.table):
+            blob = await self._from_peers(artifact)
+            if blob is not None:
+                return blob
         async with self.node.fetch_lock(digest):
             blob = await self._local(digest)
             if blob is not None:
                 return blob
-            peers = self.node.peers
-            if peers is not None and len(peers.table):
-                try:
-                    await peers.fetch(digest)
-                    log.info("%s (%s) pulled from a peer", artifact.artifact_id, digest)
-                    blob = await self._local(digest)
-                    if blob is not None:
-                        return blob
-                except PyrsiaError as exc:
-                    log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
             blob = await self._fetch_again(artifact)
             if blob is not None:
                 return blob
@@ -267,6 +314,54 @@ class PluginHost(PackageHost):
             raise ArtifactUnavailable(
                 f"the upstream no longer provides {artifact.artifact_id} with the logged digest "
                 f"{digest} (tampered or changed upstream); not served")
+
+    async def _from_peers(self, artifact: LoggedArtifact) -> VerifiedBlob | None:
+        """The blob from peers: one fetch per digest however many ask (it runs in the
+        node's task group, so a client that goes away does not stop it for the others),
+        served to each as it arrives; ``None`` if the peers could not provide it."""
+        digest = artifact.digest
+        fetch = self.service.peer_fetches.get(digest.hex)
+        if fetch is None:
+            fetch = self.service.peer_fetches[digest.hex] = _PeerFetch()
+            if self.service.task_group is not None:
+                self.service.task_group.start_soon(self._peer_fetch, artifact, fetch)
+            else:
+                await self._peer_fetch(artifact, fetch)
+        while True:
+            receiving = fetch.receiving
+            if receiving is not None:
+                try:
+                    await receiving.wait_size()
+                    return receiving.blob()
+                except TransferAborted:
+                    if fetch.receiving is receiving:
+                        await fetch.wait()  # a retry (another provider) or the end
+                    continue
+            if fetch.done:
+                return await self._local(digest)
+            await fetch.wait()
+
+    async def _peer_fetch(self, artifact: LoggedArtifact, fetch: _PeerFetch) -> None:
+        digest = artifact.digest
+        peers = self.node.peers
+
+        def started(receiving: Receiving) -> None:
+            fetch.receiving = receiving
+            fetch.changed()
+
+        try:
+            async with self.node.fetch_lock(digest):
+                if await self._local(digest) is None:
+                    await peers.fetch(digest, on_receiving=started)
+                    log.info("%s (%s) pulled from a peer", artifact.artifact_id, digest)
+        except PyrsiaError as exc:
+            log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
+        finally:
+            fetch.done = True
+            fetch.receiving = None
+            fetch.changed()
+            if self.service.peer_fetches.get(digest.hex) is fetch:
+                del self.service.peer_fetches[digest.hex]
 
     async def _fetch_again(self, artifact: LoggedArtifact) -> VerifiedBlob | None:
         """The plugin's own re-fetch of one artifact (a build node, or a node with an
@@ -319,6 +414,8 @@ class PackageService:
     hosts: dict[str, PluginHost] = attrs.Factory(dict)
     #: Builds this (regular) node asked a build node for: build id -> that node's address.
     forwarded: dict[str, str] = attrs.Factory(dict)
+    #: Blobs being fetched from peers for clients (by digest hex): one fetch each.
+    peer_fetches: dict[str, _PeerFetch] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
         for name, pt in self.node.package_types.items():
@@ -439,7 +536,9 @@ class PackageService:
     async def _build(
         self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build
     ) -> int:
-        sink = NodeSink(self.node)
+        # A node that is its own quorum commits at once: clients get the ends of the
+        # blobs it streams to them only once they are in the log.
+        sink = NodeSink(self.node, hold=self.node.commits_alone)
         try:
             return await self._build_commit(pt, package_id, artifact_ids, build, sink)
         finally:
@@ -462,6 +561,8 @@ class PackageService:
             if item.artifact_id in logged and logged[item.artifact_id] != item.digest.hex:
                 raise BuildFailed(f"the upstream now serves other bytes for {item.artifact_id} "
                                   "than the log vouches for; nothing committed")
+        # Artifacts the log already vouches for (same bytes): their ends may go out now.
+        sink.keep(*(item.digest for item in built if item.artifact_id in logged))
         built = [item for item in built if item.artifact_id not in logged]
         if not built:
             build.records = 0
@@ -733,6 +834,14 @@ class GuardedApp:
                 reason = f"no response within {self.timeout:g} s"
             elif not finished:
                 reason = "returned without completing its response"
+        except TransferAborted as exc:
+            # A blob in flight failed its verification: the response is cut short
+            # (the server closes the connection), which is not the plugin's fault.
+            log.warning("Cut short %s %s: %s", scope.get("method", ""),
+                        str(scope.get("path", ""))[:200], exc)
+            if started:
+                return
+            reason = str(exc)
         except _PluginGarbage as exc:
             reason = str(exc)
         except _SendFailed as exc:

@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from pyrsia_core.interfaces import BlobInfo, PeerBlob, PeerClient
 from pyrsia_core import Digest, PartList
 
 from ._node import Node
+from ._receiving import Receiving
 
 __all__ = ["PartialBlob", "SwarmFetch", "SwarmPeers"]
 
@@ -207,6 +208,8 @@ class SwarmFetch:
     _crowded: bool = False
     _first_part_at: float = 0.0
     _rng: random.Random = attrs.Factory(random.Random)
+    #: Told when the blob starts streaming into the store (clients read it as it grows).
+    on_receiving: Callable[[Receiving], None] | None = None
 
     async def run(self) -> BlobInfo:
         started = time.monotonic()
@@ -266,7 +269,7 @@ class SwarmFetch:
 
     async def _store(self, stored: list[BlobInfo]) -> None:
         stored.append(await self.peers.node.store_stream(
-            self._in_order(), self.digest, self.parts.size))
+            self._in_order(), self.digest, self.parts.size, on_receiving=self.on_receiving))
         self._written.set()
 
     async def _in_order(self) -> AsyncIterator[bytes]:

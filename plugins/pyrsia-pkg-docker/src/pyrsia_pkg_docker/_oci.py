@@ -32,6 +32,7 @@ from pyrsia_core.errors import (
     PyrsiaError,
     QuotaExceeded,
     StoreError,
+    TransferAborted,
 )
 from pyrsia_core.interfaces import send_verified_blob
 
@@ -122,6 +123,8 @@ class OciApp:
         provenance.take()  # a note left by an earlier request on this connection is not ours
         try:
             await self._dispatch(scope, send)
+        except TransferAborted:
+            raise  # a blob in flight failed mid-response: the node cuts the connection
         except OciError as exc:
             await self._error(send, exc, head=head)
         except BuildsBusy as exc:
@@ -348,7 +351,21 @@ class OciApp:
             _log_served("Blob", _shown(name, registry), digest, None, f"{count} bytes" + (
                 f", range {offset}-{offset + count - 1}" if status == 206 else ""))
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        await send_verified_blob(scope, send, status, raw, blob, offset=offset, length=count)
+        sent = False
+
+        async def sending(message: Any) -> None:
+            nonlocal sent
+            sent = True
+            await send(message)
+
+        try:
+            await send_verified_blob(scope, sending, status, raw, blob, offset=offset,
+                                     length=count)
+        except TransferAborted as exc:
+            if sent:
+                raise  # cut short: the node closes the connection
+            raise OciError(404, "BLOB_UNKNOWN", f"{digest} could not be fetched: {exc}",
+                           {"digest": str(digest)}) from None
 
 
 def _shown(name: str, registry: str) -> str:

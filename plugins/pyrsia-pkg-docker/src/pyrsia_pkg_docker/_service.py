@@ -106,6 +106,10 @@ class _Pending:
     package_id: str
     event: anyio.Event = attrs.Factory(anyio.Event)
     stored: bool = False
+    #: Set once the blob streams (``blob``), is stored, or its build ended.
+    moved: anyio.Event = attrs.Factory(anyio.Event)
+    #: The blob as it arrives, when the sink streams it (its end released once verified).
+    blob: VerifiedBlob | None = None
     #: When the build's fetching ended (it commits next); ``None`` while it fetches.
     finished: float | None = None
 
@@ -184,6 +188,7 @@ class DockerBuilder:
                 if pending is not None:
                     pending.finished = now
                     pending.event.set()
+                    pending.moved.set()
         for artifact_id, digest, size, media_type in artifacts:
             yield BuiltArtifact(artifact_id, digest, media_type=media_type, size=size)
 
@@ -218,6 +223,18 @@ class DockerBuilder:
         if pending is not None:
             pending.stored = True
             pending.event.set()
+            pending.moved.set()
+
+    def _streaming(self, ref: ImageRef, digest: Digest) -> Callable[[VerifiedBlob], None]:
+        """What the sink calls once ``digest`` streams: clients waiting for it read it."""
+
+        def started(blob: VerifiedBlob) -> None:
+            pending = self.pending.get((ref.short_name, digest))
+            if pending is not None and pending.blob is None:
+                pending.blob = blob
+                pending.moved.set()
+
+        return started
 
     async def _fetch_manifest(
         self, ref: ImageRef, upstream: Upstream, reference: str, budget: list[int]
@@ -480,7 +497,8 @@ class DockerBuilder:
                         log.info("Blob %s already in the local cache", d.digest)
                         self._release(ref, d.digest)
                         return
-                    await fetch_blob(ref, upstream, sink, d.digest, d.size, "build")
+                    await fetch_blob(ref, upstream, sink, d.digest, d.size, "build",
+                                     on_receiving=self._streaming(ref, d.digest))
                     self._release(ref, d.digest)
                 except PyrsiaError as exc:
                     errors.append(exc)
@@ -494,7 +512,7 @@ class DockerBuilder:
 
 async def fetch_blob(
     ref: ImageRef, upstream: Upstream, sink: ArtifactSink, digest: Digest, size: int | None,
-    why: str,
+    why: str, *, on_receiving: Callable[[VerifiedBlob], None] | None = None,
 ) -> int:
     """Fetch one artifact by digest from the upstream into ``sink`` (verified); its size.
 
@@ -511,7 +529,8 @@ async def fetch_blob(
                 f"{ref.repository}/manifests/{digest}", accept=ALL_MANIFEST_TYPES
             )
         try:
-            info = await sink.store(resp.body, expected=digest, size=size)
+            info = await sink.store(resp.body, expected=digest, size=size,
+                                    on_receiving=on_receiving)
         finally:
             await _close(resp.body)
     except UpstreamNotFound as exc:
@@ -743,6 +762,10 @@ class DockerService:
         """
         pending = await self.builder.settled(self.host, (ref.short_name, digest))
         if pending is not None:
+            # Served while it arrives (its end once verified), or once stored.
+            await pending.moved.wait()
+            if pending.blob is not None:
+                return pending.blob
             await pending.event.wait()
             if pending.stored:
                 blob = await pending.sink.open(digest)

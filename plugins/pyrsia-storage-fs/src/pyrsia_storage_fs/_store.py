@@ -267,6 +267,38 @@ class FsBlobStore(BlobStore):
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._discard, temp)
 
+    async def adopt(self, path: str, digest: Digest, size: int,
+                    read: Callable[[], AsyncIterator[bytes]]) -> BlobInfo:
+        """Move the caller's verified file into place (fsynced first): no second write or
+        hash. A file on another filesystem, or of another size, goes through :meth:`put`."""
+        await self._ensure_ready()
+        if self.quota is not None:
+            self._check_quota(size, self.quota)
+
+        def prepare() -> _Temp | None:
+            flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(path, flags)
+            temp = _Temp(Path(path), fd)
+            try:
+                if os.fstat(fd).st_size != size or os.stat(path).st_dev != os.stat(
+                        self._tmp).st_dev:
+                    temp.close()
+                    return None
+                os.fsync(fd)
+                temp.close()
+            except BaseException:
+                temp.close()
+                raise
+            return temp
+
+        temp = await self._run(prepare)
+        if temp is None:
+            return await self.put(read(), expected=digest, expected_size=size)
+        with anyio.CancelScope(shield=True):
+            async with self._commit_lock:
+                info = await self._commit(temp, digest, size)
+        return info
+
     async def _put_small(
         self, chunks: AsyncIterable[bytes], expected: Digest | None, expected_size: int
     ) -> BlobInfo:
