@@ -622,9 +622,7 @@ class Node:
     ) -> BlobInfo:
         path = partial_path(self.config.data_dir / "partial", expected)
         receiving = Receiving(expected, path, size, held=hold)
-        listed = expected.hex not in self.receiving
-        if listed:
-            self.receiving[expected.hex] = receiving
+        self.list_receiving(receiving)
         if on_receiving is not None:
             on_receiving(receiving)
 
@@ -648,8 +646,30 @@ class Node:
             return info
         finally:
             receiving.writer_done()
-            if listed and self.receiving.get(expected.hex) is receiving:
-                del self.receiving[expected.hex]
+            self.unlist_receiving(receiving)
+
+    def list_receiving(self, receiving: Receiving) -> bool:
+        """List a blob in flight for clients (unless another fetch of it is listed)."""
+        if receiving.digest.hex in self.receiving:
+            return False
+        self.receiving[receiving.digest.hex] = receiving
+        return True
+
+    def unlist_receiving(self, receiving: Receiving) -> None:
+        if self.receiving.get(receiving.digest.hex) is receiving:
+            del self.receiving[receiving.digest.hex]
+
+    async def store_verified_file(self, path: Path, digest: Digest, size: int,
+                                  receiving: Receiving | None = None) -> BlobInfo:
+        """Hand a received file whose bytes the caller verified to the store (which may
+        move it into place); clients still reading ``receiving`` switch to the store."""
+        with anyio.CancelScope(shield=True):
+            info = await self.blobs.adopt(str(path), digest, size, file_reader(str(path)))
+        self._sizes[info.digest.hex] = info.size
+        provenance.stored(info.size)
+        if receiving is not None:
+            receiving.stored = partial(self._read_stored, digest)
+        return info
 
     def _read_stored(self, digest: Digest, offset: int, length: int | None
                      ) -> AsyncIterator[bytes]:

@@ -104,18 +104,37 @@ class PartialBlob:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self._fd, self.parts.size)
 
+    def check_and_put(self, index: int, data: bytes) -> bool:
+        """Check part ``index`` against the part list and, if it matches, write it (a
+        worker thread's part of :meth:`write`; the caller then calls :meth:`mark`)."""
+        if not self.parts.check(index, data):
+            return False
+        self._pwrite(index, data)
+        return True
+
+    def mark(self, index: int) -> None:
+        """Part ``index`` is written and verified (on the event loop)."""
+        if not self.have[index]:
+            self.have[index] = 1
+            self.count += 1
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
     def write(self, index: int, data: bytes) -> None:
         """Store part ``index`` (already checked against the part list)."""
         if self.have[index]:
             return
+        self._pwrite(index, data)
+        self.mark(index)
+
+    def _pwrite(self, index: int, data: bytes) -> None:
         offset, _ = self.parts.span(index)
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)
             offset += n
             view = view[n:]
-        self.have[index] = 1
-        self.count += 1
 
     @property
     def complete(self) -> bool:
@@ -204,7 +223,10 @@ class SwarmFetch:
     #: Bytes of verified parts received (progress, for the stall check).
     received: int = 0
     _wake: anyio.Event = attrs.Factory(anyio.Event)
-    _written: anyio.Event = attrs.Factory(anyio.Event)
+    #: The blob as clients read it while its parts arrive (set by :meth:`run`).
+    receiving: Receiving | None = None
+    #: Parts in order from the first that are in.
+    _prefix: int = 0
     _crowded: bool = False
     _first_part_at: float = 0.0
     _rng: random.Random = attrs.Factory(random.Random)
@@ -212,17 +234,42 @@ class SwarmFetch:
     on_receiving: Callable[[Receiving], None] | None = None
 
     async def run(self) -> BlobInfo:
+        """Fetch every part (each checked against the logged list as it arrives, written
+        once into the partial file), streaming the verified prefix to clients (the
+        ``Receiving`` over that file), then hand the file to the store."""
+        node = self.peers.node
+        receiving = self.receiving = Receiving(self.digest, self.partial.path,
+                                               self.parts.size)
+        receiving._fd = os.open(self.partial.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        node.list_receiving(receiving)
+        try:
+            if self.on_receiving is not None:
+                self.on_receiving(receiving)
+            await self._fetch_parts()
+            # Every byte is in a part that hashed to the logged list, which names the
+            # blob's digest and size: the blob is verified without a second hash.
+            receiving._progress(self.parts.size)
+            receiving._verified()
+            await anyio.to_thread.run_sync(self.partial.sync)
+            return await node.store_verified_file(self.partial.path, self.digest,
+                                                  self.parts.size, receiving)
+        except BaseException as exc:
+            receiving.fail(f"the swarm fetch of {self.digest} failed: "
+                           f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            receiving.writer_done()
+            node.unlist_receiving(receiving)
+
+    async def _fetch_parts(self) -> None:
         started = time.monotonic()
         slots = anyio.Semaphore(PARTS_IN_FLIGHT)
         progress, progress_at = -1, started
         stalled: TransportError | None = None
-        stored: list[BlobInfo] = []
         async with anyio.create_task_group() as tg:
             # Others fetching it too can find this node at once and get its parts.
             tg.start_soon(self._announce)
             tg.start_soon(self._watch_holders)
-            # The store hashes and writes the parts in order while they arrive.
-            tg.start_soon(self._store, stored)
             while not self.partial.complete:
                 now = time.monotonic()
                 if self.received != progress:
@@ -247,12 +294,7 @@ class SwarmFetch:
                 holder.inflight += 1
                 tg.start_soon(self._fetch_run, index, count, holder, slots)
             all_parts_at = time.monotonic()
-            if stalled is not None:
-                tg.cancel_scope.cancel()
-            else:
-                while not stored:  # the store finishes with the last part
-                    await self._written.wait()
-                tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
         if stalled is not None:
             raise stalled
         log.info(
@@ -265,24 +307,17 @@ class SwarmFetch:
             self._first_part_at - started,
             all_parts_at - started,
         )
-        return stored[0]
-
-    async def _store(self, stored: list[BlobInfo]) -> None:
-        stored.append(await self.peers.node.store_stream(
-            self._in_order(), self.digest, self.parts.size, on_receiving=self.on_receiving))
-        self._written.set()
-
-    async def _in_order(self) -> AsyncIterator[bytes]:
-        for index in range(len(self.parts)):
-            while not self.partial.have[index]:
-                await self._written.wait()
-            yield self.partial.read_part(index)
 
     def _part_written(self) -> None:
         if not self._first_part_at:
             self._first_part_at = time.monotonic()
-        self._written.set()
-        self._written = anyio.Event()
+        # Clients get the verified prefix (the parts in order from the first).
+        have = self.partial.have
+        while self._prefix < len(have) and have[self._prefix]:
+            self._prefix += 1
+        if self.receiving is not None and self._prefix:
+            end = self.parts.span(self._prefix - 1)
+            self.receiving._progress(end[0] + end[1])
 
     # -- which part next, from whom ------------------------------------------------------
 
@@ -375,10 +410,12 @@ class SwarmFetch:
                     while len(buf) >= length:
                         data = bytes(buf[:length])
                         del buf[:length]
-                        if not self.parts.check(index, data):
+                        # Hashed and written once, in a worker thread (the loop goes on).
+                        if not await anyio.to_thread.run_sync(self.partial.check_and_put,
+                                                              index, data):
                             raise PeerMisbehaved(
                                 holder.node_id, f"sent a wrong part {index} of {self.digest}")
-                        self.partial.write(index, data)
+                        self.partial.mark(index)
                         self.received += length
                         self.peers.received_from(holder.node_id, length)
                         self.served_by[holder.node_id] = self.served_by.get(holder.node_id, 0) + 1
