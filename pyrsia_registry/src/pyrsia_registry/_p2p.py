@@ -17,6 +17,7 @@ answering leave the table after :data:`PEER_FAILURES` failed queries in a row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -1119,7 +1120,8 @@ class PeerService:
         )
         provenance.note("pulled from peer " + ", ".join(dict.fromkeys(served_by)), info.size)
         if self._tg is not None:
-            self._tg.start_soon(self.announce, [digest])
+            with contextlib.suppress(RuntimeError):  # the node is stopping
+                self._tg.start_soon(self.announce, [digest])
         return info
 
     async def _part_list(self, digest: Digest) -> PartList | None:

@@ -356,6 +356,9 @@ class PluginHost(PackageHost):
                     log.info("%s (%s) pulled from a peer", artifact.artifact_id, digest)
         except PyrsiaError as exc:
             log.warning("Peers could not provide %s: %s", artifact.artifact_id, exc)
+        except Exception as exc:  # a background task: it never takes the node down
+            log.error("Fetching %s from peers failed: %s: %s", artifact.artifact_id,
+                      type(exc).__name__, exc)
         finally:
             fetch.done = True
             fetch.receiving = None
