@@ -500,7 +500,9 @@ class VerifiedBlob:
     """A blob whose bytes hash to ``digest``: stored by the node, verified when stored.
 
     ``path`` is set when the blob is a local file that a server may send with zero copy
-    (see :func:`send_verified_blob`); :meth:`open` always works.
+    (see :func:`send_verified_blob`); :meth:`open` always works. A blob still arriving
+    (streamed while it is fetched) has ``origin``: where its bytes come from, asked once
+    they are served (``"pulled from peer <node id>"``, see :mod:`pyrsia_core.provenance`).
     """
 
     def __init__(
@@ -509,10 +511,13 @@ class VerifiedBlob:
         size: int,
         reader: Callable[[int, int | None], AsyncIterator[bytes]],
         path: str | None = None,
+        *,
+        origin: Callable[[], str | None] | None = None,
     ) -> None:
         self.digest = digest
         self.size = size
         self.path = path
+        self.origin = origin
         self._reader = reader
 
     def __repr__(self) -> str:

@@ -1271,12 +1271,16 @@ class PeerService:
                         await self.node.make_room(blob.size)
                         receiving = self.node.receiving.get(digest.hex)
                         if receiving is not None:
+                            receiving.source = f"pulled from peer {nid}"
                             receiving.set_size(size)  # clients get their headers now
                     elif blob.size != size:
                         self._blame(nid, f"announced {blob.size} bytes for {digest}, not {size}")
                         await _close_body(blob.body)
                         continue
                 served_by.append(nid)
+                receiving = self.node.receiving.get(digest.hex)
+                if receiving is not None:
+                    receiving.source = "pulled from peer " + ", ".join(dict.fromkeys(served_by))
                 async for chunk in blob.body:
                     received += len(chunk)
                     got += len(chunk)

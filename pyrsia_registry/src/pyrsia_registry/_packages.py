@@ -50,7 +50,7 @@ from pyrsia_core.interfaces import (
     VerifiedBlob,
 )
 
-from pyrsia_core import NODE_PACKAGE_TYPE, Block, Digest, Operation, Record
+from pyrsia_core import NODE_PACKAGE_TYPE, Block, Digest, Operation, Record, provenance
 from pyrsia_core import plugins as core_plugins
 
 from ._node import Build, Node
@@ -173,6 +173,8 @@ class _PeerFetch:
 
     receiving: Receiving | None = None
     done: bool = False
+    #: Where the bytes came from (``"pulled from peer <node id>"``), once done.
+    source: str | None = None
     _event: anyio.Event = attrs.Factory(anyio.Event)
 
     def changed(self) -> None:
@@ -338,7 +340,10 @@ class PluginHost(PackageHost):
                         await fetch.wait()  # a retry (another provider) or the end
                     continue
             if fetch.done:
-                return await self._local(digest)
+                blob = await self._local(digest)
+                if blob is not None and fetch.source:
+                    provenance.note(fetch.source, blob.size)  # this request waited for it
+                return blob
             await fetch.wait()
 
     async def _peer_fetch(self, artifact: LoggedArtifact, fetch: _PeerFetch) -> None:
@@ -360,6 +365,8 @@ class PluginHost(PackageHost):
             log.error("Fetching %s from peers failed: %s: %s", artifact.artifact_id,
                       type(exc).__name__, exc)
         finally:
+            if fetch.receiving is not None:
+                fetch.source = fetch.receiving.source
             fetch.done = True
             fetch.receiving = None
             fetch.changed()
@@ -843,7 +850,7 @@ class GuardedApp:
             log.warning("Cut short %s %s: %s", scope.get("method", ""),
                         str(scope.get("path", ""))[:200], exc)
             if started:
-                return
+                raise  # the server closes the connection (and says no more of it)
             reason = str(exc)
         except _PluginGarbage as exc:
             reason = str(exc)

@@ -57,6 +57,8 @@ class Receiving:
     released: int = 0
     verified: bool = False
     failed: str | None = None
+    #: Where its bytes come from (``"pulled from peer <node id>"``), once known.
+    source: str | None = None
     #: Reads the blob from the store once it is there (set when the store took it).
     stored: Callable[[int, int | None], AsyncIterator[bytes]] | None = None
     _changed: anyio.Event = attrs.Factory(anyio.Event)
@@ -128,7 +130,10 @@ class Receiving:
         """What a client is served: its bytes as they are released (size must be known)."""
         if self.size is None:
             raise ValueError("the size of a blob in flight is not known yet")
-        return VerifiedBlob(self.digest, self.size, self._read)
+        return VerifiedBlob(self.digest, self.size, self._read, origin=self._origin)
+
+    def _origin(self) -> str | None:
+        return self.source
 
     async def _read(self, offset: int, length: int | None) -> AsyncIterator[bytes]:
         while self._fd is None and self._writing and self.failed is None:

@@ -47,6 +47,7 @@ import anyio
 import anyio.abc
 import h11
 from anyio.abc import SocketAttribute
+from pyrsia_core.errors import TransferAborted
 
 from ._sendfile import FileTruncatedError, sendfile
 
@@ -578,6 +579,11 @@ class _Cycle:
                 await conn.server.app(scope, self.receive, self.send)
             except ClientDisconnected as exc:
                 logger.debug("client %s disconnected: %s", conn.client, exc)
+            except TransferAborted as exc:
+                # A blob in flight failed verification (logged where it was cut): the
+                # response ends short of its Content-Length and the connection closes.
+                logger.debug("response to %s cut short: %s", conn.client, exc)
+                await self.fail()
             except Exception:
                 logger.exception(
                     "Exception in ASGI application (%s %s)",

@@ -315,6 +315,8 @@ class SwarmFetch:
         have = self.partial.have
         while self._prefix < len(have) and have[self._prefix]:
             self._prefix += 1
+        if self.receiving is not None:
+            self.receiving.source = "pulled from peer " + ", ".join(self.served_by)
         if self.receiving is not None and self._prefix:
             end = self.parts.span(self._prefix - 1)
             self.receiving._progress(end[0] + end[1])

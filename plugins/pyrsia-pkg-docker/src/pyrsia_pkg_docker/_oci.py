@@ -347,9 +347,6 @@ class OciApp:
                 status = 206
                 headers.append(("content-range", f"bytes {offset}-{end - 1}/{size}"))
         headers.append(("content-length", str(count)))
-        if scope["method"] != "HEAD":
-            _log_served("Blob", _shown(name, registry), digest, None, f"{count} bytes" + (
-                f", range {offset}-{offset + count - 1}" if status == 206 else ""))
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         sent = False
 
@@ -366,6 +363,13 @@ class OciApp:
                 raise  # cut short: the node closes the connection
             raise OciError(404, "BLOB_UNKNOWN", f"{digest} could not be fetched: {exc}",
                            {"digest": str(digest)}) from None
+        # Logged once served: a blob that streamed as it arrived names its source now.
+        origin = blob.origin() if blob.origin is not None else None
+        if origin:
+            provenance.note(origin, blob.size)
+        if scope["method"] != "HEAD":
+            _log_served("Blob", _shown(name, registry), digest, None, f"{count} bytes" + (
+                f", range {offset}-{offset + count - 1}" if status == 206 else ""))
 
 
 def _shown(name: str, registry: str) -> str:

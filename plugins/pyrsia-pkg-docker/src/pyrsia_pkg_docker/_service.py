@@ -657,6 +657,9 @@ class DockerService:
         """A small artifact's bytes (manifest, config), fetched if missing, re-hashed."""
         blob = await self.ensure_blob(ref, digest)
         data = await blob.read(MAX_MANIFEST_BYTES)
+        origin = blob.origin() if blob.origin is not None else None
+        if origin:  # it was in flight (from a peer): its source, now that it is read
+            provenance.note(origin, len(data))
         if Digest.of(data) != digest:
             # The store itself is corrupt: the host drops the copy; it is never served.
             await self.host.report_mismatch(digest)
