@@ -217,6 +217,10 @@ async def test_tampered_upstream_is_detected(
             assert not await running.node.records_for_package("Maven2", "com.example:hello:1.1")
 
 
+async def _stored(running: Any, digest: Digest) -> bool:
+    return await running.node.local_blob(digest) is not None
+
+
 @pytest.mark.anyio
 async def test_regular_node_gets_maven_artifacts_from_a_peer(
     tmp_path: Path, repo: tuple[Path, dict[str, bytes]]
@@ -238,7 +242,9 @@ async def test_regular_node_gets_maven_artifacts_from_a_peer(
             via_b = await client.get(f"{b.url}/maven2/{jar_path}")
             assert via_b.status_code == 200, via_b.text
             assert via_b.content == files[jar_path]
-            assert await b.node.local_blob(Digest.of(files[jar_path])) is not None
+            # The client had it as soon as it verified; B keeps it once its store took it.
+            jar = Digest.of(files[jar_path])
+            await _until(lambda: _stored(b, jar))
             assert upstream.count() == fetched  # from the peer, not the upstream
             log = await client.get(f"{b.url}/api/inspect-log/maven", params={"gav": HELLO})
             assert len(log.json()) == 2
