@@ -21,7 +21,7 @@ DISTRIBUTIONS = [
     "./pyrsia_cli",
 ]
 TEST_DEPS = ["pytest>=8", "pytest-timeout", "hypothesis>=6", "anyio>=4", "httpx>=0.27",
-             "pyyaml", "starlette", "uvicorn", "hatchling", "selenium>=4.10"]
+             "pyyaml", "starlette", "uvicorn", "hatchling", "selenium>=4.10", "grpcio"]
 
 
 def _install(session: nox.Session) -> None:

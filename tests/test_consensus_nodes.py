@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -29,25 +30,34 @@ def authorize(home: Path, admin: NodeProcess, peer: NodeProcess, *, force: bool 
     assert "authorized build node" in out.stdout
 
 
-@pytest.fixture
-def four(tmp_path: Path, fresh_seeded_upstream: SeededUpstream) -> Iterator[list[NodeProcess]]:
+@contextlib.contextmanager
+def build_nodes(base: Path, upstream: str, *, extra: tuple[str, ...] = (),
+                names: str = "abcd") -> Iterator[list[NodeProcess]]:
+    """One node per name under ``base``, the others peers of the first, all authorized build
+    nodes (each knows them all); stopped on exit. ``extra``: further ``node start`` flags."""
     nodes: list[NodeProcess] = []
     try:
-        a = NodeProcess(tmp_path / "a", upstream=fresh_seeded_upstream.url, extra=FAST).start()
+        a = NodeProcess(base / names[0], upstream=upstream, extra=(*FAST, *extra)).start()
         nodes.append(a)
-        for name in "bcd":
-            nodes.append(NodeProcess(tmp_path / name, upstream=fresh_seeded_upstream.url,
-                                     extra=(*FAST, "--peer", a.url)).start())
+        for name in names[1:]:
+            nodes.append(NodeProcess(base / name, upstream=upstream,
+                                     extra=(*FAST, *extra, "--peer", a.url)).start())
         for i, peer in enumerate(nodes[1:]):
-            authorize(tmp_path, a, peer, force=i < 2)
+            authorize(base, a, peer, force=i < 2)
         ids = {status(n)["node_id"] for n in nodes}
         for n in nodes:
-            wait_until(f"{n.url} to list 4 build nodes",
+            wait_until(f"{n.url} to list {len(nodes)} build nodes",
                        lambda n=n: set(status(n)["authorized_build_nodes"]) == ids)
         yield nodes
     finally:
         for n in nodes:
             n.stop()
+
+
+@pytest.fixture
+def four(tmp_path: Path, fresh_seeded_upstream: SeededUpstream) -> Iterator[list[NodeProcess]]:
+    with build_nodes(tmp_path, fresh_seeded_upstream.url) as nodes:
+        yield nodes
 
 
 def test_unauthorized_caller_is_refused(tmp_path: Path, seeded_upstream: SeededUpstream) -> None:

@@ -235,18 +235,26 @@ def test_podman_pulls_through_the_drop_in_setup_wrote(
 
 
 class Containerd:
-    """A containerd daemon of the test's own: root, state and socket under ``base``."""
+    """A containerd daemon of the test's own: root, state and socket under ``base``.
 
-    def __init__(self, base: Path) -> None:
+    With ``cri_config_path`` its CRI plugin (the kubelet's API, on the same socket) runs too,
+    reading each registry's ``hosts.toml`` under that directory on every pull; it uses the
+    native snapshotter, empty CNI dirs of its own, a streaming server on 127.0.0.1 and a
+    sandbox image on a closed local port (never pulled: no pod is run).
+    """
+
+    def __init__(self, base: Path, *, cri_config_path: Path | None = None) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
         self.socket = base / "run" / "containerd.sock"
         self.config = base / "config.toml"
+        cri = ['disabled_plugins = ["io.containerd.grpc.v1.cri"]'] if cri_config_path is None \
+            else []
         self.config.write_text("\n".join([
             "version = 2",
             f'root = "{base / "root"}"',
             f'state = "{base / "state"}"',
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            *cri,
             "[grpc]",
             f'  address = "{self.socket}"',
             "[ttrpc]",
@@ -255,6 +263,7 @@ class Containerd:
             f'  address = "{base / "run" / "debug.sock"}"',
             "[metrics]",
             '  address = ""',
+            *([] if cri_config_path is None else _cri_config(base, cri_config_path)),
             "",
         ]))
         self.log_path = base / "containerd.log"
@@ -298,6 +307,25 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def _cri_config(base: Path, config_path: Path) -> list[str]:
+    cri = '[plugins."io.containerd.grpc.v1.cri"'
+    (base / "cni" / "bin").mkdir(parents=True, exist_ok=True)
+    (base / "cni" / "conf").mkdir(parents=True, exist_ok=True)
+    return [
+        f"{cri}]",
+        f'  sandbox_image = "{CLOSED_LOCAL_LOCATION}/pause:3.6"',
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        f"{cri}.containerd]",
+        '  snapshotter = "native"',
+        f"{cri}.cni]",
+        f'  bin_dir = "{base / "cni" / "bin"}"',
+        f'  conf_dir = "{base / "cni" / "conf"}"',
+        f"{cri}.registry]",
+        f'  config_path = "{config_path}"',
+    ]
 
 
 def _ctr_digest(daemon: Containerd, image: str) -> str:

@@ -913,6 +913,8 @@ class PeerService:
                             try:
                                 await self.node.append_block(committed, covered=True)
                             except BlockError as exc:
+                                if committed.block.height <= self.node.log_store.ledger.height:
+                                    continue  # committed here meanwhile (own consensus)
                                 self._blame(blame, f"sent an invalid block: {exc}")
                                 bad = True
                                 break
@@ -973,6 +975,8 @@ class PeerService:
                     log.info("Block %d from %s not adopted: %s", block.height,
                              env.sender[:16], exc)
                     return
+                if block.height <= self.node.log_store.ledger.height:
+                    return  # committed here meanwhile (own consensus): as for an old block
                 raise PeerMisbehaved(env.sender, f"gossiped an invalid block: {exc}") from None
         self._seen_blocks.add(block.hash)
         log.info("Block %d from %s appended (gossip)", block.height, env.sender[:16])
