@@ -17,8 +17,9 @@ small machine) or ``skopeo`` (``skopeo copy`` to a ``dir:``: each writes and has
 whole image, so N of them cost N times one on the clients' side).
 
 The same clients then pull again from the node's cache (warm): what serving them costs
-without any fetch, printed with the cold-over-warm ratio. Checked in the registry's access log: during the concurrent pull the upstream served each
-blob exactly once. Goal: the last client done within 1.2x of a single cold pull. Prints
+without any fetch, printed with the cold-over-warm ratio. Checked in the registry's access
+log: during the concurrent pull the upstream served each blob exactly once. Goal: the last
+client done within 1.2x of a single cold pull. Prints
 ``concurrent_pull_ratio=<ratio>``, ``concurrent_cold_over_warm_ratio=<ratio>`` and
 ``concurrent_upstream_fetches_per_blob=<max>``.
 """
