@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -41,8 +42,10 @@ SWARM_LINE = re.compile(r"pulled from peers in (\d+) verified parts .*?, ([\d.]+
                         r"after ([\d.]+) s, all parts after ([\d.]+) s\)")
 
 
-def peers(node: NodeProcess) -> int:
-    return int(httpx.get(f"{node.url}/api/status", timeout=60).json()["peers_count"])
+def ready(node: NodeProcess, target: int) -> bool:
+    """Has ``node`` synced the ledger up to ``target`` and does it know a peer?"""
+    status = httpx.get(f"{node.url}/api/status", timeout=60).json()
+    return int(status["ledger_height"]) >= target and int(status["peers_count"]) >= 1
 
 
 def main() -> None:
@@ -69,8 +72,7 @@ def main() -> None:
                 for run in range(args.runs):
                     with NodeProcess(work / f"b{run}", upstream=None,
                                      extra=(*FAST, *log, "--peer", a.url)) as b:
-                        wait_for("B to sync A's ledger", lambda b=b: height(b) >= target)
-                        wait_for("B to know A", lambda b=b: peers(b) >= 1)
+                        wait_for("B to sync A's ledger and know A", partial(ready, b, target))
                         src_a = f"docker://127.0.0.1:{a.port}/{image.reference}"
                         src_b = f"docker://127.0.0.1:{b.port}/{image.reference}"
                         if run % 2 == 0:
