@@ -141,15 +141,44 @@ def drop_dirty_pages() -> None:
     os.sync()
 
 
-def timed_copy(src: str, dest: Path, timeout: float = 1200) -> float:
-    """Seconds for ``skopeo copy <src> dir:<dest>`` (dest removed before and after)."""
+def timed_copy(src: str, dest: Path, timeout: float = 1200,
+               watch: Sequence[int] = ()) -> Copy:
+    """``skopeo copy <src> dir:<dest>`` (dest removed before and after): its wall time,
+    skopeo's CPU time and the CPU time of the processes ``watch`` over the copy."""
     shutil.rmtree(dest, ignore_errors=True)
     drop_dirty_pages()
+    before = [cpu_seconds(pid) for pid in watch]
+    children = _children_cpu()
     t = time.perf_counter()
     skopeo("copy", "--src-tls-verify=false", src, f"dir:{dest}", timeout=timeout)
     took = time.perf_counter() - t
+    client = _children_cpu() - children
+    servers = tuple(cpu_seconds(pid) - b for pid, b in zip(watch, before, strict=True))
     shutil.rmtree(dest, ignore_errors=True)
-    return took
+    return Copy(took, client, servers)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One timed copy: wall seconds, the client's CPU seconds, the watched processes'."""
+
+    seconds: float
+    client_cpu: float
+    server_cpu: tuple[float, ...] = ()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def kib(pid: int, name: str) -> int:

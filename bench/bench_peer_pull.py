@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 from functools import partial
@@ -31,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MIB, height, median_ratio, push_image, timed_copy, wait_for
+from _common import MIB, Copy, height, median_ratio, push_image, timed_copy, wait_for
 from support.node import NodeProcess
 from support.registry import UpstreamRegistry
 
@@ -64,38 +65,49 @@ def main() -> None:
                                seed=f"bench-peer-pull-{args.mib}x{args.layers}")
             with NodeProcess(work / "a", upstream=reg.url, extra=(*FAST, *log)) as a:
                 built = timed_copy(f"docker://127.0.0.1:{a.port}/{image.reference}",
-                                   work / "built")
+                                   work / "built").seconds
+                assert a.proc is not None
+                a_pid = a.proc.pid
                 target = height(a)
                 layers: list[tuple[str, ...]] = []
-                from_a: list[float] = []
-                via_b: list[float] = []
+                from_a: list[Copy] = []
+                via_b: list[Copy] = []
                 for run in range(args.runs):
                     with NodeProcess(work / f"b{run}", upstream=None,
                                      extra=(*FAST, *log, "--peer", a.url)) as b:
                         wait_for("B to sync A's ledger and know A", partial(ready, b, target))
                         src_a = f"docker://127.0.0.1:{a.port}/{image.reference}"
                         src_b = f"docker://127.0.0.1:{b.port}/{image.reference}"
+                        assert b.proc is not None
+                        pids = (a_pid, b.proc.pid)
                         if run % 2 == 0:
-                            from_a.append(timed_copy(src_a, work / "a-copy"))
-                            via_b.append(timed_copy(src_b, work / "b-copy"))
+                            from_a.append(timed_copy(src_a, work / "a-copy", watch=pids))
+                            via_b.append(timed_copy(src_b, work / "b-copy", watch=pids))
                         else:
-                            via_b.append(timed_copy(src_b, work / "b-copy"))
-                            from_a.append(timed_copy(src_a, work / "a-copy"))
+                            via_b.append(timed_copy(src_b, work / "b-copy", watch=pids))
+                            from_a.append(timed_copy(src_a, work / "a-copy", watch=pids))
                         missing = set(image.blob_digests) - set(PEER_LINE.findall(b.log()))
                         if missing:
                             raise SystemExit(f"B did not fetch {sorted(missing)} from A:\n"
                                              f"{b.log()[-3000:]}")
                         layers = SWARM_LINE.findall(b.log())
                     shutil.rmtree(work / f"b{run}", ignore_errors=True)
-        base, measured, ratio = median_ratio(from_a, via_b)
+        base, measured, ratio = median_ratio([x.seconds for x in from_a],
+                                             [x.seconds for x in via_b])
         mib = image.total_bytes / MIB
         print(f"image: {args.layers} layer(s), {mib:.0f} MiB; built once through A in "
               f"{built:.2f} s; median of {args.runs} runs (interleaved)")
         print(f"  skopeo copy through A, its cache (baseline) {base:6.2f} s  "
-              f"[{', '.join(f'{x:.2f}' for x in from_a)}]")
+              f"[{', '.join(f'{x.seconds:.2f}' for x in from_a)}]")
         print(f"  first pull through a fresh B, from peer A    {measured:6.2f} s  "
-              f"[{', '.join(f'{x:.2f}' for x in via_b)}]  ratio {ratio:.2f}x "
+              f"[{', '.join(f'{x.seconds:.2f}' for x in via_b)}]  ratio {ratio:.2f}x "
               f"(goal <= {GOAL}x: {'met' if ratio <= GOAL else 'NOT met'})")
+        def cpu(copies: list[Copy], which: int | None = None) -> str:
+            values = [x.client_cpu if which is None else x.server_cpu[which] for x in copies]
+            return f"{statistics.median(values):.2f}"
+
+        print(f"  CPU seconds (medians): from A: A {cpu(from_a, 0)} + skopeo {cpu(from_a)}; "
+              f"via B: A {cpu(via_b, 0)} + B {cpu(via_b, 1)} + skopeo {cpu(via_b)}")
         print("  B's last run, per layer (parts: whole fetch, all parts in): " + "; ".join(
             f"{p}: {t} s, {a_} s" for p, t, _, a_ in layers))
         print(f"peer_pull_ratio={ratio:.3f}")

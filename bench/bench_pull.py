@@ -8,7 +8,9 @@ chunks of seeded random bytes, pushed with the registry's HTTP API). Interleaved
 run (the order swapped every run): baseline ``skopeo copy`` from that registry to a
 ``dir:``; measured ``skopeo copy`` of the same image through a fresh node (cold: the node
 builds it -- fetches, verifies, stores, commits -- while it streams the blobs to skopeo).
-Medians; goal: ratio <= 1.1x. Also a warm pull (cache hit) through the same node.
+Medians; goal: ratio <= 1.1x. Also a warm pull (cache hit) through the same node, and
+the CPU seconds skopeo and the node used in each (on a busy machine the wall-clock ratio
+follows the CPU the node adds).
 Prints ``cold_pull_ratio_<MIB>x<LAYERS>=<ratio>`` per image (and ``cold_pull_ratio=`` for
 the first image, as before).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MIB, Image, median_ratio, push_image, timed_copy
+from _common import MIB, Copy, Image, median_ratio, push_image, timed_copy
 from support.node import NodeProcess
 from support.registry import UpstreamRegistry
 
@@ -38,36 +41,46 @@ def parse_image(text: str) -> tuple[int, int]:
 
 def bench_image(reg: UpstreamRegistry, image: Image, work: Path, runs: int,
                 log_level: str) -> float:
-    direct: list[float] = []
-    cold: list[float] = []
-    warm: list[float] = []
+    direct: list[Copy] = []
+    cold: list[Copy] = []
+    warm: list[Copy] = []
     upstream_src = f"docker://{reg.host}/{image.reference}"
     for run in range(runs):
         with NodeProcess(work / f"node{run}", upstream=reg.url,
                          extra=("--log-level", log_level)) as node:
+            assert node.proc is not None
             src = f"docker://127.0.0.1:{node.port}/{image.reference}"
+            pids = (node.proc.pid,)
             if run % 2 == 0:
                 direct.append(timed_copy(upstream_src, work / "d"))
-                cold.append(timed_copy(src, work / "c"))
+                cold.append(timed_copy(src, work / "c", watch=pids))
             else:
-                cold.append(timed_copy(src, work / "c"))
+                cold.append(timed_copy(src, work / "c", watch=pids))
                 direct.append(timed_copy(upstream_src, work / "d"))
-            warm.append(timed_copy(src, work / "w"))
+            warm.append(timed_copy(src, work / "w", watch=pids))
         shutil.rmtree(work / f"node{run}", ignore_errors=True)
-    d, c, ratio = median_ratio(direct, cold)
-    w = median_ratio(direct, warm)[1]
+    d, c, ratio = median_ratio([x.seconds for x in direct], [x.seconds for x in cold])
+    w = statistics.median(x.seconds for x in warm)
     mib = image.total_bytes / MIB
     name = f"{round(mib)}x{len(image.layer_digests)}"
     print(f"image {image.reference}: {len(image.layer_digests)} layer(s), {mib:.0f} MiB; "
           f"median of {runs} runs (baseline and measured interleaved)")
     print(f"  skopeo copy from upstream (baseline) {d:6.2f} s  "
-          f"[{', '.join(f'{x:.2f}' for x in direct)}]")
+          f"[{', '.join(f'{x.seconds:.2f}' for x in direct)}]")
     print(f"  cold pull through a fresh node       {c:6.2f} s  "
-          f"[{', '.join(f'{x:.2f}' for x in cold)}]  ratio {ratio:.2f}x (goal <= {GOAL}x: "
-          f"{'met' if ratio <= GOAL else 'NOT met'})")
+          f"[{', '.join(f'{x.seconds:.2f}' for x in cold)}]  ratio {ratio:.2f}x (goal <= "
+          f"{GOAL}x: {'met' if ratio <= GOAL else 'NOT met'})")
     print(f"  warm pull through the node (cache)   {w:6.2f} s  ratio {w / d:.2f}x")
+    print(f"  CPU seconds (medians): skopeo direct {_cpu(direct)}; cold: node "
+          f"{_cpu(cold, 0)} + skopeo {_cpu(cold)}; warm: node {_cpu(warm, 0)} + skopeo "
+          f"{_cpu(warm)}")
     print(f"cold_pull_ratio_{name}={ratio:.3f}", flush=True)
     return ratio
+
+
+def _cpu(copies: list[Copy], server: int | None = None) -> str:
+    values = [x.client_cpu if server is None else x.server_cpu[server] for x in copies]
+    return f"{statistics.median(values):.2f}"
 
 
 def main() -> None:
