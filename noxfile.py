@@ -74,6 +74,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_pull.py", "--image", "100x3", "--image", "1024x1")
     session.run("python", "bench/bench_peer_pull.py")
     session.run("python", "bench/bench_concurrent_pull.py")
+    session.run("python", "bench/bench_concurrent_pull.py", "--upstream-rate", "50MB/s")
     session.run("python", "bench/bench_stream_memory.py")
     session.run("python", "bench/bench_p2p.py")
     session.run("python", "bench/bench_swarm.py")

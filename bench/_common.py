@@ -9,6 +9,7 @@ the file), followed by the config blob and an OCI manifest (layers as
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -239,3 +240,116 @@ def median_ratio(base: Sequence[float], measured: Sequence[float]) -> tuple[floa
 def run_quiet(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), check=True, capture_output=True, text=True,
                           timeout=timeout)
+
+
+class RateLimitedProxy:
+    """A TCP proxy on 127.0.0.1 to ``target_port`` whose replies (target to client) share
+    one link of ``rate`` bytes/s, as an upstream on the internet would: on loopback every
+    transfer is bound by CPU, behind this one by the link. ``with`` starts and stops it
+    (an asyncio loop in a thread)."""
+
+    def __init__(self, target_port: int, rate: float, burst: int = 256 * 1024) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.burst = burst
+        self.port = 0
+        self._tokens = float(burst)
+        self._stamp = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, name="rate-proxy", daemon=True)
+        self._ready = threading.Event()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def __enter__(self) -> RateLimitedProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the proxy did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(server.close)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = self._server.sockets[0].getsockname()[1]
+            self._stamp = time.monotonic()
+            self._ready.set()
+            try:
+                await self._server.serve_forever()
+            except asyncio.CancelledError:
+                pass
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    async def _take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if self._tokens >= n:
+                self._tokens -= n
+                return
+            await asyncio.sleep((n - self._tokens) / self.rate)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       limited: bool) -> None:
+            while data := await src.read(64 * 1024):
+                if limited:
+                    await self._take(len(data))
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+
+        tasks = [asyncio.ensure_future(pipe(reader, up_writer, False)),
+                 asyncio.ensure_future(pipe(up_reader, writer, True))]
+        try:
+            # Until the reply side ends (the client closing only its side does not end it).
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if not tasks[1].done():
+                await asyncio.wait([tasks[1]])
+        finally:
+            for task in tasks:
+                task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a reset connection is no error here
+            for w in (writer, up_writer):
+                w.transport.abort()
+
+
+def parse_rate(text: str) -> float:
+    """``"50MB/s"`` -> 50e6 bytes/s (also ``KB``, ``MiB``, ``GB``; ``/s`` optional)."""
+    value = text.strip().removesuffix("/s")
+    units = {"KIB": 1024, "MIB": MIB, "GIB": 1 << 30, "KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
+    for unit, factor in units.items():
+        if value.upper().endswith(unit):
+            return float(value[: -len(unit)]) * factor
+    return float(value)

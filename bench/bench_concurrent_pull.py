@@ -2,6 +2,7 @@
 
     python bench/bench_concurrent_pull.py [--clients 16] [--client curl|skopeo]
                                           [--mib 100] [--layers 3] [--runs 3]
+                                          [--upstream-rate 50MB/s]
 
 An image of ``--layers`` layers totalling ``--mib`` MiB is pushed to a local Debian
 ``docker-registry``. Interleaved, run by run (the order swapped every run), each on a
@@ -22,11 +23,16 @@ log: during the concurrent pull the upstream served each blob exactly once. Goal
 client done within 1.2x of a single cold pull. Prints
 ``concurrent_pull_ratio=<ratio>``, ``concurrent_cold_over_warm_ratio=<ratio>`` and
 ``concurrent_upstream_fetches_per_blob=<max>``.
+
+On loopback a single pull is bound by CPU, and serving N clients costs N times the bytes
+whatever the node does: ``--upstream-rate`` puts the upstream behind a link of that rate
+(a proxy), as on the internet, where one fetch shared by every client is what counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -40,7 +46,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ACCEPT, MIB, Image, drop_dirty_pages, median_ratio, push_image
+from _common import (
+    ACCEPT,
+    MIB,
+    Image,
+    RateLimitedProxy,
+    drop_dirty_pages,
+    median_ratio,
+    parse_rate,
+    push_image,
+)
 from support.node import NodeProcess
 from support.registry import UpstreamRegistry
 
@@ -111,10 +126,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--log-level", default="info", help="the nodes' --log-level")
+    parser.add_argument("--upstream-rate", metavar="RATE",
+                        help="cap the upstream link (e.g. 50MB/s); default: loopback, uncapped")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pyrsia-bench-concurrent-"))
     try:
-        with UpstreamRegistry(work / "upstream") as reg:
+        with UpstreamRegistry(work / "upstream") as reg, contextlib.ExitStack() as stack:
+            upstream = reg.url
+            if args.upstream_rate:
+                rate = parse_rate(args.upstream_rate)
+                upstream = stack.enter_context(RateLimitedProxy(reg.port, rate)).url
             image = push_image(reg.url, "library/big", "1.0", layers=args.layers,
                                total_bytes=args.mib * MIB, work=work / "push",
                                seed=f"bench-concurrent-{args.mib}x{args.layers}")
@@ -125,7 +146,7 @@ def main() -> None:
             manifests: list[int] = []
 
             def measure(clients: int, out: list[float], name: str) -> None:
-                with NodeProcess(work / name, upstream=reg.url,
+                with NodeProcess(work / name, upstream=upstream,
                                  extra=("--log-level", args.log_level)) as node:
                     mark = reg.mark()
                     out.append(pull_at_once(node, image, clients, args.client, work))
@@ -151,7 +172,9 @@ def main() -> None:
         mib = image.total_bytes / MIB
         client = ("curl (manifest, then the blobs with --parallel, to /dev/null)"
                   if args.client == "curl" else "skopeo copy to dir:")
-        print(f"image: {args.layers} layer(s), {mib:.0f} MiB; client: {client}; "
+        link = (f"upstream link capped at {parse_rate(args.upstream_rate) / 1e6:.0f} MB/s"
+                if args.upstream_rate else "upstream on loopback, uncapped")
+        print(f"image: {args.layers} layer(s), {mib:.0f} MiB; client: {client}; {link}; "
               f"median of {args.runs} runs (interleaved), a fresh node each")
         print(f"  one cold pull (baseline)                 {base:6.2f} s  "
               f"[{', '.join(f'{x:.2f}' for x in single)}]")

@@ -1,6 +1,7 @@
 """Cold pull through a fresh node vs skopeo straight from the upstream (issue #14).
 
     python bench/bench_pull.py [--runs 3] [--image 100x3] [--image 1024x1]
+                               [--upstream-rate 50MB/s]
 
 Each ``--image MIBxLAYERS`` (default: a 3-layer 100 MiB image and a 1 GiB single-layer
 image) is pushed to a local Debian ``docker-registry`` (layers written to files in 1 MiB
@@ -10,7 +11,8 @@ run (the order swapped every run): baseline ``skopeo copy`` from that registry t
 builds it -- fetches, verifies, stores, commits -- while it streams the blobs to skopeo).
 Medians; goal: ratio <= 1.1x. Also a warm pull (cache hit) through the same node, and
 the CPU seconds skopeo and the node used in each (on a busy machine the wall-clock ratio
-follows the CPU the node adds).
+follows the CPU the node adds). ``--upstream-rate`` puts the upstream behind a link of that
+rate (a proxy shared by the direct and the node's pulls), as on the internet.
 Prints ``cold_pull_ratio_<MIB>x<LAYERS>=<ratio>`` per image (and ``cold_pull_ratio=`` for
 the first image, as before).
 """
@@ -18,6 +20,7 @@ the first image, as before).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -27,7 +30,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MIB, Copy, Image, median_ratio, push_image, timed_copy
+from _common import (
+    MIB,
+    Copy,
+    Image,
+    RateLimitedProxy,
+    median_ratio,
+    parse_rate,
+    push_image,
+    timed_copy,
+)
 from support.node import NodeProcess
 from support.registry import UpstreamRegistry
 
@@ -39,14 +51,15 @@ def parse_image(text: str) -> tuple[int, int]:
     return int(mib), int(layers or 1)
 
 
-def bench_image(reg: UpstreamRegistry, image: Image, work: Path, runs: int,
+def bench_image(upstream: str, image: Image, work: Path, runs: int,
                 log_level: str) -> float:
+    """``upstream``: ``http://127.0.0.1:PORT`` of the registry (or of a capped link to it)."""
     direct: list[Copy] = []
     cold: list[Copy] = []
     warm: list[Copy] = []
-    upstream_src = f"docker://{reg.host}/{image.reference}"
+    upstream_src = f"docker://{upstream.removeprefix('http://')}/{image.reference}"
     for run in range(runs):
-        with NodeProcess(work / f"node{run}", upstream=reg.url,
+        with NodeProcess(work / f"node{run}", upstream=upstream,
                          extra=("--log-level", log_level)) as node:
             assert node.proc is not None
             src = f"docker://127.0.0.1:{node.port}/{image.reference}"
@@ -89,17 +102,25 @@ def main() -> None:
                         help="image size and layer count (repeatable; default 100x3 and 1024x1)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--log-level", default="info", help="the nodes' --log-level")
+    parser.add_argument("--upstream-rate", metavar="RATE",
+                        help="cap the upstream link (e.g. 50MB/s; both the direct and the "
+                             "node's pulls go through it); default: loopback, uncapped")
     args = parser.parse_args()
     images = [parse_image(t) for t in (args.image or ["100x3", "1024x1"])]
     work = Path(tempfile.mkdtemp(prefix="pyrsia-bench-pull-"))
     try:
-        with UpstreamRegistry(work / "upstream") as reg:
+        with UpstreamRegistry(work / "upstream") as reg, contextlib.ExitStack() as stack:
+            upstream = reg.url
+            if args.upstream_rate:
+                rate = parse_rate(args.upstream_rate)
+                upstream = stack.enter_context(RateLimitedProxy(reg.port, rate)).url
+                print(f"upstream link capped at {rate / 1e6:.0f} MB/s")
             first: float | None = None
             for mib, layers in images:
                 image = push_image(reg.url, f"library/big{mib}x{layers}", "1.0", layers=layers,
                                    total_bytes=mib * MIB, work=work / "push",
                                    seed=f"bench-pull-{mib}x{layers}")
-                ratio = bench_image(reg, image, work, args.runs, args.log_level)
+                ratio = bench_image(upstream, image, work, args.runs, args.log_level)
                 first = ratio if first is None else first
             if first is not None:
                 print(f"cold_pull_ratio={first:.3f}")
