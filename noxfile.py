@@ -69,7 +69,13 @@ def bench(session: nox.Session) -> None:
     args = session.posargs or []
     session.run("python", "bench/bench_log.py", *args)
     session.run("python", "bench/bench_serve.py")
-    session.run("python", "bench/bench_pull.py")
+    # Cold pulls (issue #14): 100 MiB x 3 and 1 GiB x 1 through a fresh node vs the
+    # upstream direct; from a peer vs that peer's cache; 16 clients at once; memory.
+    session.run("python", "bench/bench_pull.py", "--image", "100x3", "--image", "1024x1")
+    session.run("python", "bench/bench_peer_pull.py")
+    session.run("python", "bench/bench_concurrent_pull.py")
+    session.run("python", "bench/bench_concurrent_pull.py", "--upstream-rate", "50MB/s")
+    session.run("python", "bench/bench_stream_memory.py")
     session.run("python", "bench/bench_p2p.py")
     session.run("python", "bench/bench_swarm.py")
     session.run("python", "bench/bench_quic.py")
