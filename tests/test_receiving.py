@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 
 import anyio
@@ -68,7 +67,7 @@ async def test_readers_get_bytes_as_written_and_the_end_once_verified(tmp_path: 
     got: list[bytes] = []
     errors: list[BaseException] = []
     async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(receive, part_size=None), source.chunks(), receiving)
+        tg.start_soon(receive, source.chunks(), receiving)
         await settle()
         tg.start_soon(collect, receiving, got, errors)
         await source.give(data[: 2 * MiB])  # a whole write batch
@@ -98,7 +97,7 @@ async def test_a_mismatch_cuts_every_reader_before_the_end(tmp_path: Path) -> No
 
     async def write() -> None:
         try:
-            await receive(source.chunks(), receiving, part_size=None)
+            await receive(source.chunks(), receiving)
         except DigestMismatch as exc:
             failure.append(exc)
 
@@ -117,43 +116,13 @@ async def test_a_mismatch_cuts_every_reader_before_the_end(tmp_path: Path) -> No
     assert not path.exists()  # nothing of it is kept
 
 
-async def test_a_held_end_waits_for_release_and_a_discarded_build_cuts_it(
-    tmp_path: Path,
-) -> None:
-    data = blob(MiB + 5)
-    for release in (True, False):
-        digest = Digest.of(data)
-        receiving = Receiving(digest, partial_path(tmp_path, digest), len(data), held=True)
-        source = Source()
-        got: list[bytes] = []
-        errors: list[BaseException] = []
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(receive, part_size=None), source.chunks(), receiving)
-            await settle()
-            tg.start_soon(collect, receiving, got, errors)
-            await source.give(data)
-            await source.end()
-            await settle()
-            assert receiving.verified
-            assert sum(map(len, got)) == len(data) - HOLD_BACK  # verified, but held
-            if release:
-                receiving.release_tail()  # the build committed
-            else:
-                receiving.fail("the build committed nothing")
-        if release:
-            assert b"".join(got) == data and not errors
-        else:
-            assert errors and sum(map(len, got)) == len(data) - HOLD_BACK
-        os.unlink(receiving.path)
-
-
 async def test_a_range_of_bytes_already_received_is_answered_at_once(tmp_path: Path) -> None:
     data = blob(4 * MiB)
     digest = Digest.of(data)
     receiving = Receiving(digest, partial_path(tmp_path, digest), len(data))
     source = Source()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(partial(receive, part_size=None), source.chunks(), receiving)
+        tg.start_soon(receive, source.chunks(), receiving)
         await source.give(data[: 2 * MiB])
         await settle()
         with anyio.fail_after(1):  # the source has not ended: the range needs none of it
@@ -170,7 +139,7 @@ async def test_a_late_reader_after_the_writer_ended_reads_the_store(tmp_path: Pa
     source = Source()
     await source.give(data)
     await source.end()
-    await receive(source.chunks(), receiving, part_size=None)
+    await receive(source.chunks(), receiving)
     stored_copy = tmp_path / "stored"
     os.rename(receiving.path, stored_copy)  # the store took the file
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import anyio
 import attrs
-from pyrsia_core._parts import DEFAULT_PART_SIZE
 from pyrsia_core.errors import (
     BlobNotFound,
     BuildsBusy,
@@ -216,8 +215,6 @@ class Node:
     activity: Activity = attrs.Factory(Activity)
     #: Blobs being received now (by digest hex): clients read them as they arrive.
     receiving: dict[str, Receiving] = attrs.Factory(dict)
-    #: Part lists computed while blobs were received (by digest hex), until logged.
-    _part_lists: dict[str, PartList] = attrs.Factory(dict)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -570,7 +567,7 @@ class Node:
 
     async def store_stream(
         self, chunks: AsyncIterable[bytes], expected: Digest | None, size: int | None,
-        *, hold: bool = False, on_receiving: Callable[[Receiving], None] | None = None,
+        *, on_receiving: Callable[[Receiving], None] | None = None,
     ) -> BlobInfo:
         """Verify and store a blob, evicting least-recently-used blobs as its bytes arrive.
 
@@ -581,7 +578,7 @@ class Node:
         A blob of known digest (not a small one of known size) is received once into a
         file that clients may read as it grows (:class:`Receiving`, listed in
         :attr:`receiving` meanwhile and handed to ``on_receiving``); its end is released
-        once it verified (with ``hold``, only at :meth:`Receiving.release_tail`).
+        once it verified.
         """
         quota = self.blobs.quota
         if quota is not None and size is not None and size > quota:
@@ -607,7 +604,7 @@ class Node:
         source = chunks if quota is None or stored else metered()
         try:
             if expected is not None and not stored and (size is None or size > SMALL_BLOB):
-                info = await self._receive(source, expected, size, hold, on_receiving)
+                info = await self._receive(source, expected, size, on_receiving)
             else:
                 info = await self.blobs.put(source, expected=expected, expected_size=size)
         finally:
@@ -617,25 +614,17 @@ class Node:
         return info
 
     async def _receive(
-        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None, hold: bool,
+        self, chunks: AsyncIterable[bytes], expected: Digest, size: int | None,
         on_receiving: Callable[[Receiving], None] | None,
     ) -> BlobInfo:
         path = partial_path(self.config.data_dir / "partial", expected)
-        receiving = Receiving(expected, path, size, held=hold)
+        receiving = Receiving(expected, path, size)
         self.list_receiving(receiving)
         if on_receiving is not None:
             on_receiving(receiving)
 
-        def remember(parts: PartList) -> None:
-            while len(self._part_lists) >= 256:  # those of builds that never committed
-                del self._part_lists[next(iter(self._part_lists))]
-            self._part_lists[expected.hex] = parts
-
         try:
-            large = size is not None and size >= self.part_threshold
-            digest, written = await receive(chunks, receiving,
-                                            part_size=DEFAULT_PART_SIZE if large else None,
-                                            on_part_list=remember)
+            digest, written = await receive(chunks, receiving)
             with anyio.CancelScope(shield=True):
                 try:
                     info = await self.blobs.adopt(str(path), digest, written,
@@ -873,12 +862,10 @@ class Node:
         """The part list of a stored blob, read from the store (its document is stored
         too, so this node serves it). Parts are of the protocol's fixed size, so every
         node computes the same list."""
-        parts = self._part_lists.pop(digest.hex, None)  # computed while it was received
-        if parts is None or parts.blob != digest:
-            hasher = PartHasher()
-            async for chunk in self.blobs.open(digest):
-                hasher.update(chunk)
-            parts = hasher.finish(digest)
+        hasher = PartHasher()
+        async for chunk in self.blobs.open(digest):
+            await anyio.to_thread.run_sync(hasher.update, chunk)  # off the event loop
+        parts = hasher.finish(digest)
         if await self.blobs.stat(parts.digest) is None:
             await self.put_bytes(parts.to_bytes(), parts.digest)
         return parts

@@ -75,18 +75,11 @@ def plugin_label(name: str) -> str:
 class NodeSink(ArtifactSink):
     """A build's way into the node's blob store: verified, quota-aware, evicting only as
     bytes arrive (:meth:`Node.store_stream`). Remembers the blobs it added, so that a
-    failed build leaves nothing behind (:meth:`discard`).
-
-    Blobs stream to clients while they arrive (``on_receiving``). With ``hold`` (a build
-    on a node that is its own quorum) their ends are released only when the build's
-    records are committed (:meth:`keep`), and cut short if it commits nothing.
-    """
+    failed build leaves nothing behind (:meth:`discard`). Blobs stream to the plugin's
+    clients while they arrive (``on_receiving``)."""
 
     node: Node
-    hold: bool = False
     created: list[Digest] = attrs.Factory(list)
-    #: Blobs received for this build whose end may still be held back.
-    receivings: dict[Digest, Receiving] = attrs.Factory(dict)
 
     async def store(
         self,
@@ -108,13 +101,10 @@ class NodeSink(ArtifactSink):
                     return info
 
             def started(receiving: Receiving) -> None:
-                if self.hold:
-                    self.receivings[expected] = receiving
                 if on_receiving is not None and receiving.size is not None:
                     on_receiving(receiving.blob())
 
-            info = await self.node.store_stream(chunks, expected, size, hold=self.hold,
-                                                on_receiving=started)
+            info = await self.node.store_stream(chunks, expected, size, on_receiving=started)
             self.created.append(info.digest)
             return info
         info = await self.node.store_stream(chunks, None, size)
@@ -137,21 +127,12 @@ class NodeSink(ArtifactSink):
         return self.node.blobs.quota
 
     def keep(self, *digests: Digest) -> None:
-        """These blobs are logged (or vouched for): :meth:`discard` leaves them, and
-        their held-back ends go to the clients reading them."""
+        """These blobs are logged (or vouched for): :meth:`discard` leaves them."""
         keep = set(digests)
         self.created = [d for d in self.created if d not in keep]
-        for digest in keep:
-            receiving = self.receivings.pop(digest, None)
-            if receiving is not None:
-                receiving.release_tail()
 
     async def discard(self) -> None:
-        """Remove the blobs this sink added and were not kept; clients still reading
-        one are cut short before its end."""
-        for digest, receiving in self.receivings.items():
-            receiving.fail(f"the build that fetched {digest} committed nothing")
-        self.receivings.clear()
+        """Remove the blobs this sink added and were not kept."""
         with anyio.CancelScope(shield=True):
             for digest in dict.fromkeys(self.created):
                 await self.node.blobs.delete(digest)
@@ -546,9 +527,7 @@ class PackageService:
     async def _build(
         self, pt: PackageType, package_id: str, artifact_ids: list[str], build: Build
     ) -> int:
-        # A node that is its own quorum commits at once: clients get the ends of the
-        # blobs it streams to them only once they are in the log.
-        sink = NodeSink(self.node, hold=self.node.commits_alone)
+        sink = NodeSink(self.node)
         try:
             return await self._build_commit(pt, package_id, artifact_ids, build, sink)
         finally:
@@ -571,8 +550,6 @@ class PackageService:
             if item.artifact_id in logged and logged[item.artifact_id] != item.digest.hex:
                 raise BuildFailed(f"the upstream now serves other bytes for {item.artifact_id} "
                                   "than the log vouches for; nothing committed")
-        # Artifacts the log already vouches for (same bytes): their ends may go out now.
-        sink.keep(*(item.digest for item in built if item.artifact_id in logged))
         built = [item for item in built if item.artifact_id not in logged]
         if not built:
             build.records = 0

@@ -6,11 +6,10 @@ worker thread (:func:`receive`). Clients waiting for it read that file as it gro
 (:meth:`Receiving.open`), up to what is *released*:
 
 * while the bytes arrive, everything written but the last :data:`HOLD_BACK` bytes;
-* the end once the whole blob hashed to its digest -- and, for a build on a node that
-  is its own quorum (``held``), once the build's records are committed
-  (:meth:`Receiving.release_tail`).
+* the end once the whole blob hashed to its digest (for a build: the digest its
+  manifest names, which is the one the build logs).
 
-On a mismatch (or a failed source, or a build that commits nothing) every reader gets
+On a mismatch (or a failed source) every reader gets
 :class:`~pyrsia_core.errors.TransferAborted` before the held-back end: its response is
 cut short, so no client ever holds a complete blob that was not verified. The verified
 file is then handed to the blob store (:meth:`~pyrsia_core.interfaces.BlobStore.adopt`),
@@ -33,7 +32,7 @@ import attrs
 from pyrsia_core.errors import DigestMismatch, TransferAborted
 from pyrsia_core.interfaces import VerifiedBlob
 
-from pyrsia_core import Digest, DigestVerifier, PartHasher, PartList
+from pyrsia_core import Digest, DigestVerifier
 
 __all__ = ["HOLD_BACK", "Receiving", "file_reader", "partial_path", "receive"]
 
@@ -51,8 +50,6 @@ class Receiving:
     path: Path
     #: Its size, once known (a manifest's descriptor, a peer's answer).
     size: int | None = None
-    #: Hold the end back after verification too, until :meth:`release_tail`.
-    held: bool = False
     written: int = 0
     released: int = 0
     verified: bool = False
@@ -89,20 +86,12 @@ class Receiving:
         self.verified = True
         if self.size is None:
             self.size = self.written
-        if not self.held:
-            self.released = self.written
+        self.released = self.written
         self._notify()
-
-    def release_tail(self) -> None:
-        """The build that holds this blob committed: its end may go to clients."""
-        self.held = False
-        if self.verified and self.failed is None:
-            self.released = self.written
-            self._notify()
 
     def fail(self, reason: str) -> None:
         """Cut every reader short (before the end): the blob is not to be served."""
-        if self.failed is None and not (self.verified and not self.held):
+        if self.failed is None and not self.verified:
             self.failed = reason
             self._notify()
 
@@ -139,9 +128,7 @@ class Receiving:
         while self._fd is None and self._writing and self.failed is None:
             await self._changed.wait()  # the writer is opening its file
         if self._fd is None:
-            # Received and closed: the store has it (once its end is released).
-            while self.held and self.failed is None:
-                await self._changed.wait()
+            # Received and closed: the store has it.
             if self.failed is not None or self.stored is None or not self.verified:
                 raise TransferAborted(self.failed or f"{self.digest} is no longer in flight")
             async for chunk in self.stored(offset, length):
@@ -173,13 +160,9 @@ class Receiving:
 async def receive(
     chunks: AsyncIterable[bytes],
     receiving: Receiving,
-    *,
-    part_size: int | None,
-    on_part_list: Callable[[PartList], None] | None = None,
 ) -> tuple[Digest, int]:
-    """Write ``chunks`` to ``receiving.path`` once, hashing them (and each part of
-    ``part_size`` bytes, for the blob's part list) in a worker thread while the next
-    ones arrive; release them to readers as they are written; verify the digest.
+    """Write ``chunks`` to ``receiving.path`` once, hashing them in a worker thread while
+    the next ones arrive; release them to readers as they are written; verify the digest.
 
     Returns the digest and size; raises DigestMismatch (every reader is cut short and
     the file is removed) or whatever the source raised. The file stays for the caller
@@ -187,7 +170,6 @@ async def receive(
     once the store has it (or it failed), so that readers can switch to the store.
     """
     verifier = DigestVerifier(expected=receiving.digest, expected_size=receiving.size)
-    hasher = PartHasher(part_size) if part_size else None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     path = receiving.path
     fd: int | None = None
@@ -204,8 +186,6 @@ async def receive(
             if receiving.size is not None and verifier.expected_size is None:
                 verifier.expected_size = receiving.size
             verifier.update(data)  # raises as soon as the size is overrun
-            if hasher is not None:
-                hasher.update(data)
             view = memoryview(data)
             assert fd is not None
             while view:
@@ -244,8 +224,6 @@ async def receive(
         if failure:
             raise failure[0]
         digest = verifier.verify()
-        if hasher is not None and on_part_list is not None:
-            on_part_list(hasher.finish(digest))
         receiving._verified()
         return digest, written
     except BaseException as exc:

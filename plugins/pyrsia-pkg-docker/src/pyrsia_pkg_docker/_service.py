@@ -110,6 +110,9 @@ class _Pending:
     moved: anyio.Event = attrs.Factory(anyio.Event)
     #: The blob as it arrives, when the sink streams it (its end released once verified).
     blob: VerifiedBlob | None = None
+    #: A client asked for it (its fetch goes first); ``demand`` wakes the build's scheduler.
+    asked: bool = False
+    demand: _Demand | None = None
     #: When the build's fetching ended (it commits next); ``None`` while it fetches.
     finished: float | None = None
 
@@ -167,11 +170,12 @@ class DockerBuilder:
         """Fetch the image, verify and store everything through ``sink``; its artifacts."""
         self._purge()
         ready = self.ready.get(ref.package_id)
+        for_clients = ready is not None  # a client's pull started it and waits
         if ready is None:
             ready = self.ready[ref.package_id] = _Ready()
         mine: list[tuple[str, Digest]] = []
         try:
-            artifacts = await self._fetch_image(ref, upstream, sink, mine, ready)
+            artifacts = await self._fetch_image(ref, upstream, sink, mine, ready, for_clients)
         except BaseException as exc:
             if not ready.event.is_set():
                 ready.error_type, ready.reason = type(exc), str(exc) or type(exc).__name__
@@ -280,7 +284,7 @@ class DockerBuilder:
 
     async def _fetch_image(
         self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
-        mine: list[tuple[str, Digest]], ready: _Ready,
+        mine: list[tuple[str, Digest]], ready: _Ready, for_clients: bool = False,
     ) -> list[tuple[str, Digest, int, str]]:
         """Fetch, verify and store an image; its (artifact id, digest, size, media type).
 
@@ -366,7 +370,7 @@ class DockerBuilder:
             for d in extra.values():
                 artifacts.append((ref.artifact_id(d.digest), d.digest, d.size, d.media_type))
                 self._expect(ref, sink, d.digest, mine)
-            await self._fetch_blobs(ref, upstream, sink, blobs)
+            await self._fetch_blobs(ref, upstream, sink, blobs, for_clients=for_clients)
         except UpstreamNotFound as exc:
             self._remember_missing(ref, str(exc))
             raise ImageNotFound(f"{ref.package_id} not found upstream: {exc}") from None
@@ -485,29 +489,83 @@ class DockerBuilder:
 
     async def _fetch_blobs(
         self, ref: ImageRef, upstream: Upstream, sink: ArtifactSink,
-        descriptors: Sequence[Descriptor],
+        descriptors: Sequence[Descriptor], *, for_clients: bool = False,
     ) -> None:
-        limiter = anyio.Semaphore(MAX_PARALLEL_BLOBS)
+        """Fetch the image's blobs, at most :data:`MAX_PARALLEL_BLOBS` at once.
+
+        With ``for_clients`` (a client asked for the image and is pulling it), the blobs
+        clients ask for go first, each at once, so that the one a client reads is not
+        slowed by the others; the rest are fetched one at a time while no asked-for blob
+        is in flight. Otherwise (a build or rebuild nobody waits for) all in parallel.
+        """
         errors: list[BaseException] = []
+        demand = _Demand()
+        todo: dict[Digest, Descriptor] = {}
+        for d in descriptors:
+            todo.setdefault(d.digest, d)
+            pending = self.pending.get((ref.short_name, d.digest))
+            if pending is not None:
+                pending.demand = demand
+        running: dict[Digest, bool] = {}  # digest -> asked for by a client
 
         async def one(d: Descriptor) -> None:
-            async with limiter:
-                try:
-                    if await sink.open(d.digest) is not None:
-                        log.info("Blob %s already in the local cache", d.digest)
-                        self._release(ref, d.digest)
-                        return
-                    await fetch_blob(ref, upstream, sink, d.digest, d.size, "build",
-                                     on_receiving=self._streaming(ref, d.digest))
+            try:
+                if await sink.open(d.digest) is not None:
+                    log.info("Blob %s already in the local cache", d.digest)
                     self._release(ref, d.digest)
-                except PyrsiaError as exc:
-                    errors.append(exc)
+                    return
+                await fetch_blob(ref, upstream, sink, d.digest, d.size, "build",
+                                 on_receiving=self._streaming(ref, d.digest))
+                self._release(ref, d.digest)
+            except PyrsiaError as exc:
+                errors.append(exc)
+            finally:
+                del running[d.digest]
+                demand.changed()
+
+        def asked(digest: Digest) -> bool:
+            pending = self.pending.get((ref.short_name, digest))
+            return pending is not None and pending.asked
 
         async with anyio.create_task_group() as tg:
-            for d in descriptors:
-                tg.start_soon(one, d)
+            first_wait = for_clients
+            while (todo or running) and not errors:
+                for digest in [x for x in todo if asked(x)]:
+                    if len(running) >= MAX_PARALLEL_BLOBS:
+                        break
+                    running[digest] = True
+                    tg.start_soon(one, todo.pop(digest))
+                if first_wait and todo and not running:
+                    # The client has the manifest: give it a moment to ask for a blob.
+                    first_wait = False
+                    with anyio.move_on_after(0.05):
+                        await demand.wait()
+                    continue
+                while todo and len(running) < MAX_PARALLEL_BLOBS and (
+                        not for_clients or not running):
+                    digest = next(iter(todo))
+                    running[digest] = False
+                    tg.start_soon(one, todo.pop(digest))
+                if todo or running:
+                    await demand.wait()
+            if errors:
+                tg.cancel_scope.cancel()
         if errors:
             raise errors[0]
+
+
+@attrs.define(eq=False)
+class _Demand:
+    """Wakes a build's blob scheduler: a client asked for a blob, or a fetch ended."""
+
+    _event: anyio.Event = attrs.Factory(anyio.Event)
+
+    def changed(self) -> None:
+        event, self._event = self._event, anyio.Event()
+        event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 async def fetch_blob(
@@ -765,7 +823,12 @@ class DockerService:
         """
         pending = await self.builder.settled(self.host, (ref.short_name, digest))
         if pending is not None:
-            # Served while it arrives (its end once verified), or once stored.
+            # Served while it arrives (its end once verified), or once stored; asked
+            # for, its fetch goes before the image's other blobs.
+            if not pending.asked:
+                pending.asked = True
+                if pending.demand is not None:
+                    pending.demand.changed()
             await pending.moved.wait()
             if pending.blob is not None:
                 return pending.blob
