@@ -533,6 +533,9 @@ def test_bad_bytes_from_a_peer_cut_every_client_short(
         assert r.body == image.layer.data
     assert done.returncode == 0, done.stderr
     assert copied_digests(tmp_path / "skopeo-honest") == image.digests
+    # The clients had it once it verified; B logs the fetch once its store has it.
+    wait_until("B to log its fetch", lambda: f"Blob {image.layer.digest} pulled from peer"
+               in node_b.log(), timeout=10)
     assert node_b.log().count(f"Blob {image.layer.digest} pulled from peer") == 1
     assert blob_file(node_b, image.layer.digest).read_bytes() == image.layer.data
     assert partial_files(node_b) == []
@@ -559,8 +562,10 @@ def test_peer_fetch_outlives_the_client_that_started_it(
         body, _, _ = stayer.result()
     assert (1 << 20) <= read < len(image.layer.data)
     assert body == image.layer.data
-    wait_until("B to store the layer",
-               lambda: blob_file(node_b, image.layer.digest).exists(), timeout=10)
+    wait_until("B to store the layer and log its fetch",
+               lambda: f"Blob {image.layer.digest} pulled from peer" in node_b.log(),
+               timeout=10)
+    assert blob_file(node_b, image.layer.digest).exists()
     assert node_b.log().count(f"Blob {image.layer.digest} pulled from peer") == 1
     assert hashlib.sha256(blob_file(node_b, image.layer.digest).read_bytes()).hexdigest() \
         == image.layer.digest.removeprefix("sha256:")

@@ -513,11 +513,18 @@ class VerifiedBlob:
         path: str | None = None,
         *,
         origin: Callable[[], str | None] | None = None,
+        segments: Callable[[int, int], AsyncIterator[bytes | tuple[str, int, int]]]
+        | None = None,
     ) -> None:
         self.digest = digest
         self.size = size
         self.path = path
         self.origin = origin
+        #: For a blob still arriving into a local file: ``segments(offset, count)`` yields
+        #: ``(path, offset, count)`` ranges of that file as they are released (for zero
+        #: copy) or, where it has no file to name, the bytes; it raises as :meth:`open`
+        #: does. ``None`` when the blob has none.
+        self.segments = segments
         self._reader = reader
 
     def __repr__(self) -> str:
@@ -988,6 +995,9 @@ async def send_verified_blob(
         await send(start)
         await send({"type": "http.response.pathsend", "path": blob.path})
         return
+    if blob.segments is not None and "pyrsia.sendfile" in extensions and count:
+        await _send_segments(send, start, blob.segments(offset, count))
+        return
     body = blob.open(offset, count)
     try:
         # The head goes out with the first bytes: a blob still arriving that fails
@@ -1004,6 +1014,32 @@ async def send_verified_blob(
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_segments(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    start: MutableMapping[str, Any],
+    segments: AsyncIterator[bytes | tuple[str, int, int]],
+) -> None:
+    """A blob still arriving, with zero copy: each released range of its file as it comes
+    (the head with the first, so a blob that fails before any byte raises first)."""
+    started = False
+    try:
+        async for item in segments:
+            if not started:
+                await send(start)
+                started = True
+            if isinstance(item, bytes):
+                await send({"type": "http.response.body", "body": item, "more_body": True})
+                continue
+            path, at, n = item
+            await send({"type": "pyrsia.sendfile", "path": path, "offset": at, "count": n,
+                        "more_body": True})
+    finally:
+        aclose = getattr(segments, "aclose", None)
         if aclose is not None:
             await aclose()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

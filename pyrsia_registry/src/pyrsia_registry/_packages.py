@@ -744,8 +744,11 @@ def _zero_copy(message: Any, scope: _Scope) -> dict[str, Any] | None:
     if kind not in extensions or not isinstance(path, str) or not path or "\0" in path:
         return None
     if kind == "pyrsia.sendfile" and _int(message.get("offset")) and _int(message.get("count")):
-        return {"type": kind, "path": path, "offset": message["offset"],
-                "count": message["count"]}
+        out = {"type": kind, "path": path, "offset": message["offset"],
+               "count": message["count"]}
+        if message.get("more_body") is True:  # a blob in flight: more ranges follow
+            out["more_body"] = True
+        return out
     if kind == "http.response.pathsend":
         return {"type": kind, "path": path}
     return None
@@ -796,7 +799,7 @@ class GuardedApp:
                 message = {"type": "http.response.start", "status": message["status"],
                            "headers": list(message.get("headers", []))}
             elif (zero_copy := _zero_copy(message, scope)) is not None:
-                message, finished = zero_copy, True
+                message, finished = zero_copy, not zero_copy.get("more_body", False)
             else:
                 if not _valid_body(message):
                     raise _PluginGarbage(f"sent {_describe(message)} instead of "

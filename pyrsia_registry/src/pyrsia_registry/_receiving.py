@@ -40,6 +40,8 @@ __all__ = ["HOLD_BACK", "Receiving", "file_reader", "partial_path", "receive"]
 HOLD_BACK = 64 * 1024
 #: Bytes gathered before each write (and hash) in the worker thread, and per read.
 CHUNK = 1 << 20
+#: A reader's open file can be named for zero-copy sends (Linux).
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 @attrs.define(eq=False)
@@ -119,10 +121,41 @@ class Receiving:
         """What a client is served: its bytes as they are released (size must be known)."""
         if self.size is None:
             raise ValueError("the size of a blob in flight is not known yet")
-        return VerifiedBlob(self.digest, self.size, self._read, origin=self._origin)
+        return VerifiedBlob(self.digest, self.size, self._read, origin=self._origin,
+                            segments=self._segments if _PROC_FD else None)
 
     def _origin(self) -> str | None:
         return self.source
+
+    async def _segments(
+        self, offset: int, count: int
+    ) -> AsyncIterator[bytes | tuple[str, int, int]]:
+        """``(path, offset, count)`` of the released bytes as they come, for zero copy:
+        the path names this reader's open file (``/proc/self/fd/N``), which stays the
+        same file when the store moves it into place. Once received and closed, the
+        bytes themselves (from the store)."""
+        while self._fd is None and self._writing and self.failed is None:
+            await self._changed.wait()
+        if self._fd is None:
+            async for chunk in self._read(offset, count):
+                yield chunk
+            return
+        self._readers += 1
+        try:
+            path = f"/proc/self/fd/{self._fd}"
+            position, end = offset, offset + count
+            while position < end:
+                if self.failed is not None:
+                    raise TransferAborted(self.failed)
+                available = min(self.released, end)
+                if position >= available:
+                    await self._changed.wait()
+                    continue
+                yield path, position, available - position
+                position = available
+        finally:
+            self._readers -= 1
+            self._maybe_close()
 
     async def _read(self, offset: int, length: int | None) -> AsyncIterator[bytes]:
         while self._fd is None and self._writing and self.failed is None:
