@@ -571,3 +571,26 @@ def test_peer_fetch_outlives_the_client_that_started_it(
         == image.layer.digest.removeprefix("sha256:")
     assert partial_files(node_b) == []
 
+
+
+def test_a_regular_node_prefetches_an_image_from_peers_once_its_manifest_is_asked(
+    tmp_path: Path, upstream: HostileUpstream, node_a: NodeProcess, node_b: NodeProcess
+) -> None:
+    """B serves a manifest from the log: the image's blobs start coming from A at once
+    (one at a time), before any client asks for them; a client then gets them from B's
+    cache."""
+    image = serve_image(upstream, "peer/prefetch", size=256 << 10, head=256 << 10, pause=0)
+    build_on_a(node_a, node_b, image, tmp_path)
+    blobs = (image.built.config_digest, image.layer.digest)
+    assert not any(blob_file(node_b, d).exists() for d in blobs)
+    assert manifest(node_b, image).status_code == 200  # and nothing else is asked of B
+    wait_until("B to prefetch the image's blobs from A",
+               lambda: all(blob_file(node_b, d).exists() for d in blobs), timeout=20)
+    for digest in blobs:
+        assert hashlib.sha256(blob_file(node_b, digest).read_bytes()).hexdigest() \
+            == digest.removeprefix("sha256:")
+    log = node_b.log()
+    assert f"Blob {image.layer.digest} pulled from peer" in log
+    resp = httpx.get(blob_url(node_b, image), timeout=30)
+    assert resp.status_code == 200 and resp.content == image.layer.data
+    assert f"Blob {image.layer.digest} of peer/prefetch served from cache" in node_b.log()

@@ -757,6 +757,14 @@ class PackageHost(ABC):
         """:meth:`open_artifact`, read into memory (small artifacts: a POM, a manifest)."""
         return await (await self.open_artifact(artifact)).read()
 
+    def prefetch(self, artifacts: Sequence[LoggedArtifact]) -> None:
+        """Start fetching these logged artifacts from peers in the background, in order,
+        one at a time and only while no other fetch runs (what a client asks for goes
+        first); those held already are skipped. Returns at once. A plugin calls it when
+        a client will likely ask for them next (an image's blobs, once its manifest is
+        served). This default does nothing."""
+        return None
+
     async def report_mismatch(self, digest: Digest) -> None:
         """Bytes the host handed out for ``digest`` did not hash to it (the disk changed
         under the node): the host drops its copy, so the next open fetches a good one."""

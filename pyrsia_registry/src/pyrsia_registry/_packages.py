@@ -60,6 +60,13 @@ __all__ = ["GuardedApp", "PackageService", "PluginHost"]
 
 log = logging.getLogger("pyrsia.packages")
 RESERVED_PATHS = ("/api", "/p2p")
+#: Prefetches (each an image's blobs, one at a time) a node runs at once; more are dropped.
+MAX_PREFETCHES = 4
+#: Artifacts one prefetch takes at most.
+MAX_IMAGE_PREFETCH = 1000
+#: Seconds a prefetch waits before its first fetch, so that the blob a client asks for
+#: next starts first.
+PREFETCH_DELAY = 0.05
 
 
 def plugin_label(name: str) -> str:
@@ -298,6 +305,38 @@ class PluginHost(PackageHost):
                 f"the upstream no longer provides {artifact.artifact_id} with the logged digest "
                 f"{digest} (tampered or changed upstream); not served")
 
+    def prefetch(self, artifacts: Sequence[LoggedArtifact]) -> None:
+        service = self.service
+        peers = self.node.peers
+        if (service.task_group is None or peers is None or not len(peers.table)
+                or service.prefetching >= MAX_PREFETCHES):
+            return
+        wanted = [a for a in artifacts if isinstance(a, LoggedArtifact)][:MAX_IMAGE_PREFETCH]
+        if wanted:
+            service.prefetching += 1
+            service.task_group.start_soon(self._prefetch, wanted)
+
+    async def _prefetch(self, artifacts: list[LoggedArtifact]) -> None:
+        service = self.service
+        try:
+            await anyio.sleep(PREFETCH_DELAY)  # the client asks for its first blob first
+            for artifact in artifacts:
+                digest = artifact.digest
+                if (await self.node.local_blob(digest) is not None
+                        or digest.hex in self.node.receiving
+                        or not await self._vouched(artifact)):
+                    continue
+                while service.peer_fetches:  # what clients ask for goes first
+                    await next(iter(service.peer_fetches.values())).wait()
+                if await self.node.local_blob(digest) is not None:
+                    continue
+                fetch = service.peer_fetches[digest.hex] = _PeerFetch()
+                await self._peer_fetch(artifact, fetch)
+        except Exception as exc:  # a background task: it never takes the node down
+            log.warning("Prefetching from peers stopped: %s: %s", type(exc).__name__, exc)
+        finally:
+            service.prefetching -= 1
+
     async def _from_peers(self, artifact: LoggedArtifact) -> VerifiedBlob | None:
         """The blob from peers: one fetch per digest however many ask (it runs in the
         node's task group, so a client that goes away does not stop it for the others),
@@ -407,6 +446,8 @@ class PackageService:
     forwarded: dict[str, str] = attrs.Factory(dict)
     #: Blobs being fetched from peers for clients (by digest hex): one fetch each.
     peer_fetches: dict[str, _PeerFetch] = attrs.Factory(dict)
+    #: Background prefetches running (:meth:`PluginHost.prefetch`).
+    prefetching: int = 0
 
     def __attrs_post_init__(self) -> None:
         for name, pt in self.node.package_types.items():

@@ -675,6 +675,12 @@ class DockerService:
             raise NotInLog(f"{ref.package_id} is not in the transparency log")
         content = await self.verified_bytes(ref, digest)
         manifest = Manifest.parse(content)
+        if source == "cache" and not manifest.is_index:
+            # The client asks for the image's blobs next: those the node lacks start
+            # coming from peers now (one at a time, after what the client asks for).
+            logged = [found[0] for d in manifest.children
+                      if (found := await self._artifacts(ref, d.digest))]
+            self.host.prefetch(logged)
         return ResolvedManifest(digest, content, manifest.media_type, source)
 
     async def _build_until_ready(self, ref: ImageRef) -> tuple[BuildInfo, _Ready | None]:
