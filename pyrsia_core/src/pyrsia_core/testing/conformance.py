@@ -343,6 +343,49 @@ class BlobStoreConformance:
             await store.put_bytes(_blob(size, seed=100 + n))
         assert await store.usage() == sum(sizes)
 
+    # -- adopt (a file the caller received and verified)
+
+    @staticmethod
+    def _received(tmp_path: Any, data: bytes) -> tuple[str, Callable[[], AsyncIterator[bytes]]]:
+        path = tmp_path / "received.part"
+        path.write_bytes(data)
+
+        def read() -> AsyncIterator[bytes]:
+            return _stream(path.read_bytes())
+
+        return str(path), read
+
+    async def test_adopt_stores_the_verified_file(self, store: BlobStore, tmp_path: Any) -> None:
+        data = _blob(300_000, seed=40)
+        path, read = self._received(tmp_path, data)
+        info = await store.adopt(path, Digest.of(data), len(data), read)
+        assert (info.digest, info.size) == (Digest.of(data), len(data))
+        assert await store.read_bytes(info.digest) == data
+        assert await store.usage() == len(data)
+        assert info.digest in await _digests(store)
+        # Adopting it again (a second fetch of the same blob) changes nothing.
+        path, read = self._received(tmp_path, data)
+        await store.adopt(path, Digest.of(data), len(data), read)
+        assert await store.usage() == len(data)
+        assert await store.read_bytes(info.digest) == data
+
+    async def test_adopt_of_a_file_of_another_size_stores_nothing(
+        self, store: BlobStore, tmp_path: Any
+    ) -> None:
+        data = _blob(100_000, seed=41)
+        path, read = self._received(tmp_path, data[:-1])  # one byte short of the claim
+        with pytest.raises(DigestMismatch):
+            await store.adopt(path, Digest.of(data), len(data), read)
+        await _assert_absent(store, Digest.of(data), 0)
+
+    async def test_adopt_respects_the_quota(self, store: BlobStore, tmp_path: Any) -> None:
+        store.quota = 1000
+        data = _blob(1001, seed=42)
+        path, read = self._received(tmp_path, data)
+        with pytest.raises(QuotaExceeded):
+            await store.adopt(path, Digest.of(data), len(data), read)
+        await _assert_absent(store, Digest.of(data), 0)
+
     # -- quota
 
     async def test_quota_refuses_and_stores_nothing(self, store: BlobStore) -> None:
