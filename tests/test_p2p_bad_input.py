@@ -11,7 +11,7 @@ import httpx
 import pytest
 from pyrsia_core._wire import open_frame, seal
 from support.fixtures import SeededUpstream
-from support.node import NodeProcess
+from support.node import NodeProcess, node_status, wait_until
 
 from pyrsia_core import (
     CommittedBlock,
@@ -32,6 +32,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, seeded_upstream: SeededUpstre
          ) -> Iterator[NodeProcess]:
     with NodeProcess(tmp_path_factory.mktemp("p2p-bad"), upstream=seeded_upstream.url) as n:
         httpx.get(f"{n.url}/v2/library/alpine/manifests/3.16.2", timeout=60)
+        # The manifest is answered while the build goes on: the tests want it committed.
+        wait_until("the build to commit", lambda: node_status(n)["ledger_height"] >= 1)
         yield n
 
 

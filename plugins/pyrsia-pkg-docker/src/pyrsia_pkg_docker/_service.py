@@ -58,6 +58,9 @@ __all__ = ["DockerBuilder", "DockerService", "NotInLog", "ResolvedManifest"]
 log = logging.getLogger("pyrsia.docker")
 RECORD_TYPE = "Docker"
 MAX_PARALLEL_BLOBS = 4
+#: Seconds a build started by a client's manifest request waits for the client to ask
+#: for a blob before it fetches the others (the one the client reads then goes alone).
+PULL_WAIT = 0.05
 #: Largest manifest (or index) accepted from the upstream.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 #: Most platform manifests an index may name.
@@ -493,10 +496,11 @@ class DockerBuilder:
     ) -> None:
         """Fetch the image's blobs, at most :data:`MAX_PARALLEL_BLOBS` at once.
 
-        With ``for_clients`` (a client asked for the image and is pulling it), the blobs
-        clients ask for go first, each at once, so that the one a client reads is not
-        slowed by the others; the rest are fetched one at a time while no asked-for blob
-        is in flight. Otherwise (a build or rebuild nobody waits for) all in parallel.
+        With ``for_clients`` (a client asked for the image), the blobs clients ask for go
+        first, each at once, so that the one a client reads is not slowed by the others;
+        while a client asks for blobs, the rest are fetched one at a time when none is in
+        flight. Otherwise (a build nobody pulls, or a client that only wanted the
+        manifest) all in parallel.
         """
         errors: list[BaseException] = []
         demand = _Demand()
@@ -529,20 +533,22 @@ class DockerBuilder:
 
         async with anyio.create_task_group() as tg:
             first_wait = for_clients
+            pulling = False  # a client has asked for a blob of this build
             while (todo or running) and not errors:
                 for digest in [x for x in todo if asked(x)]:
                     if len(running) >= MAX_PARALLEL_BLOBS:
                         break
+                    pulling = True
                     running[digest] = True
                     tg.start_soon(one, todo.pop(digest))
                 if first_wait and todo and not running:
                     # The client has the manifest: give it a moment to ask for a blob.
                     first_wait = False
-                    with anyio.move_on_after(0.05):
+                    with anyio.move_on_after(PULL_WAIT):
                         await demand.wait()
                     continue
                 while todo and len(running) < MAX_PARALLEL_BLOBS and (
-                        not for_clients or not running):
+                        not pulling or not running):
                     digest = next(iter(todo))
                     running[digest] = False
                     tg.start_soon(one, todo.pop(digest))
