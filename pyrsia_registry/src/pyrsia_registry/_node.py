@@ -8,17 +8,20 @@ every digest, stores them and commits one block of log records per build.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import logging
 import os
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -76,6 +79,27 @@ RECHECK_INTERVAL = 30.0
 #: Blobs of at most this many bytes (declared) are stored whole, not streamed to clients
 #: while they arrive (manifests, configs).
 SMALL_BLOB = 64 * 1024
+
+
+_T = TypeVar("_T")
+_background: ThreadPoolExecutor | None = None
+
+
+def _lower_priority() -> None:
+    """The background thread runs at the lowest CPU priority (Linux: per thread)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+async def in_background(func: Callable[[], _T]) -> _T:
+    """Run ``func`` in the node's one low-priority thread (work no client waits for:
+    part lists of what a build fetched), so that it takes the CPU the rest leaves."""
+    global _background
+    if _background is None:
+        _background = ThreadPoolExecutor(1, thread_name_prefix="pyrsia-background",
+                                         initializer=_lower_priority)
+    future = _background.submit(func)
+    return await anyio.to_thread.run_sync(future.result)
 
 
 class BuildError(PyrsiaError):
@@ -858,14 +882,28 @@ class Node:
 
     # -- part lists (swarm fetch of large blobs) ------------------------------------
 
-    async def part_list(self, digest: Digest) -> PartList:
+    async def part_list(self, digest: Digest, *, background: bool = False) -> PartList:
         """The part list of a stored blob, read from the store (its document is stored
         too, so this node serves it). Parts are of the protocol's fixed size, so every
-        node computes the same list."""
-        hasher = PartHasher()
-        async for chunk in self.blobs.open(digest):
-            await anyio.to_thread.run_sync(hasher.update, chunk)  # off the event loop
-        parts = hasher.finish(digest)
+        node computes the same list. With ``background``, a stored file is hashed at low
+        CPU priority (clients reading what was just fetched go first)."""
+        info = await self.blobs.stat(digest)
+        if background and info is not None and info.path is not None:
+            path = info.path
+
+            def run() -> PartList:
+                hasher = PartHasher()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        hasher.update(chunk)
+                return hasher.finish(digest)
+
+            parts = await in_background(run)
+        else:
+            hasher = PartHasher()
+            async for chunk in self.blobs.open(digest):
+                await anyio.to_thread.run_sync(hasher.update, chunk)  # off the event loop
+            parts = hasher.finish(digest)
         if await self.blobs.stat(parts.digest) is None:
             await self.put_bytes(parts.to_bytes(), parts.digest)
         return parts
@@ -877,7 +915,7 @@ class Node:
             info = await self.blobs.stat(digest)
             if info is None or info.size < self.part_threshold:
                 continue
-            parts = await self.part_list(digest)
+            parts = await self.part_list(digest, background=True)
             out.append(Record.new(
                 signer=self.signer, package_type=PARTS_RECORD_TYPE,
                 package_specific_id=str(digest),
