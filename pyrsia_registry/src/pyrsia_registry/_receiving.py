@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from contextlib import aclosing
 from functools import partial
 from pathlib import Path
 
@@ -140,22 +141,10 @@ class Receiving:
             async for chunk in self._read(offset, count):
                 yield chunk
             return
-        self._readers += 1
-        try:
-            path = f"/proc/self/fd/{self._fd}"
-            position, end = offset, offset + count
-            while position < end:
-                if self.failed is not None:
-                    raise TransferAborted(self.failed)
-                available = min(self.released, end)
-                if position >= available:
-                    await self._changed.wait()
-                    continue
+        path = f"/proc/self/fd/{self._fd}"
+        async with aclosing(self._released(offset, offset + count)) as ranges:
+            async for position, available in ranges:
                 yield path, position, available - position
-                position = available
-        finally:
-            self._readers -= 1
-            self._maybe_close()
 
     async def _read(self, offset: int, length: int | None) -> AsyncIterator[bytes]:
         while self._fd is None and self._writing and self.failed is None:
@@ -167,10 +156,24 @@ class Receiving:
             async for chunk in self.stored(offset, length):
                 yield chunk
             return
+        end = (self.size or 0) if length is None else offset + length
+        async with aclosing(self._released(offset, end)) as ranges:
+            async for position, available in ranges:
+                while position < available:
+                    assert self._fd is not None
+                    # Just written: in the page cache, so read on the loop (no thread hop).
+                    data = os.pread(self._fd, min(CHUNK, available - position), position)
+                    if not data:
+                        raise TransferAborted(f"{self.path} is shorter than written")
+                    position += len(data)
+                    yield data
+
+    async def _released(self, offset: int, end: int) -> AsyncGenerator[tuple[int, int], None]:
+        """``(start, stop)`` of the bytes of ``offset .. end`` as they are released, in
+        order, while this reader keeps the file open; TransferAborted if it fails."""
         self._readers += 1
         try:
             position = offset
-            end = (self.size or 0) if length is None else offset + length
             while position < end:
                 if self.failed is not None:
                     raise TransferAborted(self.failed)
@@ -178,13 +181,8 @@ class Receiving:
                 if position >= available:
                     await self._changed.wait()
                     continue
-                assert self._fd is not None
-                # Just written: in the page cache, so read on the loop (no thread hop).
-                data = os.pread(self._fd, min(CHUNK, available - position), position)
-                if not data:
-                    raise TransferAborted(f"{self.path} is shorter than written")
-                position += len(data)
-                yield data
+                yield position, available
+                position = available
         finally:
             self._readers -= 1
             self._maybe_close()
