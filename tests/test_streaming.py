@@ -262,11 +262,17 @@ def inspect_log(tmp_path: Path, node: NodeProcess, image: Image
                    port=node.port)
 
 
+def no_partial_files(node: NodeProcess) -> None:
+    """No ``recv-*`` file is left once the fetches in flight ended (a prefetch of the
+    image's other blobs may still be running a moment after a client's pull)."""
+    wait_until("no partial file left", lambda: partial_files(node) == [], timeout=10)
+
+
 def assert_nothing_kept(tmp_path: Path, node: NodeProcess, image: Image) -> None:
     """No blob of ``image`` stored, no partial file left, no log record of it."""
     for digest in image.digests:
         assert not blob_file(node, digest).exists(), digest
-    assert partial_files(node) == []
+    no_partial_files(node)
     out = inspect_log(tmp_path, node, image)
     assert out.returncode != 0, out.stdout
     resp = node.get("/api/inspect-log/docker", params={"image": f"{image.repo}:{image.tag}"})
@@ -379,7 +385,7 @@ def test_bad_layer_from_the_upstream_cuts_every_client_short(
     pulled = podman_pull(node_a, image, podman_tmp)
     assert pulled.returncode == 0, pulled.stderr
     assert blob_file(node_a, image.layer.digest).read_bytes() == image.layer.data
-    assert partial_files(node_a) == []
+    no_partial_files(node_a)
     records = json.loads(inspect_log(tmp_path, node_a, image).stdout)
     assert image.layer.digest.removeprefix("sha256:") in {r["artifact_hash"] for r in records}
 
@@ -452,7 +458,7 @@ def test_client_leaving_halfway_stops_nothing_upstream(
     wait_until("the layer to be stored",
                lambda: blob_file(node_a, image.layer.digest).exists(), timeout=10)
     assert blob_file(node_a, image.layer.digest).read_bytes() == image.layer.data
-    assert partial_files(node_a) == []
+    no_partial_files(node_a)
 
 
 # -- 5: streaming is real ----------------------------------------------------------------------
@@ -538,7 +544,7 @@ def test_bad_bytes_from_a_peer_cut_every_client_short(
                in node_b.log(), timeout=10)
     assert node_b.log().count(f"Blob {image.layer.digest} pulled from peer") == 1
     assert blob_file(node_b, image.layer.digest).read_bytes() == image.layer.data
-    assert partial_files(node_b) == []
+    no_partial_files(node_b)
 
 
 def test_peer_fetch_outlives_the_client_that_started_it(
@@ -569,7 +575,7 @@ def test_peer_fetch_outlives_the_client_that_started_it(
     assert node_b.log().count(f"Blob {image.layer.digest} pulled from peer") == 1
     assert hashlib.sha256(blob_file(node_b, image.layer.digest).read_bytes()).hexdigest() \
         == image.layer.digest.removeprefix("sha256:")
-    assert partial_files(node_b) == []
+    no_partial_files(node_b)
 
 
 
