@@ -420,12 +420,6 @@ class Node:
     def is_build_node(self) -> bool:
         return self.node_id in self.log_store.ledger.validators
 
-    @property
-    def commits_alone(self) -> bool:
-        """This node is the only build node: its own quorum."""
-        validators = self.log_store.ledger.validators
-        return len(validators) == 1 and self.node_id in validators
-
     # -- the log -------------------------------------------------------------------
 
     async def records_for_package(self, package_type: str, package_id: str) -> list[StoredRecord]:
@@ -649,14 +643,11 @@ class Node:
 
         try:
             digest, written = await receive(chunks, receiving)
-            with anyio.CancelScope(shield=True):
-                try:
-                    info = await self.blobs.adopt(str(path), digest, written,
-                                                  file_reader(str(path)))
-                    receiving.stored = partial(self._read_stored, digest)
-                finally:
+            try:
+                return await self.store_verified_file(path, digest, written, receiving)
+            finally:
+                with anyio.CancelScope(shield=True):  # the store did not take it
                     await anyio.to_thread.run_sync(partial(path.unlink, missing_ok=True))
-            return info
         finally:
             receiving.writer_done()
             self.unlist_receiving(receiving)
