@@ -10,6 +10,10 @@ share one pooled ``httpx.AsyncClient``, and :meth:`HttpTransport.asgi_app` gives
 app (:class:`PeerApp`) the node mounts at ``/p2p``. Registered as ``http`` in the
 ``pyrsia.transport`` entry-point group; the factory takes ``timeout`` and
 ``max_connections`` (both optional).
+
+:class:`PlainHttpTransport` is the httpx transport under its client for ``http://``
+peers (and under the Docker plugin's client for a plain-HTTP upstream): it reads bodies
+of known length straight into 1 MiB buffers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from ._app import BlobSourceError, PeerApp
 from ._client import BlobBody, HttpPeerClient, HttpTransport
 from ._limits import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_FRAME_SIZE, MIN_CHUNK_SIZE, PREFIX
+from ._plain import PlainHttpTransport
 
 __version__ = "0.1.0"
 
@@ -31,5 +36,6 @@ __all__ = [
     "HttpPeerClient",
     "HttpTransport",
     "PeerApp",
+    "PlainHttpTransport",
     "__version__",
 ]

@@ -32,6 +32,7 @@ from pyrsia_core import Digest
 
 from ._app import PeerApp
 from ._limits import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_FRAME_SIZE, MIN_CHUNK_SIZE, PREFIX
+from ._plain import PlainHttpTransport
 
 __all__ = ["HttpPeerClient", "HttpTransport"]
 
@@ -147,6 +148,10 @@ class HttpTransport(PeerTransport):
                 },
                 follow_redirects=False,
                 trust_env=False,  # peers are reached directly, never through an env proxy
+                # Blob bodies straight into 1 MiB buffers (https:// peers: httpx's own).
+                mounts={"http://": PlainHttpTransport(
+                    chunk_size=self.chunk_size, max_connections=self.max_connections,
+                    max_idle_per_host=self.max_connections)},
             )
         return self._http
 
@@ -312,8 +317,10 @@ class BlobBody:
         self._remaining = remaining
         self._timeout = timeout
         self._where = where
+        self._chunk_size = chunk_size
+        self._pending = bytearray()
         self._chunks: AsyncIterator[bytes] | None = (
-            None if remaining == 0 else response.aiter_raw(chunk_size)
+            None if remaining == 0 else response.aiter_raw()
         )
         self._done = False
 
@@ -333,6 +340,25 @@ class BlobBody:
             raise
 
     async def _next(self) -> bytes:
+        """The next ``chunk_size`` bytes (the last chunk may be shorter): a chunk as the
+        connection delivered it when it has that size, else pieces gathered or cut."""
+        size = self._chunk_size
+        pending = self._pending
+        while len(pending) < size:
+            try:
+                piece = await self._piece()
+            except StopAsyncIteration:
+                if not pending:
+                    raise
+                break
+            if not pending and len(piece) == size:
+                return piece
+            pending += piece
+        chunk = bytes(pending[:size])
+        del pending[:size]
+        return chunk
+
+    async def _piece(self) -> bytes:
         where = self._where
         while True:
             if self._chunks is None:
