@@ -1,9 +1,9 @@
 """Blobs in flight: received once, served to every waiting client while they arrive.
 
 A blob fetched from the upstream (during a build) or from peers is written once, to a
-file of its own under ``<data dir>/partial/``, and hashed as it is written, in a
-worker thread (:func:`receive`). Clients waiting for it read that file as it grows
-(:meth:`Receiving.open`), up to what is *released*:
+file of its own under ``<data dir>/partial/``, and hashed as it is written (writes and
+hashes each in a worker thread, :func:`receive`). Clients waiting for it read that file
+as it grows (:meth:`Receiving.open`), up to what is *released*:
 
 * while the bytes arrive, everything written but the last :data:`HOLD_BACK` bytes;
 * the end once the whole blob hashed to its digest (for a build: the digest its
@@ -39,7 +39,7 @@ __all__ = ["HOLD_BACK", "Receiving", "file_reader", "partial_path", "receive"]
 
 #: Bytes at the end of a blob that no client gets before the whole blob verified.
 HOLD_BACK = 64 * 1024
-#: Bytes gathered before each write (and hash) in the worker thread, and per read.
+#: Bytes gathered before each write (and hash) in the worker threads, and per read.
 CHUNK = 1 << 20
 #: A reader's open file can be named for zero-copy sends (Linux).
 _PROC_FD = os.path.isdir("/proc/self/fd")
@@ -192,8 +192,13 @@ async def receive(
     chunks: AsyncIterable[bytes],
     receiving: Receiving,
 ) -> tuple[Digest, int]:
-    """Write ``chunks`` to ``receiving.path`` once, hashing them in a worker thread while
-    the next ones arrive; release them to readers as they are written; verify the digest.
+    """Write ``chunks`` to ``receiving.path`` once and hash them, each in a worker thread
+    of its own while the next ones arrive; release them to readers as they are written;
+    verify the digest.
+
+    Writing and hashing run side by side (as ``tee | sha256sum`` would): a write the
+    kernel slows down (dirty pages) does not hold the hash back, nor the other way round.
+    Bytes beyond the expected size are refused before they are written.
 
     Returns the digest and size; raises DigestMismatch (every reader is cut short and
     the file is removed) or whatever the source raised. The file stays for the caller
@@ -209,22 +214,35 @@ async def receive(
         fd = os.open(path, flags, 0o644)
         receiving._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         receiving._notify()
-        send, receive_ = anyio.create_memory_object_stream[list[bytes]](2)
+        to_write, writes = anyio.create_memory_object_stream[bytes](2)
+        to_hash, hashes = anyio.create_memory_object_stream[bytes](2)
         failure: list[BaseException] = []
+        received = 0
 
-        def write(parts: list[bytes]) -> int:
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            if receiving.size is not None and verifier.expected_size is None:
-                verifier.expected_size = receiving.size
-            verifier.update(data)  # raises as soon as the size is overrun
+        def write(data: bytes) -> int:
             view = memoryview(data)
             assert fd is not None
             while view:
                 view = view[os.write(fd, view):]
             return len(data)
 
+        def hash_(data: bytes) -> None:
+            if receiving.size is not None and verifier.expected_size is None:
+                verifier.expected_size = receiving.size
+            verifier.update(data)
+
+        async def hand_on(parts: list[bytes]) -> None:
+            nonlocal received
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            received += len(data)
+            if receiving.size is not None and received > receiving.size:
+                raise DigestMismatch(str(receiving.digest),
+                                     f"<more than {receiving.size} bytes>", size=received)
+            await to_hash.send(data)
+            await to_write.send(data)
+
         async def produce() -> None:
-            async with send:
+            async with to_write, to_hash:
                 parts: list[bytes] = []
                 buffered = 0
                 try:
@@ -232,22 +250,34 @@ async def receive(
                         parts.append(chunk if isinstance(chunk, bytes) else bytes(chunk))
                         buffered += len(chunk)
                         if buffered >= CHUNK:
-                            await send.send(parts)
+                            await hand_on(parts)
                             parts, buffered = [], 0
                     if parts:
-                        await send.send(parts)
+                        await hand_on(parts)
                 except anyio.get_cancelled_exc_class():
                     raise
                 except BaseException as exc:  # handed to the writer, re-raised there
                     failure.append(exc)
 
+        async def hash_all() -> None:
+            try:
+                async with hashes:
+                    async for data in hashes:
+                        await anyio.to_thread.run_sync(hash_, data)
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                failure.append(exc)
+                tg.cancel_scope.cancel()
+
         written = 0
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
+            tg.start_soon(hash_all)
             try:
-                async with receive_:
-                    async for parts in receive_:
-                        written += await anyio.to_thread.run_sync(write, parts)
+                async with writes:
+                    async for data in writes:
+                        written += await anyio.to_thread.run_sync(write, data)
                         receiving._progress(written)
             except BaseException as exc:
                 tg.cancel_scope.cancel()

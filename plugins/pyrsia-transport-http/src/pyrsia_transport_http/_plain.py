@@ -213,6 +213,9 @@ class _Body(httpx.AsyncByteStream):
             leftover = leftover[:length]
         remaining = length - len(leftover)
         if leftover:
+            # The body's last bytes received: the connection can be kept even when the
+            # reader stops here, without asking for the end of the stream.
+            self._done = not remaining
             yield leftover
         # One buffer, refilled: each chunk leaves as a copy of its filled part (a fresh
         # 1 MiB buffer per chunk would cost its page faults every time).
@@ -250,6 +253,7 @@ class _Body(httpx.AsyncByteStream):
                     first = time.monotonic()
                 got += n
             remaining -= got
+            self._done = not remaining
             yield bytes(view[:got])
 
     async def _events(self) -> AsyncIterator[bytes]:
