@@ -122,6 +122,7 @@ def bench_fetch(work: Path, mib: int) -> None:
         base = []
         for _ in range(3):
             out = work / "copy.bin"
+            os.sync()  # each measure starts without others' dirty pages (see _common)
             t = time.perf_counter()
             subprocess.run(f"set -o pipefail; curl -sf {url} | tee {out} | sha256sum",
                            shell=True, check=True, stdout=subprocess.DEVNULL,
@@ -140,6 +141,7 @@ def bench_fetch(work: Path, mib: int) -> None:
             while height(b) < height(a):
                 time.sleep(0.05)
             idle = {p.proc.pid: rss_kib(p.proc.pid)[0] for p in (a, b) if p.proc}
+            os.sync()
             t = time.perf_counter()
             subprocess.run(["curl", "-sf", "-o", "/dev/null",
                             f"{b.url}/v2/library/big/blobs/{digest}"], check=True)

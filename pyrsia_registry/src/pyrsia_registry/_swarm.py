@@ -375,10 +375,17 @@ class SwarmFetch:
             # Rarest first, counting a part a holder is sending elsewhere as one more
             # holder soon; random among equals, so fetchers spread over the parts.
             soon = sum(1 for h in holding if index < len(h.sending) and h.sending[index])
+            if soon and all(all(h.have) for h in free):
+                # Only a holder of every part (a seeder) could send it now, and it is on
+                # its way to another fetcher already: fetch it from that one, soon. A
+                # seeder's upload is the swarm's scarce link: each part once, if it can.
+                continue
             key = (len(holding) + soon, self._rng.random())
             if best is None or key < best:
                 best = key
-                free.sort(key=lambda h: (h.inflight, -h.throughput, self._rng.random()))
+                # Fetchers first: their uploads are idle otherwise; a seeder's are not.
+                free.sort(key=lambda h: (all(h.have), h.inflight, -h.throughput,
+                                         self._rng.random()))
                 choice = (index, free[0])
         return choice
 
@@ -495,9 +502,12 @@ class SwarmFetch:
                     nid = c.node_id.hex()
                     if nid not in self.holders:
                         self.holders[nid] = _Holder(nid, c.address, bytearray(len(self.parts)))
+            crowded = self.crowded
             async with anyio.create_task_group() as tg:
                 for holder in list(self.holders.values()):
-                    if not holder.banned and not all(holder.have):
+                    # A holder of every part is asked again only while others fetch the
+                    # blob too: which parts it is sending (to them) is what counts then.
+                    if not holder.banned and (crowded or not all(holder.have)):
                         tg.start_soon(self._poll, holder)
             self._wake.set()
             await anyio.sleep(POLL_INTERVAL)
