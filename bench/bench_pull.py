@@ -1,6 +1,6 @@
 """Cold pull through a fresh node vs skopeo straight from the upstream (issue #14).
 
-    python bench/bench_pull.py [--runs 3] [--image 100x3] [--image 1024x1]
+    python bench/bench_pull.py [--runs 5] [--image 100x3] [--image 1024x1]
                                [--upstream-rate 50MB/s]
 
 Each ``--image MIBxLAYERS`` (default: a 3-layer 100 MiB image and a 1 GiB single-layer
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--image", action="append", metavar="MIBxLAYERS",
                         help="image size and layer count (repeatable; default 100x3 and 1024x1)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--log-level", default="info", help="the nodes' --log-level")
     parser.add_argument("--upstream-rate", metavar="RATE",
                         help="cap the upstream link (e.g. 50MB/s; both the direct and the "
