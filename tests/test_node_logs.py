@@ -55,6 +55,8 @@ def test_json_log_file_names_image_and_source_of_every_artifact(
         # stderr (the process output) stays quiet: everything went to the file.
         assert a.log() == ""
         a_id = node_status(a)["node_id"]
+        # skopeo may be done before the build commits (it never waits for the commit).
+        wait_until("A committed the build", lambda: node_status(a)["ledger_height"] >= 1)
 
         with NodeProcess(tmp_path / "b", extra=("--peer", a.url, "--sync-interval", "0.5",
                                                 "--log-file", str(b_log))) as b:
@@ -116,8 +118,11 @@ def test_a_large_blob_fetched_in_parts_names_the_peers_it_came_from(tmp_path: Pa
             "Accept": "application/vnd.docker.distribution.manifest.v2+json"}).json()["layers"][0]
         with NodeProcess(tmp_path / "a", upstream=reg.url,
                          extra=("--sync-interval", "0.5")) as a:
+            before = node_status(a)["ledger_height"]
             assert httpx.get(f"{a.url}/v2/library/large/manifests/1.0", timeout=60).is_success
             a_id = node_status(a)["node_id"]
+            # The manifest is answered before the build commits: B must sync its block.
+            wait_until("A committed the build", lambda: node_status(a)["ledger_height"] > before)
             with NodeProcess(tmp_path / "b", extra=("--peer", a.url, "--sync-interval", "0.5",
                                                     "--log-format", "json")) as b:
                 wait_until("B synced", lambda: node_status(b)["ledger_height"]

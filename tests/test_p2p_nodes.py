@@ -54,8 +54,11 @@ def test_five_nodes_share_ledger_and_artifacts(
         assert s["is_build_node"] is False
     assert genesis
     info = fresh_seeded_upstream.images["library/multi:1.0"]
+    before = status(a)["ledger_height"]
     got = copy(a, "library/multi:1.0", tmp_path / "via-a")
     assert set(info.artifact_digests) <= got
+    # skopeo may be done before the build commits (it never waits for the commit).
+    wait_until("A to commit the build", lambda: status(a)["ledger_height"] > before)
     height = status(a)["ledger_height"]
     for n in network[1:]:
         wait_until(f"{n.url} to reach height {height}",

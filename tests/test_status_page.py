@@ -145,6 +145,8 @@ def test_status_page_of_a_mirror_shows_its_peer_and_a_pull_from_it(
                      extra=("--sync-interval", "0.5")) as a:
         pull(a.url, upstream, IMAGE)
         a_id = node_status(a)["node_id"]
+        # The pull may be done before the build commits (a client never waits for it).
+        wait_until("A committed the build", lambda: node_status(a)["ledger_height"] >= 1)
         with NodeProcess(tmp_path / "b", extra=("--peer", a.url, "--sync-interval", "0.5")) as b, \
                 chromium() as driver:
             wait_until("B has A's records",
