@@ -28,7 +28,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support.clients import skopeo
+from support.images import upload_blob_content
 from support.node import NodeProcess
+from support.proxy import ThreadedProxy
 
 MIB = 1 << 20
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -85,18 +87,7 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 def upload_blob_file(client: httpx.Client, base: str, repo: str, path: Path,
                      digest: str) -> None:
     """Monolithic upload of a file, streamed (``POST`` then ``PUT ?digest=``)."""
-    resp = client.post(f"{base}/v2/{repo}/blobs/uploads/")
-    if resp.status_code != 202:
-        raise RuntimeError(f"upload start for {repo}: {resp.status_code} {resp.text}")
-    location = httpx.URL(base).join(resp.headers["Location"])
-    resp = client.put(
-        location.copy_merge_params({"digest": digest}),
-        content=_file_chunks(path),
-        headers={"Content-Type": "application/octet-stream",
-                 "Content-Length": str(path.stat().st_size)},
-    )
-    if resp.status_code != 201:
-        raise RuntimeError(f"upload of {digest} to {repo}: {resp.status_code} {resp.text}")
+    upload_blob_content(client, base, repo, digest, _file_chunks(path), path.stat().st_size)
 
 
 def push_image(base: str, repo: str, tag: str, *, layers: int, total_bytes: int,
@@ -242,65 +233,21 @@ def run_quiet(argv: Sequence[str], timeout: float) -> subprocess.CompletedProces
                           timeout=timeout)
 
 
-class RateLimitedProxy:
+class RateLimitedProxy(ThreadedProxy):
     """A TCP proxy on 127.0.0.1 to ``target_port`` whose replies (target to client) share
     one link of ``rate`` bytes/s, as an upstream on the internet would: on loopback every
     transfer is bound by CPU, behind this one by the link. ``with`` starts and stops it
     (an asyncio loop in a thread)."""
 
     def __init__(self, target_port: int, rate: float, burst: int = 256 * 1024) -> None:
-        self.target_port = target_port
+        super().__init__(target_port, name="rate-proxy")
         self.rate = rate
         self.burst = burst
-        self.port = 0
         self._tokens = float(burst)
         self._stamp = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread = threading.Thread(target=self._run, name="rate-proxy", daemon=True)
-        self._ready = threading.Event()
 
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def __enter__(self) -> RateLimitedProxy:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the proxy did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        loop, server = self._loop, self._server
-        if loop is not None and server is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(server.close)
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        loop = self._loop = asyncio.new_event_loop()
-
-        async def main() -> None:
-            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._stamp = time.monotonic()
-            self._ready.set()
-            try:
-                await self._server.serve_forever()
-            except asyncio.CancelledError:
-                pass
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in others:
-                task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-
-        try:
-            loop.run_until_complete(main())
-        finally:
-            loop.close()
+    def _started(self) -> None:
+        self._stamp = time.monotonic()
 
     async def _take(self, n: int) -> None:
         while True:

@@ -52,6 +52,7 @@ __all__ = [
     "seed_images",
     "sha256_digest",
     "upload_blob",
+    "upload_blob_content",
 ]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -543,18 +544,25 @@ def upload_blob(registry: str | _HasUrl, repo: str, data: bytes) -> str:
     base, _ = _registry_host(registry)
     digest = sha256_digest(data)
     with httpx.Client(timeout=30.0, trust_env=False) as client:
-        resp = client.post(f"{base}/v2/{repo}/blobs/uploads/")
-        if resp.status_code != 202:
-            raise RuntimeError(f"upload start for {repo}: {resp.status_code} {resp.text}")
-        location = httpx.URL(base).join(resp.headers["Location"])
-        resp = client.put(
-            location.copy_merge_params({"digest": digest}),
-            content=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        if resp.status_code != 201:
-            raise RuntimeError(f"upload of {digest} to {repo}: {resp.status_code} {resp.text}")
+        upload_blob_content(client, base, repo, digest, data)
     return digest
+
+
+def upload_blob_content(client: httpx.Client, base: str, repo: str, digest: str,
+                        content: bytes | Iterable[bytes], size: int | None = None) -> None:
+    """Monolithic upload of ``digest`` (``POST`` then ``PUT ?digest=``): ``content`` as
+    bytes, or streamed (then ``size`` is its Content-Length)."""
+    resp = client.post(f"{base}/v2/{repo}/blobs/uploads/")
+    if resp.status_code != 202:
+        raise RuntimeError(f"upload start for {repo}: {resp.status_code} {resp.text}")
+    location = httpx.URL(base).join(resp.headers["Location"])
+    headers = {"Content-Type": "application/octet-stream"}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    resp = client.put(location.copy_merge_params({"digest": digest}), content=content,
+                      headers=headers)
+    if resp.status_code != 201:
+        raise RuntimeError(f"upload of {digest} to {repo}: {resp.status_code} {resp.text}")
 
 
 def put_manifest(

@@ -10,35 +10,45 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from types import TracebackType
+from typing import Self
 
 from .net import LOCALHOST
 
-__all__ = ["GatedProxy"]
+__all__ = ["GatedProxy", "ThreadedProxy"]
 
 
-class GatedProxy:
-    def __init__(self, target_port: int, *, cut: bytes, port: int = 0) -> None:
+class ThreadedProxy(ABC):
+    """A TCP proxy on 127.0.0.1 to ``target_port``: an asyncio server in a thread of its
+    own, each connection served by :meth:`_handle`; ``with`` starts and stops it."""
+
+    def __init__(self, target_port: int, *, port: int = 0, name: str = "proxy") -> None:
         self.target_port = target_port
-        self.cut = cut
-        self.cutting = True
-        self.cut_count = 0
         self.port = port
+        self._name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._ready = threading.Event()
 
     @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
+    def host(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
 
-    def start(self) -> GatedProxy:
-        self._thread = threading.Thread(target=self._run, name="gated-proxy", daemon=True)
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("the proxy did not start")
         return self
+
+    def _started(self) -> None:  # noqa: B027 - a hook; most proxies need nothing here
+        """Called in the server's loop once it listens (before any connection)."""
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -47,6 +57,7 @@ class GatedProxy:
         async def main() -> None:
             self._server = await asyncio.start_server(self._handle, LOCALHOST, self.port)
             self.port = self._server.sockets[0].getsockname()[1]
+            self._started()
             self._ready.set()
             try:
                 await self._server.serve_forever()
@@ -61,6 +72,32 @@ class GatedProxy:
             loop.run_until_complete(main())
         finally:
             loop.close()
+
+    @abstractmethod
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection."""
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is not None and server is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(server.close)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class GatedProxy(ThreadedProxy):
+    def __init__(self, target_port: int, *, cut: bytes, port: int = 0) -> None:
+        super().__init__(target_port, port=port, name="gated-proxy")
+        self.cut = cut
+        self.cutting = True
+        self.cut_count = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -98,17 +135,3 @@ class GatedProxy:
                 task.cancel()
             for w in (writer, up_writer):
                 w.transport.abort()
-
-    def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is not None and server is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(server.close)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> GatedProxy:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
